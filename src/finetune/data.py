@@ -1,0 +1,257 @@
+"""The image-classification data: download and verify, split, transform, load.
+
+One ``LightningDataModule`` serves the d2l hot dog set (downloaded from the d2l data server and checked against
+its sha1) and any folder laid out as ``train/<class>/*`` and ``test/<class>/*``. A validation split is carved
+from train, stratified by class and seeded; the test split is touched only by ``trainer.test``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import random
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# d2l's DATA_HUB["hotdog"]: DATA_URL + "hotdog.zip" and its sha1.
+HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
+HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+
+
+def train_transform(image_size: int = 224) -> v2.Compose:
+    """The book's training augmentation: random resized crop, horizontal flip, ImageNet normalisation."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
+    """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop."""
+    resize_size = resize_size or round(image_size * 256 / 224)
+    return v2.Compose(
+        [
+            v2.Resize([resize_size, resize_size], antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) so that each class gives ``round(val_fraction * n_class)`` to val."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    rng = random.Random(seed)
+    train, val = [], []
+    for target in sorted(by_class):
+        indices = by_class[target]
+        rng.shuffle(indices)
+        n_val = round(val_fraction * len(indices))
+        val += indices[:n_val]
+        train += indices[n_val:]
+    return sorted(train), sorted(val)
+
+
+def sha1_of(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0) -> Path:
+    """Make ``root`` hold the archive's extracted folder, downloading and verifying it only if needed.
+
+    The archive is downloaded to a ``.part`` file, checked against ``sha1`` and only then renamed; a file that
+    fails the check is deleted and never extracted. Extraction goes to a temporary folder that is renamed into
+    place, so an existing ``root`` is always complete.
+    """
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    archive = root.parent / Path(urllib.parse.urlparse(url).path).name
+    if archive.exists() and sha1_of(archive) != sha1:
+        log.warning("Existing %s does not match sha1 %s (partial or corrupt); downloading it again.", archive, sha1)
+        archive.unlink()
+    if not archive.exists():
+        _download_verified(url, sha1, archive, timeout)
+
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.extracting-") as tmp:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        extracted = Path(tmp) / root.name
+        if not extracted.is_dir():
+            top = sorted(p.name for p in Path(tmp).iterdir())
+            raise ValueError(f"{archive} does not contain a top-level folder {root.name!r} (it holds {top}).")
+        try:
+            extracted.rename(root)
+        except OSError:
+            if not root.is_dir():  # another process (a rank on another node) may have won the race
+                raise
+    return root
+
+
+def _download_verified(url: str, sha1: str, archive: Path, timeout: float) -> None:
+    part = archive.with_name(f"{archive.name}.{os.getpid()}.part")  # per process: ranks may race
+    log.info("Downloading %s to %s", url, archive)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+            expected_size = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused or cut connections
+        part.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"Could not download {url} ({err}). Offline, put the extracted dataset at {archive.parent} yourself, "
+            "or point the run at a local copy: data=folder data.root=PATH (a folder with train/<class>/ and "
+            "test/<class>/)."
+        ) from err
+    actual = sha1_of(part)
+    if actual != sha1:
+        size = part.stat().st_size
+        part.unlink()
+        raise RuntimeError(
+            f"Downloaded {url} is corrupt or incomplete: sha1 {actual} ({size} bytes"
+            + (f" of {expected_size} announced" if expected_size else "")
+            + f"), expected {sha1}. The file was deleted; run again to retry the download."
+        )
+    os.replace(part, archive)
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over ``root/train/<class>/*`` and ``root/test/<class>/*``.
+
+    ``batch_size`` is per device (Lightning's convention: under DDP each process loads its own batch).
+    With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        download: dict | None = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 224,
+        resize_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.download = dict(download) if download else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.classes: list[str] = []
+
+    def prepare_data(self) -> None:
+        if self.download:
+            download_and_extract(self.download["url"], self.download["sha1"], self.root)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(
+                f"Dataset folder {str(self.root)!r} does not exist. Set data.root to a folder holding "
+                "train/<class>/ and test/<class>/ image folders (for example data.root=../shared/data/hotdog-kaggle)."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, read from the class folders of ``root/train`` (available before ``setup``)."""
+        if not self.classes:
+            self.classes = self._class_names("train")
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        train_tf = train_transform(self.image_size)
+        eval_tf = eval_transform(self.image_size, self.resize_size)
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            augmented = ImageFolder(self._split_dir("train"), transform=train_tf)
+            plain = ImageFolder(self._split_dir("train"), transform=eval_tf)
+            self.classes = augmented.classes
+            train_idx, val_idx = stratified_split(augmented.targets, self.val_fraction, self.split_seed)
+            self.train_set = Subset(augmented, train_idx)
+            self.val_set = Subset(plain, val_idx)
+        if stage in ("test", "predict", None) and self.test_set is None:
+            self.test_set = ImageFolder(self._split_dir("test"), transform=eval_tf)
+            train_classes = self._class_names("train")
+            if self.test_set.classes != train_classes:
+                raise ValueError(
+                    f"Train and test classes differ in {str(self.root)!r}: train {train_classes}, "
+                    f"test {self.test_set.classes}. Both splits need the same class folders."
+                )
+            self.classes = train_classes
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call setup() before asking for a data loader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _split_dir(self, split: str) -> Path:
+        path = self.root / split
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{str(self.root)!r} has no {split}/ folder. The dataset folder must hold train/<class>/ and "
+                f"test/<class>/ image folders; found {sorted(p.name for p in self.root.iterdir())}."
+            )
+        return path
+
+    def _class_names(self, split: str) -> list[str]:
+        return sorted(entry.name for entry in os.scandir(self._split_dir(split)) if entry.is_dir())

@@ -1,0 +1,147 @@
+"""The LightningModule: a pretrained backbone, a fresh head with its own learning rate, optional freezing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune.backbones import IMAGENET, build_backbone
+
+FREEZE_MODES = ("none", "backbone")
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class FineTuneModule(pl.LightningModule):
+    """Classifier = torchvision backbone + new ``Linear`` head.
+
+    Optimiser parameter groups: the backbone at ``optimizer``'s ``lr`` and the head at ``lr * head_lr_mult``
+    (a single group when ``head_lr_mult == 1`` or the backbone is frozen). ``freeze="backbone"`` trains only the
+    head, and keeps every BatchNorm of the frozen backbone in eval mode so its running statistics never move.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        weights: str | Path | None = IMAGENET,
+        freeze: str = "none",
+        head_lr_mult: float = 10.0,
+        channels_last: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if freeze not in FREEZE_MODES:
+            raise ValueError(f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}.")
+        if head_lr_mult <= 0:
+            raise ValueError(f"model.head_lr_mult must be > 0, got {head_lr_mult}.")
+        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
+        self.net = built.model
+        self.head_name = built.head_name
+        self.freeze = freeze
+        self.head_lr_mult = head_lr_mult
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if freeze == "backbone":
+            for param in self.backbone_parameters():
+                param.requires_grad_(False)
+
+        self.loss = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # --- parameters -------------------------------------------------------------------------------------
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.net.get_submodule(self.head_name).parameters()
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return (p for p in self.net.parameters() if id(p) not in head)
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        head = list(self.head_parameters())
+        backbone = [p for p in self.backbone_parameters() if p.requires_grad]
+        if not backbone:
+            return [{"name": "head", "params": head, "lr": lr * self.head_lr_mult}]
+        if self.head_lr_mult == 1:
+            return [{"name": "all", "params": backbone + head, "lr": lr}]
+        return [
+            {"name": "backbone", "params": backbone, "lr": lr},
+            {"name": "head", "params": head, "lr": lr * self.head_lr_mult},
+        ]
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise RuntimeError("FineTuneModule was built without an optimizer factory; it can only evaluate.")
+        base_lr = self.optimizer_factory.keywords["lr"]
+        optimizer = self.optimizer_factory(self.parameter_groups(base_lr))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # --- frozen BatchNorm ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FineTuneModule:
+        """Lightning switches modes before every epoch; frozen BatchNorm layers must stay in eval()."""
+        super().train(mode)
+        if self.freeze == "backbone":
+            for module in self.frozen_batchnorms():
+                module.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train(True)  # re-assert after Lightning's own mode bookkeeping
+
+    def frozen_batchnorms(self) -> list[_BatchNorm]:
+        head = self.net.get_submodule(self.head_name)
+        head_modules = {id(m) for m in head.modules()}
+        return [m for m in self.net.modules() if isinstance(m, _BatchNorm) and id(m) not in head_modules]
+
+    # --- steps --------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.loss(logits, targets)
+        accuracy(logits, targets)
+        sync = stage != "train"  # exact epoch metrics across DDP ranks where they are reported
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=sync,
+            batch_size=targets.shape[0],
+        )
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=-1)

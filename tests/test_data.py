@@ -1,0 +1,122 @@
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderDataModule,
+    eval_transform,
+    stratified_split,
+    train_transform,
+)
+
+from .conftest import make_image_folder
+
+
+def test_stratified_split_keeps_class_proportions_and_is_disjoint():
+    targets = [0] * 50 + [1] * 30 + [2] * 20
+    train, val = stratified_split(targets, val_fraction=0.1, seed=0)
+    assert sorted(train + val) == list(range(100))
+    assert Counter(targets[i] for i in val) == {0: 5, 1: 3, 2: 2}
+    assert Counter(targets[i] for i in train) == {0: 45, 1: 27, 2: 18}
+
+
+def test_stratified_split_is_seeded():
+    targets = [0] * 40 + [1] * 40
+    assert stratified_split(targets, 0.25, seed=3) == stratified_split(targets, 0.25, seed=3)
+    assert stratified_split(targets, 0.25, seed=3)[1] != stratified_split(targets, 0.25, seed=4)[1]
+
+
+def test_stratified_split_zero_fraction_and_bad_fraction():
+    assert stratified_split([0, 1, 0, 1], 0.0, seed=0) == ([0, 1, 2, 3], [])
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+        stratified_split([0, 1], 1.0, seed=0)
+
+
+def test_train_transform_crops_flips_and_normalises():
+    image = Image.new("RGB", (300, 200), color=(124, 116, 104))  # ~ the ImageNet mean colour
+    out = train_transform(224)(image)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    expected = torch.tensor(
+        [(c / 255 - m) / s for c, m, s in zip((124, 116, 104), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    )
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-3)
+
+
+def test_eval_transform_is_square_resize_then_center_crop():
+    # Left half black, right half white: a square resize keeps the edge in the middle of the crop,
+    # whereas an aspect-preserving resize of this wide image would crop most of the black half away.
+    image = Image.new("RGB", (400, 100), color=(0, 0, 0))
+    image.paste((255, 255, 255), (200, 0, 400, 100))
+    out = eval_transform(224)(image)
+    assert out.shape == (3, 224, 224)
+    row = out[0, 112]
+    black, white = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    assert torch.allclose(row[:100], torch.full((100,), black), atol=1e-3)
+    assert torch.allclose(row[-100:], torch.full((100,), white), atol=1e-3)
+    assert eval_transform(32)(image).shape == (3, 32, 32)
+
+
+def test_datamodule_splits_train_into_train_and_val_and_keeps_test_apart(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), n_train=10, n_test=3)
+    dm = ImageFolderDataModule(root, batch_size=4, num_workers=0, val_fraction=0.2, image_size=32)
+    assert dm.num_classes == 3
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.classes == ["a", "b", "c"]
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 6, 9)
+    train_files = {dm.train_set.dataset.samples[i][0] for i in dm.train_set.indices}
+    val_files = {dm.val_set.dataset.samples[i][0] for i in dm.val_set.indices}
+    assert not train_files & val_files
+    assert all("/train/" in f for f in train_files | val_files)
+    assert Counter(dm.val_set.dataset.targets[i] for i in dm.val_set.indices) == {0: 2, 1: 2, 2: 2}
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.shape[1:] == (3, 32, 32)
+
+
+def test_val_images_use_the_deterministic_eval_transform(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=2)
+    dm = ImageFolderDataModule(root, batch_size=8, num_workers=0, val_fraction=0.4, image_size=32)
+    dm.setup("fit")
+    first, _ = next(iter(dm.val_dataloader()))
+    second, _ = next(iter(dm.val_dataloader()))
+    assert torch.equal(first, second)
+
+
+def test_missing_dataset_folder_says_what_to_do(tmp_path):
+    dm = ImageFolderDataModule(tmp_path / "nowhere", num_workers=0)
+    with pytest.raises(FileNotFoundError, match="does not exist.*data.root"):
+        dm.prepare_data()
+
+
+def test_folder_without_test_split_is_rejected(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    for path in sorted((root / "test").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (root / "test").rmdir()
+    dm = ImageFolderDataModule(root, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="has no test/ folder"):
+        dm.setup("test")
+
+
+def test_train_and_test_classes_must_match(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("a", "b"))
+    (root / "test" / "b").rename(root / "test" / "z")
+    dm = ImageFolderDataModule(root, num_workers=0)
+    with pytest.raises(ValueError, match="Train and test classes differ"):
+        dm.setup("test")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [({"batch_size": 0}, "batch_size"), ({"val_fraction": 1.0}, "val_fraction")]
+)
+def test_out_of_range_values_are_rejected(tmp_path: Path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataModule(tmp_path, **kwargs)
