@@ -32,6 +32,15 @@ def test_experiment_configs_compose_to_the_book_recipe(tmp_path, experiment, wei
     assert cfg.data.download.sha1 == "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 
 
+def test_pretrained_weights_reach_finetune_and_frozen_but_not_scratch(tmp_path):
+    weights = {
+        experiment: compose_config([f"experiment={experiment}", "pretrained_weights=/w.pth"]).model.weights
+        for experiment in ("finetune", "frozen", "scratch")
+    }
+    assert weights == {"finetune": "/w.pth", "frozen": "/w.pth", "scratch": None}
+    assert compose_config(["experiment=scratch", "model.weights=/w.pth"]).model.weights == "/w.pth"
+
+
 def test_default_config_is_finetune_on_hotdog_with_resnet18(tmp_path):
     cfg = compose_config([f"paths.output_dir={tmp_path}"])
     assert (cfg.name, cfg.model.backbone, cfg.model.weights) == ("finetune", "resnet18", "imagenet")
