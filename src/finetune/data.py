@@ -103,7 +103,7 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
         log.warning("Existing %s does not match sha1 %s (partial or corrupt); downloading it again.", archive, sha1)
         archive.unlink()
     if not archive.exists():
-        _download_verified(url, sha1, archive, timeout)
+        _download_verified(url, sha1, archive, root, timeout)
 
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.extracting-") as tmp:
         with zipfile.ZipFile(archive) as zf:
@@ -120,7 +120,7 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
     return root
 
 
-def _download_verified(url: str, sha1: str, archive: Path, timeout: float) -> None:
+def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: float) -> None:
     part = archive.with_name(f"{archive.name}.{os.getpid()}.part")  # per process: ranks may race
     log.info("Downloading %s to %s", url, archive)
     try:
@@ -130,9 +130,10 @@ def _download_verified(url: str, sha1: str, archive: Path, timeout: float) -> No
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused or cut connections
         part.unlink(missing_ok=True)
         raise RuntimeError(
-            f"Could not download {url} ({err}). Offline, put the extracted dataset at {archive.parent} yourself, "
+            f"Could not download {url} ({err}). Offline, put the extracted dataset at {root} yourself, "
             "or point the run at a local copy: data=folder data.root=PATH (a folder with train/<class>/ and "
-            "test/<class>/)."
+            "test/<class>/). Pretrained weights need the same care offline: model.weights=PATH to a local "
+            "state_dict, or a pre-filled $TORCH_HOME/hub/checkpoints (see README, 'Working offline')."
         ) from err
     actual = sha1_of(part)
     if actual != sha1:
