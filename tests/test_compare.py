@@ -224,7 +224,7 @@ def test_cli_from_exits_1_on_an_incomplete_sweep_and_0_on_a_complete_one(full_sw
     err = capsys.readouterr().err
     assert "1 expected job(s) missing or failed" in err and "failed: scratch seed 1" in err
 
-    assert main(["--from", str(full_sweep), "data=folder"]) == 2
+    assert main(["data=folder", "--from", str(full_sweep), "model.backbone=resnet18"]) == 2
     assert "--from aggregates an existing sweep" in capsys.readouterr().err
 
 

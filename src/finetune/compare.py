@@ -635,7 +635,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when every expected job completed, 1 when some are missing or failed, 2 on a usage error."""
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may come before and after the flags
     try:
         if args.from_dir is not None:
             if args.overrides or args.sweep_dir is not None:
