@@ -91,32 +91,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             best = fitted["best_checkpoint"]
             test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=best)[0]
     except BaseException as err:
-        signum = _interrupting_signal(err, trainer)
-        status = "interrupted" if signum else "failed"
         fitted = fitted or _fit_record(trainer, history)
-        results = _results(cfg, output_dir, status, fitted, {}, time.perf_counter() - start)
-        results["resumed_from"] = None if ckpt_path is None else str(ckpt_path)
-        interrupted = output_dir / "checkpoints" / "interrupted.ckpt"
-        results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
-        results["error"] = None if signum else f"{type(err).__name__}: {err}"[:4000]
-        if rank_zero_only.rank == 0:
-            write_json_atomic(output_dir / "results.json", results)
-        if signum:
-            log.warning(
-                "Interrupted by %s. Continue with: python -m finetune.train resume=%s",
-                signal.Signals(signum).name,
-                output_dir,
-            )
-            raise SystemExit(128 + signum) from err  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM
-        log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
+        exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, time.perf_counter() - start, ckpt_path)
+        if exit_code:
+            raise SystemExit(exit_code) from err
         raise
 
-    results = _results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds)
-    results["resumed_from"] = None if ckpt_path is None else str(ckpt_path)
+    results = _results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path)
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "results.json", results)
         print(summary(results))
     return results
+
+
+def _record_stop(
+    err: BaseException,
+    trainer: pl.Trainer | None,
+    cfg: DictConfig,
+    output_dir: Path,
+    fitted: dict[str, Any],
+    seconds: float,
+    ckpt_path: Path | None,
+) -> int:
+    """Write ``results.json`` for a run that did not complete; the exit code for an interruption, else 0."""
+    signum = _interrupting_signal(err, trainer)
+    results = _results(cfg, output_dir, "interrupted" if signum else "failed", fitted, {}, seconds, ckpt_path)
+    interrupted = output_dir / "checkpoints" / "interrupted.ckpt"
+    results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
+    results["error"] = None if signum else f"{type(err).__name__}: {err}"[:4000]
+    if rank_zero_only.rank == 0:
+        write_json_atomic(output_dir / "results.json", results)
+    if not signum:
+        log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
+        return 0
+    name = signal.Signals(signum).name
+    log.warning("Interrupted by %s. Continue with: python -m finetune.train resume=%s", name, output_dir)
+    return 128 + signum  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM
 
 
 def _fit_record(trainer: pl.Trainer | None, history: EpochHistory) -> dict[str, Any]:
@@ -137,6 +147,7 @@ def _results(
     fitted: dict[str, Any],
     test_metrics: dict[str, float],
     fit_seconds: float,
+    resumed_from: Path | None,
 ) -> dict[str, Any]:
     return {
         "status": status,
@@ -155,6 +166,7 @@ def _results(
         "output_dir": str(output_dir),
         "overrides": _overrides(),
         "history": fitted["history"],
+        "resumed_from": None if resumed_from is None else os.path.abspath(resumed_from),
     }
 
 
