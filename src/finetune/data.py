@@ -18,12 +18,15 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
@@ -147,11 +150,89 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
     os.replace(part, archive)
 
 
+def is_image_file(path: str) -> bool:
+    """Images are recognised by extension, as torchvision's ``ImageFolder`` does."""
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_image_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """``{split: {class: [image paths]}}`` for ``train`` and ``test``, and the non-image files found beside them.
+
+    Raises with the folder to fix when a split is missing, holds no class folders, has a class folder without
+    images, or when train and test do not have the same classes.
+    """
+    found: dict[str, dict[str, list[str]]] = {}
+    others: list[str] = []
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"{str(root)!r} has no {split}/ folder. The dataset folder must hold train/<class>/ and "
+                f"test/<class>/ image folders; found {sorted(p.name for p in root.iterdir())}."
+            )
+        classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        if not classes:
+            loose = sorted(entry.name for entry in os.scandir(split_dir))
+            raise ValueError(
+                f"{str(split_dir)!r} holds no class folders (it holds {_preview(loose)}). Put each class's images "
+                f"in a folder of its own: {split}/<class>/<image>, e.g. {split}/hot_dog/1.jpg."
+            )
+        found[split] = {}
+        for name in classes:
+            images = []
+            for folder, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+                for file in sorted(files):
+                    path = os.path.join(folder, file)  # the same string ImageFolder builds
+                    (images if is_image_file(path) else others).append(path)
+            if not images:
+                raise ValueError(
+                    f"Class folder {os.path.join(split_dir, name)!r} holds no images (files ending in "
+                    f"{', '.join(IMG_EXTENSIONS)}). Add its images, or delete the folder from both train/ and test/."
+                )
+            found[split][name] = images
+    if sorted(found["train"]) != sorted(found["test"]):
+        raise ValueError(
+            f"Train and test classes differ in {str(root)!r}: train {sorted(found['train'])}, "
+            f"test {sorted(found['test'])}. Both splits need the same class folders."
+        )
+    return found, others
+
+
+def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dict[str, str]:
+    """``{path: reason}`` for the images that cannot be decoded (corrupt, truncated, not really an image).
+
+    Every image is decoded once; JPEGs at 1/8 scale (``draft``), which still reads the whole file, so a
+    truncated one is caught. Decoding releases the GIL, so a few threads share the work.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(_image_problem, paths))
+    return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason}
+
+
+def _image_problem(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _preview(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(str(item) for item in items[:limit])
+    return (shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")) or "nothing"
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Train/val/test loaders over ``root/train/<class>/*`` and ``root/test/<class>/*``.
 
     ``batch_size`` is per device (Lightning's convention: under DDP each process loads its own batch).
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
+    A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
+    ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
     """
 
     def __init__(
@@ -164,6 +245,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         image_size: int = 224,
         resize_size: int | None = None,
+        skip_corrupt: bool = False,
+        verify_images: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -179,6 +262,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.image_size = image_size
         self.resize_size = resize_size
+        self.skip_corrupt = skip_corrupt
+        self.verify_images = verify_images
+        self._layout: dict[str, dict[str, list[str]]] | None = None
+        self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -197,28 +284,25 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         """Number of classes, read from the class folders of ``root/train`` (available before ``setup``)."""
         if not self.classes:
-            self.classes = self._class_names("train")
+            self.classes = sorted(self._scan()["train"])
         return len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
         train_tf = train_transform(self.image_size)
         eval_tf = eval_transform(self.image_size, self.resize_size)
         if stage in ("fit", "validate", None) and self.train_set is None:
-            augmented = ImageFolder(self._split_dir("train"), transform=train_tf)
-            plain = ImageFolder(self._split_dir("train"), transform=eval_tf)
+            keep = self._usable_images("train")
+            self._usable_images("test")  # a corrupt test image must stop the run now, not after training
+            augmented = ImageFolder(self._split_dir("train"), transform=train_tf, is_valid_file=keep)
+            plain = ImageFolder(self._split_dir("train"), transform=eval_tf, is_valid_file=keep)
             self.classes = augmented.classes
             train_idx, val_idx = stratified_split(augmented.targets, self.val_fraction, self.split_seed)
             self.train_set = Subset(augmented, train_idx)
             self.val_set = Subset(plain, val_idx)
         if stage in ("test", "predict", None) and self.test_set is None:
-            self.test_set = ImageFolder(self._split_dir("test"), transform=eval_tf)
-            train_classes = self._class_names("train")
-            if self.test_set.classes != train_classes:
-                raise ValueError(
-                    f"Train and test classes differ in {str(self.root)!r}: train {train_classes}, "
-                    f"test {self.test_set.classes}. Both splits need the same class folders."
-                )
-            self.classes = train_classes
+            keep = self._usable_images("test")
+            self.test_set = ImageFolder(self._split_dir("test"), transform=eval_tf, is_valid_file=keep)
+            self.classes = self.test_set.classes
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=False)
@@ -246,13 +330,42 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def _split_dir(self, split: str) -> Path:
-        path = self.root / split
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{str(self.root)!r} has no {split}/ folder. The dataset folder must hold train/<class>/ and "
-                f"test/<class>/ image folders; found {sorted(p.name for p in self.root.iterdir())}."
-            )
-        return path
+        self._scan()
+        return self.root / split
 
-    def _class_names(self, split: str) -> list[str]:
-        return sorted(entry.name for entry in os.scandir(self._split_dir(split)) if entry.is_dir())
+    def _scan(self) -> dict[str, dict[str, list[str]]]:
+        """Check the layout once; warn about files that are not images (ImageFolder ignores them)."""
+        if self._layout is None:
+            self._layout, others = scan_image_folder(self.root)
+            if others:
+                log.warning(
+                    "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",
+                    len(others),
+                    self.root,
+                    ", ".join(IMG_EXTENSIONS),
+                    _preview([os.path.relpath(p, self.root) for p in others]),
+                )
+        return self._layout
+
+    def _usable_images(self, split: str):
+        """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
+        by_class = self._scan()[split]
+        if split not in self._corrupt:
+            paths = [path for images in by_class.values() for path in images]
+            corrupt = find_corrupt_images(paths) if self.verify_images else {}
+            if corrupt:
+                listing = _preview([f"{path} ({reason})" for path, reason in sorted(corrupt.items())], limit=10)
+                if not self.skip_corrupt:
+                    raise ValueError(
+                        f"{len(corrupt)} corrupt or truncated image(s) in {str(self.root / split)!r}: {listing}. "
+                        "Replace or delete them, or pass data.skip_corrupt=true to train without them."
+                    )
+                emptied = [name for name, images in by_class.items() if all(path in corrupt for path in images)]
+                if emptied:
+                    raise ValueError(f"Every image of class(es) {emptied} in {str(self.root / split)!r} is corrupt.")
+                log.warning(
+                    "Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing
+                )
+            self._corrupt[split] = corrupt
+        corrupt = self._corrupt[split]
+        return lambda path: is_image_file(path) and path not in corrupt

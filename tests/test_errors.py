@@ -1,0 +1,147 @@
+"""Bad inputs stop the run early, with a message that names the thing and the fix.
+
+Covered elsewhere, not repeated here: a missing dataset folder, a missing test/ split and train/test classes that
+differ at test time (test_data.py); checksum mismatch and truncated downloads (test_download.py); weights files
+that are missing, not a state_dict or for another architecture, and unknown backbones (test_backbones.py);
+unknown freeze modes and head_lr_mult <= 0 on the module (test_module.py).
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from finetune.data import ImageFolderDataModule
+from finetune.train import train
+
+from .conftest import compose_config, make_image_folder, tiny_overrides
+
+
+def _datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root, batch_size=4, num_workers=0, val_fraction=0.2, image_size=32, **kwargs)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", classes=("cat", "dog"), n_train=5, n_test=2)
+
+
+def test_images_directly_in_train_instead_of_class_folders(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("cat",), n_train=3, n_test=1)
+    for image in (root / "train" / "cat").iterdir():
+        image.rename(root / "train" / image.name)
+    (root / "train" / "cat").rmdir()
+    with pytest.raises(
+        ValueError, match=r"train' holds no class folders \(it holds cat_000.png.*train/<class>/<image>"
+    ):
+        _ = _datamodule(root).num_classes
+
+
+def test_an_empty_class_folder_is_named(folder):
+    shutil.rmtree(folder / "test" / "dog")
+    (folder / "test" / "dog").mkdir()
+    (folder / "test" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"Class folder '.*test/dog' holds no images \(files ending in .jpg.*Add"):
+        _datamodule(folder).setup("fit")
+
+
+def test_train_and_test_classes_that_differ_stop_the_run_before_training(tmp_path, folder):
+    (folder / "test" / "dog").rename(folder / "test" / "dogs")
+    with pytest.raises(ValueError, match=r"Train and test classes differ.*\['cat', 'dog'\].*\['cat', 'dogs'\]"):
+        _ = _datamodule(folder).num_classes  # read before the model is built
+    with pytest.raises(ValueError, match="Train and test classes differ"):
+        train(compose_config(["trainer.max_epochs=1"] + tiny_overrides(folder, tmp_path / "run")))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "Train and test classes differ" in results["error"]
+    assert results["history"] == [] and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_non_image_files_are_ignored_and_counted_in_a_warning(folder, caplog):
+    (folder / "train" / "cat" / "labels.csv").write_text("a,b")
+    (folder / "train" / "dog" / "README").write_text("x")
+    (folder / "test" / "cat" / ".DS_Store").write_bytes(b"\0")
+    dm = _datamodule(folder)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+        dm.setup("test")
+    warnings = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+    assert len(warnings) == 1 and "Ignoring 3 file(s)" in warnings[0] and "labels.csv" in warnings[0]
+    assert len(dm.train_set) + len(dm.val_set) == 10 and len(dm.test_set) == 4
+
+
+def test_a_corrupt_image_fails_in_setup_naming_the_file(folder):
+    _truncate(folder / "train" / "dog" / "dog_003.png")
+    (folder / "train" / "cat" / "cat_001.png").write_bytes(b"definitely not a png")
+    with pytest.raises(ValueError) as info:
+        _datamodule(folder).setup("fit")
+    message = str(info.value)
+    assert message.startswith("2 corrupt or truncated image(s)")
+    assert "cat_001.png (UnidentifiedImageError" in message and "dog_003.png" in message
+    assert "data.skip_corrupt=true" in message
+
+
+def test_a_corrupt_test_image_is_found_before_training(folder):
+    _truncate(folder / "test" / "cat" / "cat_000.png")
+    with pytest.raises(ValueError, match=r"1 corrupt or truncated image\(s\) in '.*test'.*cat_000.png"):
+        _datamodule(folder).setup("fit")
+
+
+def test_skip_corrupt_leaves_them_out_with_a_warning(folder, caplog):
+    _truncate(folder / "train" / "dog" / "dog_003.png")
+    (folder / "train" / "cat" / "cat_001.png").write_bytes(b"definitely not a png")
+    dm = _datamodule(folder, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+    assert any("Skipping 2 corrupt or truncated image(s)" in r.getMessage() for r in caplog.records)
+    files = {Path(path).name for path, _ in dm.train_set.dataset.samples}
+    assert len(files) == 8 and not files & {"dog_003.png", "cat_001.png"}
+    assert len(dm.train_set) + len(dm.val_set) == 8
+
+
+def test_skip_corrupt_still_refuses_a_class_with_no_good_image(folder):
+    for image in (folder / "test" / "dog").iterdir():
+        image.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"Every image of class\(es\) \['dog'\]"):
+        _datamodule(folder, skip_corrupt=True).setup("fit")
+
+
+def test_a_truncated_jpeg_is_caught(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "data", n_train=2, n_test=1)
+    photo = root / "train" / "cat" / "photo.jpg"
+    Image.effect_noise((256, 192), 64).convert("RGB").save(photo, quality=90)
+    _truncate(photo)
+    with pytest.raises(ValueError, match=r"photo.jpg \(OSError: image file is truncated"):
+        _datamodule(root).setup("fit")
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(MissingConfigException) as info:
+        compose_config(["experiment=finetunning"])
+    message = str(info.value)
+    assert "experiment/finetunning" in message
+    assert all(name in message for name in ("finetune", "frozen", "scratch"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.head_lr_mult=0", r"model.head_lr_mult must be > 0, got 0"),
+        ("model.freeze=layers", r"Unknown freeze mode 'layers': model.freeze must be one of \('none', 'backbone'\)"),
+        ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\), got 1.0"),
+        ("data.val_fraction=-0.1", r"data.val_fraction must be in \[0, 1\), got -0.1"),
+        ("data.batch_size=0", r"data.batch_size must be at least 1, got 0"),
+    ],
+)
+def test_out_of_range_values_reach_the_user_by_their_config_name(tmp_path, folder, override, message):
+    with pytest.raises(Exception, match=message):
+        train(compose_config(tiny_overrides(folder, tmp_path) + [override]))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
