@@ -61,11 +61,10 @@ def install() -> bool:
     from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
     from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
 
-    patched = False
-    for module in (pl_launcher, fabric_launcher):
+    for module in (pl_launcher, fabric_launcher):  # the Trainer's, and Fabric's for scripts that use it
         if hasattr(module, "_hydra_subprocess_cmd"):
             module._hydra_subprocess_cmd = rank_command
-            patched = module is pl_launcher or patched
+    patched = getattr(pl_launcher, "_hydra_subprocess_cmd", None) is rank_command
     if not patched:
         log.warning(
             "This Lightning version has no _hydra_subprocess_cmd to replace: trainer.strategy=ddp inside a Hydra "
