@@ -24,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -323,11 +324,24 @@ class ImageFolderDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else self._unrepeated_sampler(dataset),
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _unrepeated_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, shard val/test without padding, so that every sample is evaluated exactly once.
+
+        Lightning's default ``DistributedSampler`` repeats samples until every rank has as many, which biases
+        val/test metrics (50 images on 8 GPUs: 6 of them count twice). Evaluation never syncs per step, so
+        uneven shards are safe as long as every rank gets at least one sample; otherwise keep the default.
+        """
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not shards or shards["num_replicas"] < 2 or len(dataset) < shards["num_replicas"]:
+            return None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
 
     def _split_dir(self, split: str) -> Path:
         self._scan()

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone
@@ -61,6 +62,8 @@ class FineTuneModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Epoch losses as torchmetrics too: weighted by samples, and exact across DDP ranks with uneven shards.
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     # --- parameters -------------------------------------------------------------------------------------
     def head_parameters(self) -> Iterator[nn.Parameter]:
@@ -115,32 +118,25 @@ class FineTuneModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         loss = self.loss(logits, targets)
         accuracy(logits, targets)
-        sync = stage != "train"  # exact epoch metrics across DDP ranks where they are reported
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=sync,
-            batch_size=targets.shape[0],
-        )
+        mean_loss.update(loss.detach(), weight=targets.shape[0])
+        # Metric objects: Lightning computes them once per epoch over every sample of every DDP rank.
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train", self.train_acc)
+        return self._shared_step(batch, "train", self.train_acc, self.train_loss)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val", self.val_acc)
+        self._shared_step(batch, "val", self.val_acc, self.val_loss)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test", self.test_acc)
+        self._shared_step(batch, "test", self.test_acc, self.test_loss)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

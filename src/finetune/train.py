@@ -32,6 +32,7 @@ from finetune.checkpoints import (
     find_checkpoint,
     with_run_overrides,
 )
+from finetune.distributed import job_scope
 from finetune.results import EpochHistory, to_number, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def _overrides() -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    results = train(cfg)
+    with job_scope():  # DDP ranks start from this job (multiruns included), and leave nothing behind
+        results = train(cfg)
     return results["val/acc"]  # what a Hydra sweeper optimises: validation, never test
 
 

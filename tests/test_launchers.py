@@ -1,0 +1,114 @@
+"""Hydra launchers: the documented SLURM command composes to consistent settings, submitit runs a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from finetune.train import main
+
+from .conftest import CONF_DIR, REPO, tiny_overrides
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
+
+# README's multi-node command, minus its sweep.
+SLURM = [
+    "hydra/launcher=slurm",
+    "trainer.accelerator=gpu",
+    "trainer.strategy=ddp",
+    "trainer.num_nodes=2",
+    "trainer.devices=4",
+    "hydra.launcher.partition=gpu",
+    "hydra.launcher.timeout_min=240",
+]
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def compose_with_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def print_cfg(monkeypatch, capsys, args: list[str]) -> dict:
+    """What ``python -m finetune.train ARGS`` prints, run in this process (same Hydra CLI path, no new interpreter)."""
+    monkeypatch.setattr(sys, "argv", ["finetune-train", *args])
+    main()
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_cfg_job_and_cfg_hydra_print_the_slurm_settings(monkeypatch, capsys):
+    job = print_cfg(monkeypatch, capsys, [*SLURM, "--cfg", "job"])
+    assert {k: job["trainer"][k] for k in ("accelerator", "strategy", "num_nodes", "devices")} == {
+        "accelerator": "gpu",
+        "strategy": "ddp",
+        "num_nodes": 2,
+        "devices": 4,
+    }
+    launcher = print_cfg(monkeypatch, capsys, [*SLURM, "--cfg", "hydra"])["hydra"]["launcher"]
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["partition"], launcher["timeout_min"]) == ("gpu", 240)
+    # The job's size is the Trainer's, by interpolation: one place to set it, no way for the two to disagree.
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (
+        "${trainer.num_nodes}",
+        "${trainer.devices}",
+        "${trainer.devices}",
+    )
+
+
+def test_slurm_launcher_resolves_to_one_task_per_gpu_on_every_node():
+    cfg = compose_with_hydra(SLURM)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
+
+    local = compose_with_hydra(["hydra/launcher=slurm_local", "trainer.devices=2"]).hydra.launcher
+    assert (local.nodes, local.gpus_per_node, local.tasks_per_node) == (1, 2, 1)  # Lightning starts the ranks
+
+    parallel = compose_with_hydra(["hydra/launcher=parallel", "hydra.launcher.n_jobs=3"]).hydra.launcher
+    assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 3
+
+
+def test_submitit_local_multirun_runs_both_experiments_in_their_own_folders(tmp_path, tiny_folder):
+    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith("paths.output_dir")]
+    done = run_cli(
+        [
+            "-m",
+            "hydra/launcher=slurm_local",
+            "experiment=finetune,frozen",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            *overrides,
+        ]
+    )
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    results = sorted(sweep_dir.glob("*/results.json"))
+    assert [r.parent.name for r in results] == ["0_finetune_seed0", "1_frozen_seed0"]
+    for path, experiment in zip(results, ("finetune", "frozen"), strict=True):
+        result = json.loads(path.read_text())
+        assert result["experiment"] == experiment and result["epochs"] == 1
+        assert 0.0 <= result["test/acc"] <= 1.0
+    assert list((sweep_dir / ".submitit").iterdir()), "the jobs went through submitit"
+    assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
