@@ -74,7 +74,6 @@ def common_overrides(args: argparse.Namespace, data_root: Path, weights: str) ->
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "~callbacks.model_checkpoint",
-        "+trainer.enable_checkpointing=false",
         "+callbacks.throughput._target_=finetune.throughput.Throughput",
     ]
     if args.cpu_smoke:

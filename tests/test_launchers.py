@@ -112,3 +112,22 @@ def test_submitit_local_multirun_runs_both_experiments_in_their_own_folders(tmp_
         assert 0.0 <= result["test/acc"] <= 1.0
     assert list((sweep_dir / ".submitit").iterdir()), "the jobs went through submitit"
     assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
+
+
+def test_parallel_launcher_runs_jobs_whose_loaders_have_worker_processes(tmp_path, tiny_folder):
+    """joblib's loky workers make loky the default start method; DataLoader workers must still start."""
+    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith(("paths.output_dir", "data.num"))]
+    run_cli(
+        [
+            "-m",
+            "hydra/launcher=parallel",
+            "experiment=finetune,frozen",
+            "data.num_workers=1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            *overrides,
+        ]
+    )
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/results.json")}
+    assert statuses == {"0_finetune_seed0": "completed", "1_frozen_seed0": "completed"}

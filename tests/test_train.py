@@ -122,3 +122,11 @@ def test_multirun_over_the_three_experiments_writes_three_separate_results(tmp_p
         "scratch",
     ]
     assert "[frozen]" in done.stdout and "test/acc" in done.stdout
+
+
+def test_a_run_without_model_checkpoint_tests_its_final_weights(tmp_path, tiny_folder):
+    overrides = ["~callbacks.model_checkpoint", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    results = train(compose_config(overrides + tiny_overrides(tiny_folder, tmp_path)))
+    assert results["status"] == "completed" and results["best_checkpoint"] is None and results["val/acc"] is None
+    assert 0.0 <= results["test/acc"] <= 1.0
+    assert not (tmp_path / "checkpoints").exists()

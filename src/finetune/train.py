@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.checkpoints import (
@@ -131,7 +132,11 @@ def _record_stop(
 
 
 def _fit_record(trainer: pl.Trainer | None, history: EpochHistory) -> dict[str, Any]:
-    checkpoint = trainer.checkpoint_callback if trainer is not None else None
+    # Not trainer.checkpoint_callback: that is the first Checkpoint of any kind, possibly the interrupt one.
+    checkpoints = [
+        c for c in (trainer.checkpoint_callbacks if trainer is not None else []) if isinstance(c, ModelCheckpoint)
+    ]
+    checkpoint = checkpoints[0] if checkpoints else None
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     return {
         "val/acc": to_number(checkpoint.best_model_score) if checkpoint is not None and best_path else None,
