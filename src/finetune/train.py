@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.features import FeatureCacheDataModule
 from finetune.results import EpochHistory, to_number, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # the head's size depends on the class folders, so fetch data first
     model = build_model(cfg, datamodule.num_classes)
+    if cfg.model.get("cache_features"):
+        datamodule = FeatureCacheDataModule(datamodule, model)  # the frozen backbone runs once per split
     history = EpochHistory()
     trainer = build_trainer(cfg, [history])
 
