@@ -64,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.backbones import find_head, load_backbone_weights  # noqa: E402
+from finetune.features import FeatureCacheDataModule  # noqa: E402
 from finetune.train import CONFIG_DIR, build_datamodule, build_model, build_trainer  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -364,8 +365,6 @@ def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
     cfg = compose_template(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    from finetune.features import FeatureCacheDataModule
-
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     model = build_model(cfg, datamodule.num_classes)
@@ -462,7 +461,9 @@ def print_report(args, report: dict) -> None:
     if training and "plain" in training:
         for name in TEMPLATE_VARIANTS:
             if name in training:
-                print(f"  {name} / plain: {median_rate(training[name]) / median_rate(training['plain']):.2f}")
+                wall = median_rate(training[name]) / median_rate(training["plain"])
+                cpu = median_rate(training[name], "cpu_seconds") / median_rate(training["plain"], "cpu_seconds")
+                print(f"  {name} / plain: {wall:.2f} (images per CPU-second: {cpu:.2f})")
     if "uncached" in frozen and "cached" in frozen:
         uncached, cached = (frozen_epoch_seconds(frozen[k]) for k in ("uncached", "cached"))
         print(f"  frozen epoch after the first, uncached / cached features: {uncached / cached:.1f}x")

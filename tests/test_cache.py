@@ -85,3 +85,18 @@ def test_a_run_trains_from_the_disk_cache(tmp_path, tiny_folder):
     results = train(compose_config(overrides + tiny_overrides(tiny_folder, tmp_path)))
     assert results["epochs"] == 1 and 0 <= results["test/acc"] <= 1
     assert sorted(f.name.split("-")[0] for f in (tmp_path / "cache").glob("*.u8")) == ["test", "train", "val"]
+
+
+def test_full_size_cache_crops_like_the_uncached_path_and_leaves_the_random_stream_alone(tiny_folder):
+    torch.manual_seed(0)
+    plain = _datamodule(tiny_folder)
+    expected_next_draw = torch.rand(3)
+    torch.manual_seed(0)
+    cached = _datamodule(tiny_folder, cache="memory", num_workers=1)  # decoding in a worker draws a seed
+    assert torch.equal(torch.rand(3), expected_next_draw)
+    for i in range(len(plain.train_set)):
+        torch.manual_seed(i)
+        a = plain.train_set[i][0]
+        torch.manual_seed(i)
+        b = cached.train_set[i][0]  # same crop box and flip; only PIL's and torch's resampling differ
+        assert (a - b).abs().mean() < 0.05, i

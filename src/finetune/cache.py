@@ -4,10 +4,12 @@ Decoding a JPEG and resampling it through PIL costs more CPU than the random cro
 small data set the same few hundred files are decoded again every epoch. With ``data.cache=memory`` (or ``disk``)
 each image is decoded once into a uint8 ``CxHxW`` tensor and the per-epoch transforms run on that tensor:
 
-- training images are stored with their shorter side shrunk to ``data.cache_short_side`` (never enlarged), and
-  ``RandomResizedCrop`` + flip are applied to the stored tensor every epoch. The crop's *content* distribution is
-  unchanged (its scale and ratio are fractions of the image); only the source resolution is capped, so a small crop
-  is upsampled from fewer pixels than from the original file. ``cache_short_side=null`` keeps the original size.
+- training images are stored at their decoded size (``data.cache_short_side=null``, the default) and
+  ``RandomResizedCrop`` + flip are applied to the stored tensor every epoch, so the crops come from the same pixels
+  as without the cache. ``cache_short_side=N`` (>= ``image_size``) shrinks the shorter side to N to save memory: the
+  crop's *content* distribution is unchanged (its scale and ratio are fractions of the image) but its source
+  resolution is capped, so most crops are upsampled from fewer pixels and training images get blurrier than the
+  test images (measured on the hot dog photos: see docs/performance.md).
 - evaluation images (val, test, and train when ``data.augment=false``) go through the deterministic part of the eval
   transform (square ``Resize`` then ``CenterCrop``) before they are stored, so they are bit-identical to the
   uncached path and only the float conversion and normalisation run per epoch.
@@ -25,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +116,14 @@ class _Decode(Dataset):
         return F.pil_to_tensor(self.prepare(image)).contiguous()
 
 
-def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int):
-    """Decoded images in order, decoded in ``num_workers`` processes (0: in this one)."""
-    return DataLoader(_Decode(paths, prepare), batch_size=None, num_workers=num_workers)
+def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int) -> Iterator[torch.Tensor]:
+    """Decoded images in order, decoded in ``num_workers`` processes (0: in this one).
+
+    The loader draws its worker seed from torch's global generator; the draw is undone so that a cached run
+    shuffles, crops and flips exactly as the uncached run with the same seed.
+    """
+    with torch.random.fork_rng(devices=[]):
+        yield from DataLoader(_Decode(paths, prepare), batch_size=None, num_workers=num_workers)
 
 
 def cache_key(paths: Sequence[str], prepare: Callable) -> str:

@@ -156,7 +156,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``batch_size`` is per device (Lightning's convention: under DDP each process loads its own batch).
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
     ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
-    :mod:`finetune.cache`; training images kept with their shorter side at most ``cache_short_side``).
+    :mod:`finetune.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_size: int | None = None,
         augment: bool = True,
         cache: str = "none",
-        cache_short_side: int | None = 256,
+        cache_short_side: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
