@@ -7,6 +7,7 @@ import torch
 from hydra.errors import InstantiationException
 
 from finetune.backbones import build_backbone
+from finetune.evaluate import evaluate
 from finetune.features import dropouts_before_head, random_layers_inside_backbone
 from finetune.module import FineTuneModule
 from finetune.train import train
@@ -49,11 +50,24 @@ def test_cached_features_reproduce_the_uncached_frozen_run_with_its_dropout(tmp_
     assert cached["test/loss"] == pytest.approx(plain["test/loss"], rel=1e-4)
 
 
-def test_cached_features_drop_augmentation_with_a_warning(tmp_path, tiny_folder, caplog):
+def test_cached_features_drop_augmentation_with_a_warning_and_the_checkpoint_evaluates_on_images(
+    tmp_path, tiny_folder, caplog
+):
     with caplog.at_level(logging.WARNING):
         results, _ = _frozen_run(tmp_path, tiny_folder, cache_features=True, augment=True)
     assert "train-time augmentation is dropped" in caplog.text
     assert results["epochs"] == 2 and 0 <= results["test/acc"] <= 1
+
+    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path / "eval") if o.split("=")[0].startswith("data")]
+    cfg = compose_config(
+        overrides
+        + ["trainer.accelerator=cpu", f"ckpt_path={results['best_checkpoint']}"]
+        + [f"paths.output_dir={tmp_path / 'eval'}"],
+        config_name="eval",
+    )
+    evaluated = evaluate(cfg)  # a plain image checkpoint: the test images go through the whole network
+    assert evaluated["test/acc"] == pytest.approx(results["test/acc"])
+    assert evaluated["test/loss"] == pytest.approx(results["test/loss"], rel=1e-4)
 
 
 def test_cache_features_needs_a_frozen_backbone(tmp_path, tiny_folder):
