@@ -31,6 +31,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from finetune.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,16 +57,18 @@ def train_transform(image_size: int = 224) -> v2.Compose:
 
 def eval_transform(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
     """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop."""
+    return v2.Compose([*eval_geometry(image_size, resize_size).transforms, *to_normalized_tensor().transforms])
+
+
+def eval_geometry(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
+    """The deterministic, pixel-changing part of :func:`eval_transform` (what the image cache stores)."""
     resize_size = resize_size or round(image_size * 256 / 224)
-    return v2.Compose(
-        [
-            v2.Resize([resize_size, resize_size], antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return v2.Compose([v2.Resize([resize_size, resize_size], antialias=True), v2.CenterCrop(image_size)])
+
+
+def to_normalized_tensor() -> v2.Compose:
+    """uint8 image (PIL or tensor) -> float tensor in [0, 1] -> ImageNet-normalised."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -247,6 +251,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
     A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
+    ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
+    :mod:`finetune.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
     """
 
     def __init__(
@@ -261,12 +267,25 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_size: int | None = None,
         skip_corrupt: bool = False,
         verify_images: bool = True,
+        augment: bool = True,
+        cache: str = "none",
+        cache_short_side: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"Unknown data.cache={cache!r}: choose one of {CACHE_MODES}.")
+        if cache_short_side is not None and cache_short_side < image_size:
+            raise ValueError(
+                f"data.cache_short_side={cache_short_side} is below data.image_size={image_size}: cached images "
+                "would be upsampled for every crop. Use a value >= image_size, or null to keep the original size."
+            )
+        if cache == "disk" and cache_dir is None:
+            raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = dict(download) if download else None
@@ -280,6 +299,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.verify_images = verify_images
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
+        self.augment = augment
+        self.cache = cache
+        self.cache_short_side = cache_short_side
+        self.cache_dir = cache_dir
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -302,8 +325,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
-        train_tf = train_transform(self.image_size)
         eval_tf = eval_transform(self.image_size, self.resize_size)
+        train_tf = train_transform(self.image_size) if self.augment else eval_tf
         if stage in ("fit", "validate", None) and self.train_set is None:
             keep = self._usable_images("train")
             self._usable_images("test")  # a corrupt test image must stop the run now, not after training
@@ -313,10 +336,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train_idx, val_idx = stratified_split(augmented.targets, self.val_fraction, self.split_seed)
             self.train_set = Subset(augmented, train_idx)
             self.val_set = Subset(plain, val_idx)
+            if self.cache != "none":
+                self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
+                self.val_set = self._cached(self.val_set, "val", augmented=False)
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
             self.test_set = ImageFolder(self._split_dir("test"), transform=eval_tf, is_valid_file=keep)
             self.classes = self.test_set.classes
+            if self.cache != "none":
+                self.test_set = self._cached(self.test_set, "test", augmented=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=False)
@@ -344,6 +372,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
         )
+
+    def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
+        """The same samples, decoded once: shrunk for the random crop, or through the eval geometry."""
+        folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+        samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
+        if augmented:
+            prepare, transform = ShrinkShorterSide(self.cache_short_side), train_transform(self.image_size)
+        else:
+            prepare, transform = eval_geometry(self.image_size, self.resize_size), to_normalized_tensor()
+        images = build_cache(
+            [path for path, _ in samples], prepare, self.cache, name, self.cache_dir, num_workers=self.num_workers
+        )
+        return CachedImageDataset(images, [target for _, target in samples], transform)
 
     def _unrepeated_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP, shard val/test without padding, so that every sample is evaluated exactly once.

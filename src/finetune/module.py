@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone
+from finetune.features import dropouts_before_head, head_input
 
 FREEZE_MODES = ("none", "backbone")
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -25,6 +26,7 @@ class FineTuneModule(pl.LightningModule):
     Optimiser parameter groups: the backbone at ``optimizer``'s ``lr`` and the head at ``lr * head_lr_mult``
     (a single group when ``head_lr_mult == 1`` or the backbone is frozen). ``freeze="backbone"`` trains only the
     head, and keeps every BatchNorm of the frozen backbone in eval mode so its running statistics never move.
+    ``cache_features`` (frozen only) lets it train on 2-D batches of cached head inputs (see ``finetune.features``).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class FineTuneModule(pl.LightningModule):
         freeze: str = "none",
         head_lr_mult: float = 10.0,
         channels_last: bool = False,
+        cache_features: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
@@ -43,6 +46,11 @@ class FineTuneModule(pl.LightningModule):
             raise ValueError(f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}.")
         if head_lr_mult <= 0:
             raise ValueError(f"model.head_lr_mult must be > 0, got {head_lr_mult}.")
+        if cache_features and freeze != "backbone":
+            raise ValueError(
+                f"model.cache_features=true needs model.freeze=backbone (got freeze={freeze!r}): features can only "
+                "be cached when the backbone does not train. Use experiment=frozen, or model.cache_features=false."
+            )
         # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
@@ -114,9 +122,23 @@ class FineTuneModule(pl.LightningModule):
 
     # --- steps --------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 2:  # cached backbone features (model.cache_features): only the head's part runs
+            return self.forward_head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
+
+    def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head receives for ``images``: the features that ``cache_features`` stores."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return head_input(self.net, self.head_name, images)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on cached features, after the Dropout that sits right in front of it (as in ``net``)."""
+        for name in dropouts_before_head(self.net, self.head_name):
+            features = self.net.get_submodule(name)(features)
+        return self.net.get_submodule(self.head_name)(features)
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch

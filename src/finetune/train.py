@@ -34,6 +34,7 @@ from finetune.checkpoints import (
     with_run_overrides,
 )
 from finetune.distributed import job_scope
+from finetune.features import FeatureCacheDataModule
 from finetune.results import EpochHistory, to_number, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path is not None:
             check_resumable(ckpt_path, model, datamodule)
             log.info("Resuming from %s", ckpt_path)
+        if cfg.model.get("cache_features"):
+            datamodule = FeatureCacheDataModule(datamodule, model)  # the frozen backbone runs once per split
         trainer = build_trainer(cfg, [history, RngState(), InterruptCheckpoint(output_dir / "checkpoints")])
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - start

@@ -1,0 +1,161 @@
+"""Cached backbone features for the frozen experiment: run the frozen backbone once per split, train the head only.
+
+With ``model.freeze=backbone`` every epoch pushes the same images through the same frozen network, so all but the
+head's work is repeated. ``model.cache_features=true`` computes what the head receives once per split (train, val,
+test), with the *eval* transform and the backbone in eval mode, keeps it in memory, and trains the head on it.
+
+What changes, and what does not:
+
+- Train-time augmentation is dropped: every epoch sees the same centre-cropped image of each training example
+  (``data.augment`` is set to false, with a warning if it was on). For a bit-for-bit comparison, run the uncached
+  frozen path with ``data.augment=false``.
+- Dropout placed directly in front of the head (MobileNetV2/V3's and EfficientNet's ``classifier`` Dropout) still
+  applies at train time: it runs on the cached features exactly where it ran on the backbone's output.
+- Random layers *inside* the frozen backbone (e.g. EfficientNet's stochastic depth, VGG's first dropout) act at
+  train time in the uncached path but not on cached features; a warning names them.
+- Frozen BatchNorm uses its running statistics in both paths (the uncached path keeps it in eval mode too).
+- The random number stream of the run is not touched by the extraction, so shuffling and dropout masks match the
+  uncached run draw for draw.
+
+Features are computed lazily, the first time Lightning asks for a split's loader (the model is then on its device).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+log = logging.getLogger(__name__)
+
+_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd,)
+
+
+def head_input(net: nn.Module, head_name: str, images: torch.Tensor) -> torch.Tensor:
+    """What ``net``'s head layer receives for ``images`` (captured by a forward pre-hook on the head)."""
+    captured: list[torch.Tensor] = []
+    handle = net.get_submodule(head_name).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        net(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def dropouts_before_head(net: nn.Module, head_name: str) -> list[str]:
+    """Names of the Dropout layers directly in front of the head in its ``nn.Sequential`` (in order)."""
+    parent_name, _, child = head_name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    if not isinstance(parent, nn.Sequential):
+        return []
+    names = [name for name, _ in parent.named_children()]
+    found: list[str] = []
+    for name in reversed(names[: names.index(child)]):
+        if not isinstance(parent.get_submodule(name), _RANDOM_LAYERS):
+            break
+        found.insert(0, f"{parent_name}.{name}" if parent_name else name)
+    return found
+
+
+def random_layers_inside_backbone(net: nn.Module, head_name: str) -> list[str]:
+    """Dropout / stochastic-depth layers that cached features cannot reproduce (they sit inside the backbone)."""
+    kept = set(dropouts_before_head(net, head_name))
+    return [
+        name
+        for name, module in net.named_modules()
+        if name not in kept
+        and (isinstance(module, _RANDOM_LAYERS) or type(module).__name__ == "StochasticDepth")
+        and getattr(module, "p", 0) > 0
+    ]
+
+
+class FeatureCacheDataModule(pl.LightningDataModule):
+    """Serves ``(features, target)`` batches computed once per split by ``model``'s frozen backbone.
+
+    Wraps the image DataModule (which still finds, splits and transforms the images) and the model whose
+    backbone computes the features. Same batch size and shuffling as the image loaders; no loader workers
+    (the features are already in memory).
+    """
+
+    def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule) -> None:
+        super().__init__()
+        if getattr(model, "freeze", None) != "backbone":
+            raise ValueError(
+                "model.cache_features=true needs model.freeze=backbone (experiment=frozen): features can only be "
+                "cached when the backbone does not change during training."
+            )
+        if getattr(images, "augment", False):
+            log.warning(
+                "model.cache_features=true: train-time augmentation is dropped; the head trains on features of "
+                "the eval transform (centre crop) of each training image. Set data.augment=false to silence this."
+            )
+            images.augment = False
+        skipped = random_layers_inside_backbone(model.net, model.head_name)
+        if skipped:
+            log.warning(
+                "model.cache_features=true: random layers inside the frozen backbone act at train time without "
+                "the cache but not on cached features: %s",
+                ", ".join(skipped),
+            )
+        self.images = images
+        self.model = model
+        self.batch_size = images.batch_size
+        self._features: dict[str, TensorDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.num_classes
+
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.images.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.features("train"), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.features("val"), batch_size=self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.features("test"), batch_size=self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def features(self, split: str) -> TensorDataset:
+        """The split's ``(features, targets)``, computed on first use."""
+        if split not in self._features:
+            dataset = getattr(self.images, f"{split}_set")
+            if dataset is None:
+                raise RuntimeError(f"Call setup() before asking for the {split} features.")
+            self._features[split] = extract_features(self.model, dataset, self.batch_size, self.images.num_workers)
+            log.info("Cached %s backbone features: %s", split, tuple(self._features[split].tensors[0].shape))
+        return self._features[split]
+
+
+@torch.no_grad()
+def extract_features(model: pl.LightningModule, dataset: Dataset, batch_size: int, num_workers: int) -> TensorDataset:
+    """Run ``model.head_inputs`` over ``dataset`` in eval mode, leaving the run's random stream untouched."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    features, targets = [], []
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        model.eval()
+        try:
+            for images, labels in loader:
+                features.append(model.head_inputs(images.to(model.device)).float().cpu())
+                targets.append(labels)
+        finally:
+            model.train(was_training)
+    if not features:
+        return TensorDataset(torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+    return TensorDataset(torch.cat(features), torch.cat(targets))
