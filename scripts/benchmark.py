@@ -117,6 +117,24 @@ def cpu_seconds() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all processes on the machine have used so far (``/proc/stat``: everything but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def clocks() -> tuple[float, float, float]:
+    """(wall, this process tree's CPU, the whole machine's busy CPU) in seconds."""
+    return time.perf_counter(), cpu_seconds(), machine_busy_seconds()
+
+
+def window(start: tuple[float, float, float], end: tuple[float, float, float]) -> dict:
+    """Wall and CPU seconds of a timed window, and how many cores other processes kept busy meanwhile."""
+    wall, ours, busy = (b - a for a, b in zip(start, end, strict=True))
+    return {"seconds": wall, "cpu_seconds": ours, "other_cores": max(busy - ours, 0.0) / wall}
+
+
 def _pss_kib(pid: int) -> int:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
@@ -196,20 +214,19 @@ class WindowTimer(pl.Callback):
     def __init__(self, warmup: int, batches: int) -> None:
         self.warmup, self.last = warmup, warmup + batches - 1
         self.start = self.end = None
-        self.cpu_start = self.cpu_end = None
         self.images = 0
         self.threads = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup:
-            self.start, self.cpu_start = time.perf_counter(), cpu_seconds()
+            self.start = clocks()
             self.threads = torch.get_num_threads()
         if self.warmup <= batch_idx <= self.last:
             self.images += len(batch[1])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch_idx == self.last:
-            self.end, self.cpu_end = time.perf_counter(), cpu_seconds()
+            self.end = clocks()
             trainer.should_stop = True
 
 
@@ -231,12 +248,7 @@ def run_template(args, variant_overrides: list[str], workdir: Path) -> dict:
     trainer.fit(model, datamodule=datamodule)
     if timer.end is None:
         raise RuntimeError("the template run ended before the timed window closed")
-    return {
-        "seconds": timer.end - timer.start,
-        "cpu_seconds": timer.cpu_end - timer.cpu_start,
-        "images": timer.images,
-        "threads": timer.threads,
-    }
+    return {**window(timer.start, timer.end), "images": timer.images, "threads": timer.threads}
 
 
 # --- the book's plain loop ----------------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def run_plain(args) -> dict:
     net.train()
     for i, (features, labels) in enumerate(loader):
         if i == args.warmup:
-            start, cpu_start, threads = time.perf_counter(), cpu_seconds(), torch.get_num_threads()
+            start, threads = clocks(), torch.get_num_threads()
         trainer.zero_grad()
         pred = net(features)
         batch_loss = loss(pred, labels)
@@ -304,11 +316,11 @@ def run_plain(args) -> dict:
         if i >= args.warmup:
             images += labels.numel()
         if i == last:
-            end, cpu_end = time.perf_counter(), cpu_seconds()
+            end = clocks()
             break
     if end is None:
         raise RuntimeError("the plain loop ran out of batches before the timed window closed")
-    return {"seconds": end - start, "cpu_seconds": cpu_end - cpu_start, "images": images, "threads": threads}
+    return {**window(start, end), "images": images, "threads": threads}
 
 
 # --- data loading alone ---------------------------------------------------------------------------------------
@@ -424,10 +436,11 @@ def print_report(args, report: dict) -> None:
         plain = median_rate(training["plain"]) if "plain" in training else None
         plain_cpu = median_rate(training["plain"], "cpu_seconds") if "plain" in training else None
         print("\nTraining throughput (images/s, median of repeats; peak memory is the largest over repeats;")
-        print("img/CPU-s: images per CPU-second of the process and its loader workers, less sensitive to other load)")
+        print("img/CPU-s: images per CPU-second of the process and its loader workers, less sensitive to other load;")
+        print("others: cores kept busy by other processes during the timed windows, mean over repeats)")
         print(
             f"{'variant':<24}{'img/s':>7}  {'runs':<22}{'vs plain':>9}{'img/CPU-s':>10}{'vs plain':>9}"
-            f"{'peak RSS':>10}{'PSS+workers':>13}"
+            f"{'others':>8}{'peak RSS':>10}{'PSS+workers':>13}"
         )
         for name, runs in training.items():
             rate, cpu_rate = median_rate(runs), median_rate(runs, "cpu_seconds")
@@ -436,9 +449,10 @@ def print_report(args, report: dict) -> None:
             cpu_ratio = f"{cpu_rate / plain_cpu:.2f}" if plain_cpu else "-"
             rss = max(r["main_peak_mib"] for r in runs) / 1024
             pss = max(r["tree_peak_mib"] for r in runs) / 1024
+            others = statistics.mean(r["other_cores"] for r in runs)
             print(
                 f"{name:<24}{rate:>7.2f}  {each:<22}{ratio:>9}{cpu_rate:>10.2f}{cpu_ratio:>9}"
-                f"{rss:>8.2f} G{pss:>11.2f} G"
+                f"{others:>8.2f}{rss:>8.2f} G{pss:>11.2f} G"
             )
 
     loading = report["loading"]

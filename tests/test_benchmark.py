@@ -33,6 +33,7 @@ def test_benchmark_runs_every_variant_and_prints_the_ratios(tmp_path, tiny_folde
     for runs in report["training"].values():
         assert len(runs) == 1 and runs[0]["images"] == 4 and runs[0]["seconds"] > 0 and runs[0]["threads"] == 1
         assert runs[0]["main_peak_mib"] > 50 and runs[0]["tree_peak_mib"] >= runs[0]["main_peak_mib"]
+        assert runs[0]["cpu_seconds"] > 0 and runs[0]["other_cores"] >= 0
     assert set(report["loading"]) == {"plain", "datamodule", "datamodule cache=memory", "datamodule cache=disk"}
     assert all(run["images"] > 0 for runs in report["loading"].values() for run in runs)
     assert [len(report["frozen"][k]["epoch_seconds"]) for k in ("uncached", "cached")] == [2, 2]
