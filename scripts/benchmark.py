@@ -430,7 +430,8 @@ def print_report(args, report: dict) -> None:
         f"workers, {args.threads} torch threads, {args.warmup} warm-up + {args.batches} timed batches, "
         f"{args.repeats} repeats; data {args.data}"
     )
-    print(f"load average: before {report['load_before']}, after {report['load_after']}")
+    before, after = (", ".join(f"{x:.2f}" for x in report[k]) for k in ("load_before", "load_after"))
+    print(f"load average (1, 5, 15 min): before {before}; after {after}")
 
     training = report["training"]
     if training:
