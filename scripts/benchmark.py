@@ -77,6 +77,7 @@ TEMPLATE_VARIANTS = {
     "template+fast": ["model.channels_last=true", "data.cache=disk"],
 }
 ALL_VARIANTS = ["plain", *TEMPLATE_VARIANTS]
+BUSY_CORES = 0.25  # a timed window during which other processes used this many cores is reported as not quiet
 
 
 # --- memory ------------------------------------------------------------------------------------------------
@@ -429,7 +430,8 @@ def print_report(args, report: dict) -> None:
         f"workers, {args.threads} torch threads, {args.warmup} warm-up + {args.batches} timed batches, "
         f"{args.repeats} repeats; data {args.data}"
     )
-    print(f"load average: before {report['load_before']}, after {report['load_after']}")
+    before, after = (", ".join(f"{x:.2f}" for x in report[k]) for k in ("load_before", "load_after"))
+    print(f"load average (1, 5, 15 min): before {before}; after {after}")
 
     training = report["training"]
     if training:
@@ -473,11 +475,18 @@ def print_report(args, report: dict) -> None:
 
     print("\nRatios")
     if training and "plain" in training:
+        quiet = {name: [r for r in runs if r["other_cores"] < BUSY_CORES] for name, runs in training.items()}
+        busy = sum(len(runs) - len(quiet[name]) for name, runs in training.items())
         for name in TEMPLATE_VARIANTS:
             if name in training:
                 wall = median_rate(training[name]) / median_rate(training["plain"])
                 cpu = median_rate(training[name], "cpu_seconds") / median_rate(training["plain"], "cpu_seconds")
-                print(f"  {name} / plain: {wall:.2f} (images per CPU-second: {cpu:.2f})")
+                line = f"  {name} / plain: {wall:.2f} (images per CPU-second: {cpu:.2f})"
+                if busy and quiet[name] and quiet["plain"]:
+                    line += f"; quiet windows only: {median_rate(quiet[name]) / median_rate(quiet['plain']):.2f}"
+                print(line)
+        if busy:
+            print(f"  ({busy} timed windows ran while other processes kept >= {BUSY_CORES} cores busy)")
     if "uncached" in frozen and "cached" in frozen:
         uncached, cached = (frozen_epoch_seconds(frozen[k]) for k in ("uncached", "cached"))
         print(f"  frozen epoch after the first, uncached / cached features: {uncached / cached:.1f}x")
@@ -500,7 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-loading", action="store_true", help="skip the data-loading-only measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's --json file")
     args = parser.parse_args(argv)
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        print_report(argparse.Namespace(**report["args"]), report)
+        return report
     if args.weights is None and args.backbone in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[args.backbone].is_file():
         args.weights = str(DEFAULT_WEIGHTS[args.backbone])
     if args.weights in ("none", "null"):
@@ -524,11 +538,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="finetune-benchmark-") as tmp:
         workdir = Path(tmp)
         args.cache_dir = str(workdir / "cache")
-        if not args.skip_loading or any("cache" in v or "fast" in v for v in variants):
+        if not args.skip_loading:
             print("data loading alone (also builds the disk cache) ...", flush=True)
-            loading = run_loading(args, workdir / "loading")
-            if not args.skip_loading:
-                report["loading"] = loading
+            report["loading"] = run_loading(args, workdir / "loading")
+        else:  # the cached variants read the disk cache: build it outside their timed runs
+            cfg = compose_template(["experiment=finetune", *common_overrides(args, workdir), "data.cache=disk"])
+            build_datamodule(cfg).setup("fit")
 
         for repeat in range(args.repeats):
             order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]

@@ -374,7 +374,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
-        """The same samples, decoded once: shrunk for the random crop, or through the eval geometry."""
+        """The same samples, decoded once: whole (or shrunk) for the random crop, or through the eval geometry."""
         folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
         samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
         if augmented:
