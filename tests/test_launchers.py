@@ -131,3 +131,24 @@ def test_parallel_launcher_runs_jobs_whose_loaders_have_worker_processes(tmp_pat
     (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/results.json")}
     assert statuses == {"0_finetune_seed0": "completed", "1_frozen_seed0": "completed"}
+
+
+def test_parallel_launcher_runs_the_fast_paths_whose_cache_builders_have_worker_processes(tmp_path, tiny_folder):
+    """The image cache and the feature cache build with their own loaders: they too must start under loky."""
+    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith(("paths.output_dir", "data.num"))]
+    run_cli(
+        [
+            "-m",
+            "hydra/launcher=parallel",
+            "experiment=frozen",
+            "model.cache_features=true",
+            "data.cache=none,memory",
+            "data.num_workers=1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            *overrides,
+        ]
+    )
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/results.json")}
+    assert statuses == {"0_frozen_seed0": "completed", "1_frozen_seed0": "completed"}

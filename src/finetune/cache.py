@@ -36,6 +36,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from finetune.workers import worker_context
+
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
@@ -123,7 +125,13 @@ def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int) -> Itera
     shuffles, crops and flips exactly as the uncached run with the same seed.
     """
     with torch.random.fork_rng(devices=[]):
-        yield from DataLoader(_Decode(paths, prepare), batch_size=None, num_workers=num_workers)
+        loader = DataLoader(
+            _Decode(paths, prepare),
+            batch_size=None,
+            num_workers=num_workers,
+            multiprocessing_context=worker_context(num_workers),
+        )
+        yield from loader
 
 
 def cache_key(paths: Sequence[str], prepare: Callable) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import multiprocessing
 import os
 import random
 import shutil
@@ -32,6 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from finetune.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
+from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -232,18 +232,6 @@ def _preview(items: Sequence[str], limit: int = 5) -> str:
     return (shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")) or "nothing"
 
 
-def _worker_context() -> multiprocessing.context.BaseContext | None:
-    """The loader workers' start method: the platform's usual one, even inside a joblib (loky) sweep worker.
-
-    loky makes itself the default start method in its workers, and its Popen cannot start the plain Process
-    objects a DataLoader creates ("'Process' object has no attribute 'env'").
-    """
-    method = multiprocessing.get_start_method(allow_none=True)
-    if method in (None, "fork", "spawn", "forkserver"):
-        return None  # the interpreter's own default, untouched
-    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-
-
 class ImageFolderDataModule(pl.LightningDataModule):
     """Train/val/test loaders over ``root/train/<class>/*`` and ``root/test/<class>/*``.
 
@@ -370,7 +358,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:

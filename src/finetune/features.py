@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from finetune.workers import worker_context
+
 log = logging.getLogger(__name__)
 
 _RANDOM_LAYERS = (nn.modules.dropout._DropoutNd,)
@@ -145,7 +147,13 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 @torch.no_grad()
 def extract_features(model: pl.LightningModule, dataset: Dataset, batch_size: int, num_workers: int) -> TensorDataset:
     """Run ``model.head_inputs`` over ``dataset`` in eval mode, leaving the run's random stream untouched."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        multiprocessing_context=worker_context(num_workers),
+    )
     features, targets = [], []
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
