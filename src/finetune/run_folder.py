@@ -1,0 +1,95 @@
+"""The layout of a run folder: the only code that spells its file names.
+
+A run (``python -m finetune.train``), a multirun job, and an evaluation each get a folder of their own::
+
+    <run>/
+      .hydra/overrides.yaml     the command-line overrides (written by Hydra when the run starts)
+      results.json              written when the run ends: completed, interrupted or failed
+      eval_results.json         written by finetune.evaluate
+      checkpoints/last.ckpt     the end of the latest finished epoch
+      checkpoints/interrupted.ckpt   the state at Ctrl+C / SIGTERM / a crash while fitting
+      checkpoints/epochNN-val_acc*.ckpt   the best epoch on validation
+
+Multirun job folders are named ``<job number>_<experiment>_seed<seed>`` (``conf/hydra/default.yaml``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = "results.json"
+EVAL_RESULTS = "eval_results.json"
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+INTERRUPTED = "interrupted.ckpt"
+HYDRA = ".hydra"
+OVERRIDES = "overrides.yaml"
+# conf/hydra/default.yaml's hydra.sweep.subdir: ${hydra.job.num}_${name}_seed${seed}
+JOB_FOLDER = re.compile(r"^\d+_(?P<experiment>.+)_seed(?P<seed>-?\d+)$")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder and the paths inside it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunFolder:
+        """The run folder a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+        checkpoint = Path(checkpoint)
+        parent = checkpoint.parent
+        return cls(parent.parent if parent.name == CHECKPOINTS else parent)
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def eval_results(self) -> Path:
+        return self.path / EVAL_RESULTS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def interrupted_checkpoint(self) -> Path:
+        return self.checkpoints / INTERRUPTED
+
+    @property
+    def hydra(self) -> Path:
+        return self.path / HYDRA
+
+    @property
+    def overrides(self) -> Path:
+        return self.hydra / OVERRIDES
+
+    def resume_candidates(self) -> list[Path]:
+        """Where a resumable state may be, newest kind first (also directly in the folder, for hand-made ones)."""
+        return [folder / name for folder in (self.checkpoints, self.path) for name in (INTERRUPTED, LAST)]
+
+    def holds_a_run(self) -> list[str]:
+        """What in this folder belongs to an earlier run (results or checkpoints); empty if nothing does."""
+        found = [p.name for p in (self.results, self.eval_results) if p.exists()]
+        if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
+            found.append(f"{CHECKPOINTS}/")
+        return found
+
+    def is_job_folder(self) -> bool:
+        """Whether this looks like a run or job folder: Hydra's record of it, or its results."""
+        return self.hydra.is_dir() or self.results.is_file()
+
+    def job_name(self) -> tuple[str, int] | None:
+        """(experiment, seed) from a multirun job folder's name, or ``None`` for any other name."""
+        match = JOB_FOLDER.match(self.path.name)
+        return (match["experiment"], int(match["seed"])) if match else None
