@@ -64,8 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.backbones import find_head, load_backbone_weights  # noqa: E402
-from finetune.features import FeatureCacheDataModule  # noqa: E402
-from finetune.train import CONFIG_DIR, build_datamodule, build_model, build_trainer  # noqa: E402
+from finetune.run import CONFIG_DIR, assemble, build_datamodule  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data" / "hotdog-kaggle"
@@ -241,12 +240,9 @@ def run_template(args, variant_overrides: list[str], workdir: Path) -> dict:
     ]
     cfg = compose_template(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    model = build_model(cfg, datamodule.num_classes)
     timer = WindowTimer(args.warmup, args.batches)
-    trainer = build_trainer(cfg, [timer])
-    trainer.fit(model, datamodule=datamodule)
+    run = assemble(cfg, [timer])
+    run.trainer.fit(run.model, datamodule=run.datamodule)
     if timer.end is None:
         raise RuntimeError("the template run ended before the timed window closed")
     return {**window(timer.start, timer.end), "images": timer.images, "threads": timer.threads}
@@ -378,15 +374,11 @@ def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
     cfg = compose_template(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    model = build_model(cfg, datamodule.num_classes)
-    if cache_features:
-        datamodule = FeatureCacheDataModule(datamodule, model)
     timer = EpochTimer()
-    trainer = build_trainer(cfg, [timer])
+    run = assemble(cfg, [timer])
+    trainer = run.trainer
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(run.model, datamodule=run.datamodule)
     fit_seconds = time.perf_counter() - start
     return {
         "epoch_seconds": timer.seconds,

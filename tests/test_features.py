@@ -6,9 +6,8 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from finetune.backbones import build_backbone
+from finetune.backbones import build_backbone, dropouts_before_head, random_layers_inside_backbone
 from finetune.evaluate import evaluate
-from finetune.features import dropouts_before_head, random_layers_inside_backbone
 from finetune.module import FineTuneModule
 from finetune.train import train
 
@@ -84,7 +83,7 @@ def test_head_inputs_are_what_the_head_sees_and_random_backbone_layers_are_named
     images = torch.randn(2, 3, 32, 32)
     features = module.head_inputs(images)
     assert features.shape == (2, 512)
-    torch.testing.assert_close(module(features), module(images))
+    torch.testing.assert_close(module.forward_head(features), module(images))
     assert dropouts_before_head(module.net, "fc") == []
     efficientnet = build_backbone("efficientnet_b0", 2, None).model
     skipped = random_layers_inside_backbone(efficientnet, "classifier.1")

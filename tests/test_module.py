@@ -90,3 +90,21 @@ def test_frozen_training_changes_only_the_head_and_no_batchnorm_statistic(tiny_f
     batchnorms = module.frozen_batchnorms()
     assert len(batchnorms) == 20 and all(not bn.training for bn in batchnorms)
     assert module.net.layer1.training  # the rest of the network is in train mode as usual
+
+
+def test_groups_carry_an_lr_scale_that_the_optimizer_applies_once():
+    module = _module(head_lr_mult=10)
+    assert [(g["name"], g["lr_scale"]) for g in module.parameter_groups()] == [("backbone", 1.0), ("head", 10)]
+    optimizer = module.configure_optimizers()
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.01), pytest.approx(0.1)]
+    assert "lr" not in module.parameter_groups()[0]  # the groups never read the factory's lr
+
+
+def test_a_batch_of_the_wrong_shape_fails_loudly_in_either_input_mode():
+    images_mode = _module()
+    with pytest.raises(ValueError, match=r"input_mode='images' takes 4-D batches, got shape \(2, 512\)"):
+        images_mode(torch.randn(2, 512))
+    features_mode = _module(freeze="backbone", cache_features=True)
+    assert features_mode(torch.randn(2, 512)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"input_mode='features' takes 2-D batches, got shape \(2, 3, 32, 32\)"):
+        features_mode(torch.randn(2, 3, 32, 32))

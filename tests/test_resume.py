@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from finetune.checkpoints import find_checkpoint, with_run_overrides
+from finetune.resume import find_checkpoint, with_run_overrides
 from finetune.train import train
 
 from .conftest import REPO, compose_config, make_image_folder, tiny_overrides

@@ -11,12 +11,12 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from finetune.module import FineTuneModule
 from finetune.results import to_number, write_json_atomic
-from finetune.train import CONFIG_DIR, build_datamodule
+from finetune.run import CONFIG_DIR, assemble
+from finetune.run_folder import RunFolder
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -27,28 +27,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"Checkpoint {str(ckpt_path)!r} does not exist. Pass ckpt_path=PATH to a .ckpt written by "
             "finetune.train (a run's checkpoints/ folder holds the best one and last.ckpt)."
         )
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    # weights=None: the checkpoint holds every weight, so do not fetch pretrained ones first.
-    model = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights=None)
-    if model.hparams.num_classes != datamodule.num_classes:
+    # weights=None: the checkpoint holds every weight, so do not fetch pretrained ones first. A model trained on
+    # cached features (cache_features=true) is evaluated on images: its frozen backbone is in the checkpoint.
+    model = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights=None, cache_features=False)
+    run = assemble(cfg, model=model)
+    if model.hparams.num_classes != run.images.num_classes:
         raise ValueError(
             f"Checkpoint {str(ckpt_path)!r} predicts {model.hparams.num_classes} classes but the dataset at "
-            f"{str(datamodule.root)!r} has {datamodule.num_classes}. Evaluate on the data it was trained for."
+            f"{str(run.images.root)!r} has {run.images.num_classes}. Evaluate on the data it was trained for."
         )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False)
-    metrics = trainer.test(model, datamodule=datamodule)[0]
+    trainer = run.trainer
+    metrics = trainer.test(model, datamodule=run.datamodule)[0]
     results = {
         "checkpoint": str(ckpt_path),
         "backbone": model.hparams.backbone,
-        "classes": datamodule.classes,
+        "classes": run.images.classes,
         "test/acc": to_number(metrics.get("test/acc")),
         "test/loss": to_number(metrics.get("test/loss")),
         "output_dir": cfg.paths.output_dir,
     }
     if trainer.is_global_zero:
-        write_json_atomic(Path(cfg.paths.output_dir) / "eval_results.json", results)
+        write_json_atomic(RunFolder(Path(cfg.paths.output_dir)).eval_results, results)
         print(f"{ckpt_path}: test/acc {results['test/acc']:.4f}  test/loss {results['test/loss']:.4f}")
     return results
 

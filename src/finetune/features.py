@@ -26,52 +26,12 @@ import logging
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from finetune.backbones import random_layers_inside_backbone
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
-
-_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd,)
-
-
-def head_input(net: nn.Module, head_name: str, images: torch.Tensor) -> torch.Tensor:
-    """What ``net``'s head layer receives for ``images`` (captured by a forward pre-hook on the head)."""
-    captured: list[torch.Tensor] = []
-    handle = net.get_submodule(head_name).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        net(images)
-    finally:
-        handle.remove()
-    return captured[0]
-
-
-def dropouts_before_head(net: nn.Module, head_name: str) -> list[str]:
-    """Names of the Dropout layers directly in front of the head in its ``nn.Sequential`` (in order)."""
-    parent_name, _, child = head_name.rpartition(".")
-    parent = net.get_submodule(parent_name) if parent_name else net
-    if not isinstance(parent, nn.Sequential):
-        return []
-    names = [name for name, _ in parent.named_children()]
-    found: list[str] = []
-    for name in reversed(names[: names.index(child)]):
-        if not isinstance(parent.get_submodule(name), _RANDOM_LAYERS):
-            break
-        found.insert(0, f"{parent_name}.{name}" if parent_name else name)
-    return found
-
-
-def random_layers_inside_backbone(net: nn.Module, head_name: str) -> list[str]:
-    """Dropout / stochastic-depth layers that cached features cannot reproduce (they sit inside the backbone)."""
-    kept = set(dropouts_before_head(net, head_name))
-    return [
-        name
-        for name, module in net.named_modules()
-        if name not in kept
-        and (isinstance(module, _RANDOM_LAYERS) or type(module).__name__ == "StochasticDepth")
-        and getattr(module, "p", 0) > 0
-    ]
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
@@ -84,10 +44,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule) -> None:
         super().__init__()
-        if getattr(model, "freeze", None) != "backbone":
+        if getattr(model, "input_mode", None) != "features":
             raise ValueError(
-                "model.cache_features=true needs model.freeze=backbone (experiment=frozen): features can only be "
-                "cached when the backbone does not change during training."
+                "Cached features need a model built with model.cache_features=true (input_mode='features', which "
+                "needs model.freeze=backbone): it trains the head on them and refuses images."
             )
         if getattr(images, "augment", False):
             log.warning(

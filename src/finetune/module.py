@@ -12,10 +12,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from finetune.backbones import IMAGENET, build_backbone
-from finetune.features import dropouts_before_head, head_input
+from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
 
 FREEZE_MODES = ("none", "backbone")
+INPUT_MODES = ("images", "features")
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -23,10 +23,11 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 class FineTuneModule(pl.LightningModule):
     """Classifier = torchvision backbone + new ``Linear`` head.
 
-    Optimiser parameter groups: the backbone at ``optimizer``'s ``lr`` and the head at ``lr * head_lr_mult``
-    (a single group when ``head_lr_mult == 1`` or the backbone is frozen). ``freeze="backbone"`` trains only the
-    head, and keeps every BatchNorm of the frozen backbone in eval mode so its running statistics never move.
-    ``cache_features`` (frozen only) lets it train on 2-D batches of cached head inputs (see ``finetune.features``).
+    Optimiser parameter groups carry an ``lr_scale`` (as timm's do): the backbone 1 and the head ``head_lr_mult``
+    (a single group when ``head_lr_mult == 1`` or the backbone is frozen); the optimizer's ``lr`` is scaled by it.
+    ``freeze="backbone"`` trains only the head, and keeps every BatchNorm of the frozen backbone in eval mode so its
+    running statistics never move. ``cache_features`` (frozen only) sets ``input_mode="features"``: the module then
+    takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class FineTuneModule(pl.LightningModule):
         self.head_lr_mult = head_lr_mult
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.input_mode = "features" if cache_features else "images"
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if freeze == "backbone":
@@ -81,23 +83,29 @@ class FineTuneModule(pl.LightningModule):
         head = {id(p) for p in self.head_parameters()}
         return (p for p in self.net.parameters() if id(p) not in head)
 
-    def parameter_groups(self, lr: float) -> list[dict]:
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters in named groups, each with the ``lr_scale`` the optimizer applies to its lr."""
         head = list(self.head_parameters())
         backbone = [p for p in self.backbone_parameters() if p.requires_grad]
         if not backbone:
-            return [{"name": "head", "params": head, "lr": lr * self.head_lr_mult}]
+            return [{"name": "head", "params": head, "lr_scale": self.head_lr_mult}]
         if self.head_lr_mult == 1:
-            return [{"name": "all", "params": backbone + head, "lr": lr}]
+            return [{"name": "all", "params": backbone + head, "lr_scale": 1.0}]
         return [
-            {"name": "backbone", "params": backbone, "lr": lr},
-            {"name": "head", "params": head, "lr": lr * self.head_lr_mult},
+            {"name": "backbone", "params": backbone, "lr_scale": 1.0},
+            {"name": "head", "params": head, "lr_scale": self.head_lr_mult},
         ]
+
+    def optimizer_class(self) -> str | None:
+        """The optimizer's class (``torch.optim.SGD``), recorded in checkpoints so a resume can check it."""
+        factory = self.optimizer_factory
+        target = getattr(factory, "func", factory)
+        return None if target is None else f"{target.__module__}.{target.__qualname__}"
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("FineTuneModule was built without an optimizer factory; it can only evaluate.")
-        base_lr = self.optimizer_factory.keywords["lr"]
-        optimizer = self.optimizer_factory(self.parameter_groups(base_lr))
+        optimizer = scale_learning_rates(self.optimizer_factory(self.parameter_groups()))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -121,9 +129,22 @@ class FineTuneModule(pl.LightningModule):
         return [m for m in self.net.modules() if isinstance(m, _BatchNorm) and id(m) not in head_modules]
 
     # --- steps --------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim == 2:  # cached backbone features (model.cache_features): only the head's part runs
-            return self.forward_head(images)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["optimizer_class"] = self.optimizer_class()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images (``NCHW``), or of cached head inputs (``NC``) in ``input_mode="features"``."""
+        expected = 2 if self.input_mode == "features" else 4
+        if inputs.ndim != expected:
+            raise ValueError(
+                f"FineTuneModule in input_mode={self.input_mode!r} takes {expected}-D batches, got shape "
+                f"{tuple(inputs.shape)}. Cached features (model.cache_features=true) are 2-D, images are 4-D."
+            )
+        if self.input_mode == "features":
+            return self.forward_head(inputs)
+        return self.forward_images(inputs)
+
+    def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
@@ -163,3 +184,10 @@ class FineTuneModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=-1)
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Multiply each parameter group's ``lr`` by its ``lr_scale`` (once, when the optimizer is built)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return optimizer

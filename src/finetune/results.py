@@ -1,4 +1,4 @@
-"""What a run leaves behind: a per-epoch metrics history and ``results.json``."""
+"""What a run leaves behind: the ``results.json`` record, written atomically."""
 
 from __future__ import annotations
 
@@ -10,34 +10,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-
-HISTORY_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
-
-
-class EpochHistory(pl.Callback):
-    """Records ``train/*`` and ``val/*`` epoch metrics, one entry per finished training epoch.
-
-    Kept in the checkpoint, so a resumed run continues its history instead of starting a new one.
-    """
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = trainer.callback_metrics
-        entry: dict[str, float] = {"epoch": trainer.current_epoch}
-        for key in HISTORY_KEYS:
-            if key in metrics:
-                entry[key] = float(metrics[key])
-        self.history = [e for e in self.history if e["epoch"] != entry["epoch"]] + [entry]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 def to_number(value: Any) -> float | None:
@@ -56,3 +31,74 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def fit_record(trainer: pl.Trainer | None, history: list[dict[str, float]]) -> dict[str, Any]:
+    """What the fit left: the best validation score and checkpoint, ``last.ckpt``, the per-epoch history.
+
+    Read right after fitting: testing a checkpoint restores the callbacks' state as of that epoch.
+    """
+    # Not trainer.checkpoint_callback: that is the first Checkpoint of any kind.
+    checkpoints = [
+        c for c in (trainer.checkpoint_callbacks if trainer is not None else []) if isinstance(c, ModelCheckpoint)
+    ]
+    checkpoint = checkpoints[0] if checkpoints else None
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    return {
+        "val/acc": to_number(checkpoint.best_model_score) if checkpoint is not None and best_path else None,
+        "best_checkpoint": best_path or None,
+        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint is not None else None,
+        "history": list(history),
+    }
+
+
+def run_results(
+    cfg: DictConfig,
+    output_dir: Path,
+    status: str,
+    fitted: dict[str, Any],
+    test_metrics: dict[str, float],
+    fit_seconds: float,
+    resumed_from: Path | None,
+) -> dict[str, Any]:
+    """The ``results.json`` record of a training run (its keys are part of the public interface)."""
+    return {
+        "status": status,
+        "experiment": cfg.get("name"),
+        "backbone": cfg.model.backbone,
+        "weights": None if cfg.model.weights is None else str(cfg.model.weights),
+        "freeze": cfg.model.freeze,
+        "seed": cfg.seed,
+        "val/acc": fitted["val/acc"],
+        "test/acc": to_number(test_metrics.get("test/acc")),
+        "test/loss": to_number(test_metrics.get("test/loss")),
+        "epochs": len(fitted["history"]),
+        "fit_seconds": round(fit_seconds, 2),
+        "best_checkpoint": fitted["best_checkpoint"],
+        "last_checkpoint": fitted["last_checkpoint"],
+        "output_dir": str(output_dir),
+        "overrides": command_line_overrides(),
+        "history": fitted["history"],
+        "resumed_from": None if resumed_from is None else os.path.abspath(resumed_from),
+    }
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The few lines a finished training run prints."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return "\n".join(
+        [
+            f"[{results['experiment']}] {results['backbone']} weights={results['weights']} seed={results['seed']}",
+            f"  best val/acc {fmt(results['val/acc'])}   test/acc {fmt(results['test/acc'])}   "
+            f"test/loss {fmt(results['test/loss'])}   epochs {results['epochs']}   fit {results['fit_seconds']:.1f}s",
+            f"  best checkpoint: {results['best_checkpoint']}",
+            f"  output folder:   {results['output_dir']}",
+        ]
+    )
+
+
+def command_line_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -1,0 +1,158 @@
+"""Continuing runs and never overwriting them.
+
+- :func:`ensure_new_run_folder`: a run never starts in a folder that already holds an earlier run.
+- :func:`resume_checkpoint`: the checkpoint that ``resume=RUN_DIR_OR_CKPT`` (or Lightning's ``ckpt_path=``) names.
+- :func:`with_run_overrides`: ``resume=RUN_DIR`` brings back that run's own command-line overrides.
+- :func:`check_resumable`: a checkpoint only continues the setup that wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
+
+log = logging.getLogger(__name__)
+
+# Overrides of the earlier run that a resumed run must not inherit: where it writes, and what it resumes from.
+_NOT_INHERITED = {"resume", "ckpt_path", "paths.output_dir", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"}
+
+
+def ensure_new_run_folder(output_dir: Path) -> None:
+    """Refuse to start in a folder that already holds a run's results or checkpoints: never overwrite a run."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # a DDP worker process that Lightning launched into rank 0's folder
+    found = RunFolder(output_dir).holds_a_run()
+    if found:
+        raise FileExistsError(
+            f"Output folder {str(output_dir)!r} already holds a run ({', '.join(found)}); a new run never writes "
+            f"into an earlier run's folder. To continue that run, pass resume={output_dir} (it writes to a new "
+            "folder); otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
+        )
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint to continue from: ``resume=RUN_DIR_OR_CKPT`` or Lightning's own ``ckpt_path=CKPT``."""
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume and ckpt_path:
+        raise ValueError(f"Pass resume= or ckpt_path=, not both (got resume={resume}, ckpt_path={ckpt_path}).")
+    if resume:
+        return find_checkpoint(resume)
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file. Pass a run's {CHECKPOINTS}/{LAST}, or resume=RUN_DIR."
+        )
+    return Path(ckpt_path) if ckpt_path else None
+
+
+def find_checkpoint(resume: str | Path) -> Path:
+    """The checkpoint that ``resume=`` names: a ``.ckpt`` file, or a run folder's latest checkpoint.
+
+    In a run folder that is ``checkpoints/interrupted.ckpt`` (written only when the run was stopped, so always the
+    newest state) or else ``checkpoints/last.ckpt`` (the end of the last finished epoch).
+    """
+    path = Path(resume)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"resume={resume}: no such run folder or checkpoint file. Pass a run's folder (logs/runs/<...>, or a "
+            f"multirun job's folder) or one of its {CHECKPOINTS}/*.ckpt files."
+        )
+    for candidate in RunFolder(path).resume_candidates():
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"resume={resume}: the folder holds no {CHECKPOINTS}/{INTERRUPTED} or {CHECKPOINTS}/{LAST} (the run "
+        f"stopped before its first checkpoint, or this is not a run folder; it holds "
+        f"{sorted(p.name for p in path.iterdir())}). Start that run again instead of resuming it."
+    )
+
+
+def with_run_overrides(argv: list[str]) -> list[str]:
+    """``resume=RUN`` on the command line brings back that run's own overrides (``RUN/.hydra/overrides.yaml``).
+
+    Overrides given now win over the saved ones (``resume=RUN trainer.max_epochs=10`` trains longer); where the run
+    wrote and what it resumes from are never inherited. Left as is: multiruns, and runs without saved overrides.
+    """
+    args = argv[1:]
+    resumes = [a for a in args if a.startswith("resume=")]
+    if len(resumes) != 1 or any(a in ("-m", "--multirun") for a in args):
+        return argv
+    value = resumes[0].split("=", 1)[1]
+    try:
+        saved = RunFolder.of_checkpoint(find_checkpoint(value)).overrides
+    except FileNotFoundError:
+        return argv  # train() reports it, with the fix
+    if not saved.is_file():
+        return argv
+    parser = OverridesParser.create()
+    try:
+        given = {o.key_or_group for o in parser.parse_overrides([a for a in args if not a.startswith("-")])}
+        old = [str(o) for o in OmegaConf.to_container(OmegaConf.load(saved))]
+        inherited = [
+            o.input_line
+            for o in parser.parse_overrides(old)
+            if o.key_or_group not in given and o.key_or_group not in _NOT_INHERITED
+        ]
+    except Exception:  # noqa: BLE001 - a malformed override: let Hydra report it in its own words
+        return argv
+    if inherited:
+        print(f"resume={value}: continuing with that run's overrides: {' '.join(inherited)}", flush=True)
+    return [argv[0], *inherited, *args]
+
+
+def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Refuse to resume a checkpoint into a different model, optimiser or data split, saying what differs.
+
+    Batch and image sizes may change (with a warning): the run then differs from one uninterrupted run.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    errors, warnings = [], []
+
+    def compare(label: str, then: Any, now: Any, into: list[str]) -> None:
+        if then != now:
+            into.append(f"{label}: {then!r} in the checkpoint, {now!r} now")
+
+    saved_model = checkpoint.get("hyper_parameters", {})
+    for key in ("backbone", "num_classes", "freeze", "head_lr_mult"):
+        if key in saved_model:
+            compare(f"model.{key}", saved_model[key], model.hparams.get(key), errors)
+    saved_data = checkpoint.get("datamodule_hyper_parameters", {})
+    if "root" in saved_data:
+        compare("data.root", str(Path(saved_data["root"]).resolve()), str(Path(datamodule.root).resolve()), errors)
+    for key in ("val_fraction", "split_seed", "skip_corrupt"):
+        if key in saved_data:
+            compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
+    for key in ("batch_size", "image_size", "resize_size"):
+        if key in saved_data:
+            compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
+
+    saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups", [])
+    if saved_groups and hasattr(model, "parameter_groups"):
+        names_now = [g["name"] for g in model.parameter_groups()]
+        compare("optimizer parameter groups", [g.get("name") for g in saved_groups], names_now, errors)
+    saved_optimizer = checkpoint.get("optimizer_class")  # absent in checkpoints of earlier versions
+    if saved_optimizer and hasattr(model, "optimizer_class"):
+        compare("optimizer", saved_optimizer, model.optimizer_class(), errors)
+    if errors:
+        raise ValueError(
+            f"Cannot resume {str(checkpoint_path)!r}: it was saved by a different setup ("
+            + "; ".join(errors)
+            + "). Resume with the original run's settings: resume=RUN_DIR brings them back by itself; with "
+            "ckpt_path=, repeat the original overrides (RUN_DIR/.hydra/overrides.yaml lists them)."
+        )
+    if warnings:
+        log.warning(
+            "Resuming %s with changed settings (%s): the result will differ from one uninterrupted run.",
+            checkpoint_path,
+            "; ".join(warnings),
+        )
