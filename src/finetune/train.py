@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState
 from finetune.distributed import job_scope
 from finetune.results import fit_record, run_results, summary, write_json_atomic
-from finetune.resume import check_resumable, ensure_new_run_folder, resume_checkpoint, with_run_overrides
+from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
 
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ensure_new_run_folder(output_dir)
+    claim_run_folder(output_dir)
     ckpt_path = resume_checkpoint(cfg)
     history = EpochHistory()
     trainer: pl.Trainer | None = None
@@ -51,16 +51,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir)])
         trainer = run.trainer
         if ckpt_path is not None:
-            check_resumable(ckpt_path, run.model, run.images)
+            check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
-        trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
         fitted = fit_record(trainer, history.history)
         if cfg.get("test_after_fit", True):
             # fast_dev_run and runs without checkpointing have no best checkpoint: test the weights in hand.
             best = fitted["best_checkpoint"]
-            test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best)[0]
+            test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)[0]
     except BaseException as err:
         fitted = fitted or fit_record(trainer, history.history)
         exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, time.perf_counter() - start, ckpt_path)
