@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.cache import ShrinkShorterSide, build_cache
 from finetune.data import ImageFolderDataModule
+from finetune.data.cache import ShrinkShorterSide, build_cache
 from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
