@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,7 +22,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
 from finetune.data.download import download_and_extract
 from finetune.data.folders import find_corrupt_images, is_image_file, preview, scan_image_folder, stratified_split
-from finetune.data.transforms import eval_geometry, eval_transform, to_normalized_tensor, train_transform
+from finetune.data.transforms import (
+    book_resize_size,
+    eval_geometry,
+    eval_transform,
+    to_normalized_tensor,
+    train_transform,
+)
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -69,26 +77,62 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
 
     def _check_settings(self) -> None:
-        """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader."""
+        """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader or a run."""
         hp = self.hparams
-        if hp.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {hp.batch_size}.")
-        if not 0.0 <= hp.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {hp.val_fraction}.")
+        _check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+        if hp.resize_size is not None:
+            _check_int("resize_size", hp.resize_size, 1, "the square resize before the centre crop, or null")
+            if hp.resize_size < hp.image_size:
+                raise ValueError(
+                    f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
+                    "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
+                    f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
+                )
+        _check_int("batch_size", hp.batch_size, 1, "images per device and step")
+        _check_int("num_workers", hp.num_workers, 0, "loader processes; 0 loads in the main process")
+        _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
+        if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
+            raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
+        if not 0.0 < hp.val_fraction < 1.0:
+            raise ValueError(
+                f"data.val_fraction must be strictly between 0 and 1, got {hp.val_fraction}: the validation split, "
+                "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
+                "empty nor all of train. The book-sized default is data.val_fraction=0.1."
+            )
+        for key in ("skip_corrupt", "verify_images", "augment"):
+            if not isinstance(hp[key], bool):
+                raise ValueError(f"data.{key} must be true or false, got {hp[key]!r}.")
+        if hp.download is not None and not (
+            isinstance(hp.download, Mapping)
+            and isinstance(hp.download.get("url"), str)
+            and re.fullmatch(r"[0-9a-fA-F]{40}", str(hp.download.get("sha1")))
+        ):
+            raise ValueError(
+                f"data.download must be null or a mapping with a url and the archive's sha1 (40 hex digits), got "
+                f"{hp.download!r}. Use data=folder data.download=null for a folder that is already on disk."
+            )
         if hp.cache not in CACHE_MODES:
             raise ValueError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
-        if hp.cache_short_side is not None and hp.cache_short_side < hp.image_size:
-            raise ValueError(
-                f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
-                "images would be upsampled for every crop. Use a value >= image_size, or null to keep the original "
-                "size."
-            )
+        if hp.cache_short_side is not None:
+            _check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
+            if hp.cache_short_side < hp.image_size:
+                raise ValueError(
+                    f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
+                    "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
+                    "original size."
+                )
         if hp.cache == "disk" and hp.cache_dir is None:
             raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
 
     @property
     def root(self) -> Path:
         return Path(self.hparams.root)
+
+    @property
+    def resize_size(self) -> int:
+        """The evaluation resize in effect: ``data.resize_size``, or the book's ratio of the crop when null."""
+        hp = self.hparams
+        return book_resize_size(hp.image_size) if hp.resize_size is None else hp.resize_size
 
     @property
     def batch_size(self) -> int:
@@ -116,7 +160,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        eval_tf = eval_transform(hp.image_size, hp.resize_size)
+        eval_tf = eval_transform(hp.image_size, self.resize_size)
         train_tf = train_transform(hp.image_size) if self.augment else eval_tf
         if stage in ("fit", "validate", None) and self.train_set is None:
             keep = self._usable_images("train")
@@ -125,6 +169,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             plain = ImageFolder(self._split_dir("train"), transform=eval_tf, is_valid_file=keep)
             self.classes = augmented.classes
             train_idx, val_idx = stratified_split(augmented.targets, hp.val_fraction, hp.split_seed)
+            self._check_split(augmented, train_idx, val_idx)
             self.train_set = Subset(augmented, train_idx)
             self.val_set = Subset(plain, val_idx)
             if hp.cache != "none":
@@ -136,6 +181,25 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.classes = self.test_set.classes
             if hp.cache != "none":
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
+
+    def _check_split(self, folder: ImageFolder, train_idx: list[int], val_idx: list[int]) -> None:
+        """Every class needs training images to learn from and validation images to select the checkpoint by."""
+        counts = {name: [0, 0] for name in folder.classes}
+        for side, indices in enumerate((train_idx, val_idx)):
+            for index in indices:
+                counts[folder.classes[folder.targets[index]]][side] += 1
+        short = [
+            f"class {name!r}: {n_train} train, {n_val} val"
+            for name, (n_train, n_val) in counts.items()
+            if not (n_train and n_val)
+        ]
+        if short:
+            raise ValueError(
+                f"data.val_fraction={self.hparams.val_fraction} leaves {len(short)} class(es) without training or "
+                f"validation images ({preview(short, limit=10)}): each class gives round(val_fraction * n) of its n "
+                "training images to val, and the validation split selects the checkpoint that is tested. Change "
+                "data.val_fraction, or add images to those classes."
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=False)
@@ -172,7 +236,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if augmented:
             prepare, transform = ShrinkShorterSide(hp.cache_short_side), train_transform(hp.image_size)
         else:
-            prepare, transform = eval_geometry(hp.image_size, hp.resize_size), to_normalized_tensor()
+            prepare, transform = eval_geometry(hp.image_size, self.resize_size), to_normalized_tensor()
         images = build_cache(
             [path for path, _ in samples], prepare, hp.cache, name, hp.cache_dir, num_workers=self.num_workers
         )
@@ -230,3 +294,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self._corrupt[split] = corrupt
         corrupt = self._corrupt[split]
         return lambda path: is_image_file(path) and path not in corrupt
+
+
+def _check_int(key: str, value: object, minimum: int | None, meaning: str) -> None:
+    """``data.<key>`` must be a whole number (not a bool or a float), at least ``minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"data.{key} must be {bound} ({meaning}), got {value!r}.")
