@@ -9,7 +9,7 @@
 
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.download import download_and_extract, sha1_of
-from finetune.data.folders import find_corrupt_images, is_image_file, scan_image_folder, stratified_split
+from finetune.data.folders import find_corrupt_images, is_image_file, load_rgb, scan_image_folder, stratified_split
 from finetune.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +30,7 @@ __all__ = [
     "eval_transform",
     "find_corrupt_images",
     "is_image_file",
+    "load_rgb",
     "scan_image_folder",
     "sha1_of",
     "stratified_split",

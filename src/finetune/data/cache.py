@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from finetune.data.folders import load_rgb
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class CachedImageDataset(Dataset):
 
 
 class _Decode(Dataset):
-    """Open each file as RGB (as ``ImageFolder`` does), apply ``prepare`` (PIL -> PIL), return a uint8 tensor."""
+    """Open each file with ImageFolder's loader (8-bit RGB), apply ``prepare`` (PIL -> PIL), return uint8 CxHxW."""
 
     def __init__(self, paths: Sequence[str], prepare: Callable) -> None:
         self.paths = list(paths)
@@ -113,9 +114,7 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with open(self.paths[index], "rb") as file:
-            image = Image.open(file).convert("RGB")
-        return F.pil_to_tensor(self.prepare(image)).contiguous()
+        return F.pil_to_tensor(self.prepare(load_rgb(self.paths[index]))).contiguous()
 
 
 def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int) -> Iterator[torch.Tensor]:

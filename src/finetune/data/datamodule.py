@@ -21,7 +21,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
 from finetune.data.download import download_and_extract
-from finetune.data.folders import find_corrupt_images, is_image_file, preview, scan_image_folder, stratified_split
+from finetune.data.folders import (
+    find_corrupt_images,
+    is_image_file,
+    load_rgb,
+    preview,
+    printable,
+    scan_image_folder,
+    stratified_split,
+)
 from finetune.data.transforms import (
     book_resize_size,
     eval_geometry,
@@ -165,8 +173,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if stage in ("fit", "validate", None) and self.train_set is None:
             keep = self._usable_images("train")
             self._usable_images("test")  # a corrupt test image must stop the run now, not after training
-            augmented = ImageFolder(self._split_dir("train"), transform=train_tf, is_valid_file=keep)
-            plain = ImageFolder(self._split_dir("train"), transform=eval_tf, is_valid_file=keep)
+            augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
+            plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = augmented.classes
             train_idx, val_idx = stratified_split(augmented.targets, hp.val_fraction, hp.split_seed)
             self._check_split(augmented, train_idx, val_idx)
@@ -177,7 +185,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.val_set = self._cached(self.val_set, "val", augmented=False)
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
-            self.test_set = ImageFolder(self._split_dir("test"), transform=eval_tf, is_valid_file=keep)
+            self.test_set = ImageFolder(self._split_dir("test"), eval_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = self.test_set.classes
             if hp.cache != "none":
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
@@ -266,7 +274,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 log.warning(
                     "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",
                     len(others),
-                    self.root,
+                    printable(self.root),
                     ", ".join(IMG_EXTENSIONS),
                     preview([os.path.relpath(p, self.root) for p in others]),
                 )
