@@ -67,7 +67,8 @@ def test_good_download_is_verified_extracted_once_and_reused(tmp_path, hotdog_zi
     server = serve(hotdog_zip)
     sha1 = hashlib.sha1(hotdog_zip).hexdigest()
     root = tmp_path / "data" / "hotdog"
-    dm = ImageFolderDataModule(root, download={"url": server.url, "sha1": sha1}, num_workers=0, image_size=32)
+    download = {"url": server.url, "sha1": sha1}
+    dm = ImageFolderDataModule(root, download=download, num_workers=0, val_fraction=0.34, image_size=32)
     dm.prepare_data()
     assert (root / "train" / "hotdog").is_dir() and len(list((root / "test").rglob("*.png"))) == 4
     assert (tmp_path / "data" / "hotdog.zip").read_bytes() == hotdog_zip

@@ -204,9 +204,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if short:
             raise ValueError(
                 f"data.val_fraction={self.hparams.val_fraction} leaves {len(short)} class(es) without training or "
-                f"validation images ({preview(short, limit=10)}): each class gives round(val_fraction * n) of its n "
-                "training images to val, and the validation split selects the checkpoint that is tested. Change "
-                "data.val_fraction, or add images to those classes."
+                f"validation images ({preview(short, limit=10, sep='; ')}): each class gives "
+                "round(val_fraction * n) of its n training images to val, and the validation split selects the "
+                "checkpoint that is tested. Change data.val_fraction, or add images to those classes."
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -146,7 +146,7 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     return sorted(train), sorted(val)
 
 
-def preview(items: Sequence[str], limit: int = 5) -> str:
-    """The first ``limit`` items, comma-separated, and how many more (for messages about long lists of files)."""
-    shown = ", ".join(printable(item) for item in items[:limit])
+def preview(items: Sequence[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` items, ``sep``-separated, and how many more (for messages about long lists of files)."""
+    shown = sep.join(printable(item) for item in items[:limit])
     return (shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")) or "nothing"
