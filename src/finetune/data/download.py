@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import logging
 import os
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from finetune.data.stale import remove_stale, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -30,36 +32,43 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
 
     The archive is downloaded to a ``.part`` file, checked against ``sha1`` and only then renamed; a file that
     fails the check is deleted and never extracted. Extraction goes to a temporary folder that is renamed into
-    place, so an existing ``root`` is always complete.
+    place, so an existing ``root`` is always complete. Temporary files of dead processes are removed first.
     """
     root = Path(root)
+    archive = root.parent / Path(urllib.parse.urlparse(url).path).name
+    if root.parent.is_dir():  # leftovers of runs killed mid-download or mid-extraction
+        remove_stale(root.parent, glob.escape(f"{archive.name}."), ".part")
+        remove_stale(root.parent, glob.escape(f".{root.name}."), ".extracting")
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    archive = root.parent / Path(urllib.parse.urlparse(url).path).name
     if archive.exists() and sha1_of(archive) != sha1:
         log.warning("Existing %s does not match sha1 %s (partial or corrupt); downloading it again.", archive, sha1)
         archive.unlink()
     if not archive.exists():
         _download_verified(url, sha1, archive, root, timeout)
 
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.extracting-") as tmp:
+    tmp = root.parent / temp_name(f".{root.name}.", ".extracting")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
+    try:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
-        extracted = Path(tmp) / root.name
+        extracted = tmp / root.name
         if not extracted.is_dir():
-            top = sorted(p.name for p in Path(tmp).iterdir())
+            top = sorted(p.name for p in tmp.iterdir())
             raise ValueError(f"{archive} does not contain a top-level folder {root.name!r} (it holds {top}).")
         try:
             extracted.rename(root)
         except OSError:
             if not root.is_dir():  # another process (a rank on another node) may have won the race
                 raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
 def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: float) -> None:
-    part = archive.with_name(f"{archive.name}.{os.getpid()}.part")  # per process: ranks may race
+    part = archive.with_name(temp_name(f"{archive.name}.", ".part"))  # per process: ranks may race
     log.info("Downloading %s to %s", url, archive)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
