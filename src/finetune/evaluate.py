@@ -14,12 +14,14 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from finetune.module import FineTuneModule
+from finetune.quiet import quiet_known_warnings
 from finetune.results import to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from finetune.data import book_resize_size
 from finetune.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,12 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     for key in ("val_fraction", "split_seed", "skip_corrupt"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
-    for key in ("batch_size", "image_size", "resize_size"):
+    for key in ("batch_size", "image_size"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
+    if "image_size" in saved_data:  # the resize in effect: data.resize_size=null means the book's ratio of the crop
+        then = saved_data.get("resize_size") or book_resize_size(saved_data["image_size"])
+        compare("data.resize_size", then, datamodule.resize_size, warnings)
 
     saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups", [])
     if saved_groups and hasattr(model, "parameter_groups"):

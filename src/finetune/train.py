@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState
 from finetune.distributed import job_scope
+from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.run import CONFIG_DIR, assemble
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``results.json`` says ``"status"``: ``completed``; ``interrupted`` (Ctrl+C or SIGTERM: the process then exits
     with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``, with the error.
     """
+    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
