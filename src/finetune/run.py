@@ -49,8 +49,33 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
     )
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
+
+    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
+    """
+    steps = trainer.get("max_steps", -1)
+    if not (_count(steps) and (steps == -1 or steps >= 1)):
+        raise ValueError(
+            f"trainer.max_steps must be -1 (no step limit) or an integer >= 1, got {steps!r}. Leave it out to train "
+            "for trainer.max_epochs, or set the number of optimizer steps to stop after."
+        )
+    epochs = trainer.get("max_epochs")
+    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
+        raise ValueError(
+            f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
+            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
+            "limit) needs a step limit, +trainer.max_steps=N."
+        )
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
+    check_trainer_settings(cfg.trainer)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
