@@ -12,8 +12,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from finetune.module import check_optimizer_settings
-from finetune.run import build_model, check_trainer_settings
+from finetune.run import build_model, check_optimizer_settings, check_trainer_settings
 from finetune.train import train
 
 from .conftest import REPO, compose_config, tiny_overrides

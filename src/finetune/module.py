@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,6 @@ class FineTuneModule(pl.LightningModule):
             )
         head_advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
         check_number("model.head_lr_mult", head_lr_mult, "> 0", lambda x: x > 0, head_advice)
-        if optimizer is not None:
-            check_optimizer_settings(getattr(optimizer, "keywords", {}))
         if cache_features and freeze != "backbone":
             raise ValueError(
                 f"model.cache_features=true needs model.freeze=backbone (got freeze={freeze!r}): features can only "
@@ -198,34 +196,6 @@ def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool]
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and holds(value)):
         raise ValueError(f"{key} must be {rule}, got {value!r}. {advice}")
-
-
-# optimizer.<setting>: (rule, test, what to do). Torch's own errors do not name the setting ("Invalid learning rate:
-# -0.1"), and it accepts lr=0, which trains nothing.
-OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
-    "lr": (
-        "> 0",
-        lambda x: x > 0,
-        "It is the backbone's learning rate (the head's is optimizer.lr x model.head_lr_mult): set a positive one, "
-        "or leave optimizer.lr out to get the experiment's (README: 'What each experiment sets').",
-    ),
-    "weight_decay": (">= 0", lambda x: x >= 0, "Use 0 for no weight decay."),
-    "momentum": ("in [0, 1)", lambda x: 0 <= x < 1, "Use 0 (the book's plain SGD) or e.g. 0.9."),
-}
-
-
-def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
-    """The optimizer config's settings (a ``_partial_`` factory's keywords), checked before any optimizer is built.
-
-    Settings the factory does not pass are left to the optimizer's own defaults.
-    """
-    for key, (rule, holds, advice) in OPTIMIZER_RULES.items():
-        if key in settings:
-            check_number(f"optimizer.{key}", settings[key], rule, holds, advice)
-    betas = settings.get("betas", (0.9, 0.999))
-    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
-    if not (pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999].")
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -7,16 +7,18 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.features import FeatureCacheDataModule
+from finetune.module import check_number
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -39,6 +41,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
+    check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
     scheduler = cfg.get("scheduler")
     return instantiate(
         cfg.model,
@@ -51,6 +54,34 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
 
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# optimizer.<setting>: (rule, test, what to do). Torch's own errors do not name the setting ("Invalid learning rate:
+# -0.1"), and it accepts lr=0, which trains nothing.
+OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "lr": (
+        "> 0",
+        lambda x: x > 0,
+        "It is the backbone's learning rate (the head's is optimizer.lr x model.head_lr_mult): set a positive one, "
+        "or leave optimizer.lr out to get the experiment's (README: 'What each experiment sets').",
+    ),
+    "weight_decay": (">= 0", lambda x: x >= 0, "Use 0 for no weight decay."),
+    "momentum": ("in [0, 1)", lambda x: 0 <= x < 1, "Use 0 (the book's plain SGD) or e.g. 0.9."),
+}
+
+
+def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
+    """The optimizer config's settings (a ``_partial_`` factory's keywords), checked before any optimizer is built.
+
+    Settings the factory does not pass are left to the optimizer's own defaults.
+    """
+    for key, (rule, holds, advice) in OPTIMIZER_RULES.items():
+        if key in settings:
+            check_number(f"optimizer.{key}", settings[key], rule, holds, advice)
+    betas = settings.get("betas", (0.9, 0.999))
+    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+    if not (pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999].")
 
 
 def check_trainer_settings(trainer: DictConfig) -> None:
@@ -90,6 +121,7 @@ def assemble(
 
     With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features.
     """
+    check_trainer_settings(cfg.trainer)  # before the data is fetched or checked: a wrong setting fails at once
     images = build_datamodule(cfg)
     if model is None:
         model = build_model(cfg, images.num_classes)
