@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
+from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
 from finetune.module import check_number
 
@@ -111,7 +112,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
+    return trainer
 
 
 def assemble(

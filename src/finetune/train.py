@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
-from finetune.distributed import StopRequested, job_scope, lost_ranks, set_timeout
+from finetune.distributed import StopRequested, job_scope, lost_ranks
 from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
@@ -53,7 +53,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
-        set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
