@@ -21,7 +21,21 @@ from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
 from finetune.module import check_number
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _config_dir() -> str:
+    """The Hydra configs: the package's own ``finetune/conf`` (in a wheel: a copy; in a checkout: a link to the
+    top-level ``conf/``), else the checkout's ``conf/`` (e.g. where the link could not be created)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate.resolve())
+    raise FileNotFoundError(
+        f"finetune's Hydra configs are missing: neither {here / 'conf'} nor {here.parents[1] / 'conf'} holds "
+        "train.yaml. Reinstall the package (pip install finetune, or pip install -e . in a checkout)."
+    )
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass
