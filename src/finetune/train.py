@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
 from finetune.distributed import StopRequested, job_scope, lost_ranks
+from finetune.loggers import log_config, log_results
 from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
@@ -53,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
+        log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
@@ -74,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path)
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
+        log_results(trainer.loggers, results)
         print(summary(results))
     return results
 
@@ -96,6 +99,8 @@ def _record_stop(
     results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(err).__name__}: {err}"[:4000]
     if rank_zero_only.rank == 0:
         write_json_atomic(RunFolder(output_dir).results, results)
+        if trainer is not None:
+            log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
         log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
