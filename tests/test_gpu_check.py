@@ -6,11 +6,15 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
+
+pytestmark = pytest.mark.slow  # every row is a `python -m finetune.train` subprocess
 
 
 def test_cpu_smoke_trains_a_row_through_finetune_train(tmp_path, capsys):
