@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,6 +24,13 @@ CONF_DIR = REPO / "conf"
 SHARED = REPO.parent / "shared"
 KAGGLE_HOTDOG = SHARED / "data" / "hotdog-kaggle"
 MOBILENET_V2_WEIGHTS = SHARED / "weights" / "mobilenet_v2-imagenet-features.pth"
+
+# One thread per test process, in this one and (through OMP_NUM_THREADS, which they inherit) in every process a test
+# starts, unless OMP_NUM_THREADS says otherwise. The runs are tiny; extra OpenMP threads only wait for a core on a
+# small or busy machine, and waiting threads spin: on a shared 2-core machine the in-process resume test took
+# 90-130 s with torch's default of 2 threads and 13 s with 1.
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), n_train: int = 10, n_test: int = 4, seed: int = 0) -> Path:
@@ -107,9 +115,8 @@ def cli_env() -> dict[str, str]:
     """The environment for ``python -m finetune.train`` in a subprocess.
 
     This checkout's ``src`` comes first on ``PYTHONPATH`` (not whatever ``pip install -e`` points at) and the
-    repository root next, so that ``_target_=tests.conftest...`` callbacks import; warnings are quiet, one
-    OpenMP thread per process (the runs are tiny, and CI machines have few cores), and no inherited cluster or
-    rank variables.
+    repository root next, so that ``_target_=tests.conftest...`` callbacks import; warnings are quiet, ``THREADS``
+    OpenMP threads, and no inherited cluster or rank variables.
     """
     env = {
         key: value
@@ -118,7 +125,7 @@ def cli_env() -> dict[str, str]:
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")]))
     env["PYTHONWARNINGS"] = "ignore"
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 
 
