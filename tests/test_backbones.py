@@ -117,6 +117,7 @@ def test_imagenet_download_failure_explains_the_offline_options(tmp_path, monkey
         build_backbone("resnet18", 2, weights="imagenet")
 
 
+@pytest.mark.slow
 @needs_shared(MOBILENET_V2_WEIGHTS)
 def test_real_mobilenet_v2_imagenet_features_load_strictly():
     state = torch.load(MOBILENET_V2_WEIGHTS, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ def restore_process_settings():
         logging.getLogger(name).setLevel(level)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_variant_and_prints_the_ratios(tmp_path, tiny_folder, capsys, restore_process_settings):
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)

@@ -18,16 +18,12 @@ moves these losses by several percent.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 from PIL import Image
@@ -36,7 +32,7 @@ from finetune.data import train_transform
 from finetune.distributed import rank_command
 from finetune.train import train
 
-from .conftest import REPO, compose_config
+from .conftest import REPO, compose_config, compose_with_hydra, run_cli
 
 TOL = {"rel": 1e-4, "abs": 1e-6}
 PER_DEVICE, GLOBAL = 9, 18
@@ -80,18 +76,6 @@ def overrides(root: Path, log_dir: Path, batch_size: int) -> list[str]:
     ]
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
-    }
-    command = [sys.executable, "-m", "finetune.train", *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
 def single_process(root: Path, tmp_path: Path, experiment: str) -> dict:
     cfg = compose_config(
         [f"experiment={experiment}", f"paths.output_dir={tmp_path / experiment}"]
@@ -121,6 +105,7 @@ def test_flat_images_are_unchanged_by_the_training_augmentation(flat_folder):
     assert all(torch.equal(views[0], view) for view in views[1:])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_matches_one_process_and_writes_one_folder(flat_folder, tmp_path):
     log_dir = tmp_path / "logs"
     done = run_cli(
@@ -139,6 +124,7 @@ def test_two_process_ddp_run_matches_one_process_and_writes_one_folder(flat_fold
     assert_same_numbers(ddp, single_process(flat_folder, tmp_path / "single", "frozen"))
 
 
+@pytest.mark.slow
 def test_ddp_inside_a_multirun_keeps_each_job_in_its_own_folder(flat_folder, tmp_path):
     """The trap: Lightning re-runs sys.argv (with -m and the sweep) for rank 1; each rank must run its own job."""
     log_dir = tmp_path / "logs"
@@ -163,13 +149,9 @@ def test_ddp_inside_a_multirun_keeps_each_job_in_its_own_folder(flat_folder, tmp
 
 def test_rank_command_reruns_the_job_not_the_sweep(tmp_path):
     """What a multirun job's rank 1 runs: that job's overrides and folder, no -m, no sweep or launcher settings."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.verbose=true", "experiment=frozen", "seed=3"],
-            return_hydra_config=True,
-        )
+    cfg = compose_with_hydra(
+        ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.verbose=true", "experiment=frozen", "seed=3"]
+    )
     with read_write(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = str(tmp_path / "it's job 0")
     HydraConfig.instance().set_config(cfg)

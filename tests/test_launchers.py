@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from finetune.train import main
 
-from .conftest import CONF_DIR, REPO, tiny_overrides
+from .conftest import (
+    assert_counted_accuracy,
+    compose_with_hydra,
+    count_correct,
+    run_cli,
+    tiny_overrides,
+    without,
+)
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
@@ -29,27 +32,6 @@ SLURM = [
     "hydra.launcher.partition=gpu",
     "hydra.launcher.timeout_min=240",
 ]
-
-
-def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-m", "finetune.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
-def compose_with_hydra(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
 
 
 def print_cfg(monkeypatch, capsys, args: list[str]) -> dict:
@@ -91,8 +73,8 @@ def test_slurm_launcher_resolves_to_one_task_per_gpu_on_every_node():
     assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 3
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun_runs_both_experiments_in_their_own_folders(tmp_path, tiny_folder):
-    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith("paths.output_dir")]
     done = run_cli(
         [
             "-m",
@@ -100,7 +82,8 @@ def test_submitit_local_multirun_runs_both_experiments_in_their_own_folders(tmp_
             "experiment=finetune,frozen",
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=2",
-            *overrides,
+            *count_correct("${paths.output_dir}/counts.json"),  # each job counts into its own folder
+            *without(tiny_overrides(tiny_folder, tmp_path), "paths.output_dir"),
         ]
     )
     (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
@@ -109,14 +92,16 @@ def test_submitit_local_multirun_runs_both_experiments_in_their_own_folders(tmp_
     for path, experiment in zip(results, ("finetune", "frozen"), strict=True):
         result = json.loads(path.read_text())
         assert result["experiment"] == experiment and result["epochs"] == 1
-        assert 0.0 <= result["test/acc"] <= 1.0
+        counted = json.loads((path.parent / "counts.json").read_text())["test"]
+        assert_counted_accuracy(result["test/acc"], counted, total=8)  # the 8 test images of tiny_folder
     assert list((sweep_dir / ".submitit").iterdir()), "the jobs went through submitit"
     assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_jobs_whose_loaders_have_worker_processes(tmp_path, tiny_folder):
     """joblib's loky workers make loky the default start method; DataLoader workers must still start."""
-    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith(("paths.output_dir", "data.num"))]
+    overrides = without(tiny_overrides(tiny_folder, tmp_path), "paths.output_dir", "data.num")
     run_cli(
         [
             "-m",
@@ -133,9 +118,10 @@ def test_parallel_launcher_runs_jobs_whose_loaders_have_worker_processes(tmp_pat
     assert statuses == {"0_finetune_seed0": "completed", "1_frozen_seed0": "completed"}
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_the_fast_paths_whose_cache_builders_have_worker_processes(tmp_path, tiny_folder):
     """The image cache and the feature cache build with their own loaders: they too must start under loky."""
-    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith(("paths.output_dir", "data.num"))]
+    overrides = without(tiny_overrides(tiny_folder, tmp_path), "paths.output_dir", "data.num")
     run_cli(
         [
             "-m",

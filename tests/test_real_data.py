@@ -3,15 +3,23 @@
 import itertools
 import json
 
+import pytest
 import torch
 
 from finetune.backbones import build_backbone
 from finetune.data import ImageFolderDataModule
 from finetune.train import train
 
-from .conftest import KAGGLE_HOTDOG, MOBILENET_V2_WEIGHTS, compose_config, needs_shared
+from .conftest import (
+    KAGGLE_HOTDOG,
+    MOBILENET_V2_WEIGHTS,
+    assert_counted_accuracy,
+    compose_config,
+    count_correct,
+    needs_shared,
+)
 
-pytestmark = needs_shared(KAGGLE_HOTDOG, MOBILENET_V2_WEIGHTS)
+pytestmark = [needs_shared(KAGGLE_HOTDOG, MOBILENET_V2_WEIGHTS), pytest.mark.slow]
 
 
 def _features(model, loader, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +66,15 @@ def test_finetune_a_few_steps_on_real_photos(tmp_path):
         "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false",
         f"paths.output_dir={tmp_path}",
+        *count_correct(tmp_path / "counts.json"),
     ]
     results = train(compose_config(overrides))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["backbone"] == "mobilenet_v2" and written["weights"] == str(MOBILENET_V2_WEIGHTS)
     assert written["epochs"] == 1 and len(written["history"]) == 1
     entry = written["history"][0]
-    assert 0 < entry["train/loss"] < 5 and 0 <= entry["val/acc"] <= 1
-    assert 0 <= results["test/acc"] <= 1 and results["best_checkpoint"].endswith(".ckpt")
+    assert 0 < entry["train/loss"] < 5
+    counted = json.loads((tmp_path / "counts.json").read_text())
+    assert_counted_accuracy(entry["val/acc"], counted["val"][0], total=16)  # limit_val_batches=2 of batch 8
+    assert_counted_accuracy(results["test/acc"], counted["test"], total=16)  # likewise limit_test_batches=2
+    assert results["best_checkpoint"].endswith(".ckpt")

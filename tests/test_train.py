@@ -1,9 +1,8 @@
 """Configs compose, experiments run end to end, every run writes its own results.json."""
 
+import csv
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from hydra.utils import instantiate
 from finetune.evaluate import evaluate
 from finetune.train import train
 
-from .conftest import REPO, compose_config, tiny_overrides
+from .conftest import assert_counted_accuracy, compose_config, count_correct, run_cli, tiny_overrides, without
 
 
 @pytest.mark.parametrize(
@@ -52,13 +51,17 @@ def test_default_config_is_finetune_on_hotdog_with_resnet18(tmp_path):
 @pytest.mark.parametrize("experiment", ["finetune", "scratch", "frozen"])
 def test_each_experiment_completes_a_fast_dev_run(tmp_path, tiny_folder, experiment):
     cfg = compose_config(
-        [f"experiment={experiment}", "trainer.fast_dev_run=true"] + tiny_overrides(tiny_folder, tmp_path)
+        [f"experiment={experiment}", "trainer.fast_dev_run=true", *count_correct(tmp_path / "counts.json")]
+        + tiny_overrides(tiny_folder, tmp_path)
     )
     results = train(cfg)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == json.loads(json.dumps(results))
     assert written["experiment"] == experiment and written["freeze"] == cfg.model.freeze
-    assert 0.0 <= written["test/acc"] <= 1.0 and written["test/loss"] >= 0
+    counted = json.loads((tmp_path / "counts.json").read_text())
+    assert_counted_accuracy(written["test/acc"], counted["test"], total=4)  # fast_dev_run: one test batch of 4
+    assert_counted_accuracy(written["history"][0]["val/acc"], counted["val"][0], total=4)  # 2 of 10 per class
+    assert math.isfinite(written["test/loss"]) and written["test/loss"] >= 0  # float32 cross-entropy can reach 0
     assert [entry["epoch"] for entry in written["history"]] == [0]
     assert set(written["history"][0]) == {"epoch", "train/loss", "train/acc", "val/loss", "val/acc"}
 
@@ -71,7 +74,9 @@ def test_full_run_checkpoints_best_and_last_and_tests_the_best(tmp_path, tiny_fo
     assert results["epochs"] == 2 and [e["epoch"] for e in results["history"]] == [0, 1]
     assert Path(results["best_checkpoint"]).is_file() and Path(results["last_checkpoint"]).name == "last.ckpt"
     assert results["val/acc"] == max(e["val/acc"] for e in results["history"])
-    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    with open(tmp_path / "csv" / "metrics.csv") as f:  # what the logger wrote agrees with results.json
+        logged = [row for row in csv.DictReader(f) if row.get("test/acc")]
+    assert [float(row["test/acc"]) for row in logged] == [pytest.approx(results["test/acc"])]
     assert results["fit_seconds"] > 0
 
     eval_dir = tmp_path / "eval"
@@ -101,21 +106,17 @@ def test_tensorboard_logger_is_selectable(tmp_path, tiny_folder):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_multirun_over_the_three_experiments_writes_three_separate_results(tmp_path, tiny_folder):
-    overrides = [o for o in tiny_overrides(tiny_folder, tmp_path) if not o.startswith("paths.output_dir")]
-    command = [
-        sys.executable,
-        "-m",
-        "finetune.train",
-        "-m",
-        "experiment=finetune,scratch,frozen",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(
+        [
+            "-m",
+            "experiment=finetune,scratch,frozen",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            *without(tiny_overrides(tiny_folder, tmp_path), "paths.output_dir"),
+        ]
+    )
     results = sorted((tmp_path / "logs" / "multiruns").glob("*/*/results.json"))
     assert len(results) == 3 and len({r.parent for r in results}) == 3
     assert sorted(json.loads(r.read_text())["experiment"] for r in results) == [
@@ -128,7 +129,9 @@ def test_multirun_over_the_three_experiments_writes_three_separate_results(tmp_p
 
 def test_a_run_without_model_checkpoint_tests_its_final_weights(tmp_path, tiny_folder):
     overrides = ["~callbacks.model_checkpoint", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    overrides += count_correct(tmp_path / "counts.json")
     results = train(compose_config(overrides + tiny_overrides(tiny_folder, tmp_path)))
     assert results["status"] == "completed" and results["best_checkpoint"] is None and results["val/acc"] is None
-    assert 0.0 <= results["test/acc"] <= 1.0
+    counted = json.loads((tmp_path / "counts.json").read_text())["test"]
+    assert_counted_accuracy(results["test/acc"], counted, total=8)  # all 8 test images, on the final weights
     assert not (tmp_path / "checkpoints").exists()
