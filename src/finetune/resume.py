@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.checkpoint import load_checkpoint
 from finetune.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
 
     Batch and image sizes may change (with a warning): the run then differs from one uninterrupted run.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint(checkpoint_path, mmap=True)  # weights_only; a damaged file is named
     errors, warnings = [], []
 
     def compare(label: str, then: Any, now: Any, into: list[str]) -> None:
