@@ -54,7 +54,7 @@ class SampleRecords(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         names = ("index", "target", "predicted", "probability", "loss")
-        if not self.index:  # no sample on any rank
+        if isinstance(self.index, list) and not self.index:  # no sample (after a DDP sync: one tensor per state)
             return {name: torch.empty(0) for name in names}
         return {name: dim_zero_cat(getattr(self, name)).cpu() for name in names}
 
