@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,11 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
             raise CheckpointError(_unreadable(path, err)) from err
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise CheckpointError(
             f"Refusing to load {str(path)!r}: it holds pickled Python objects, not only tensors and plain data "
-            f"({_first_line(err)}). Loading it could run code from the file, so it is never unpickled. Use a "
-            "checkpoint written by finetune.train, from a source you trust."
+            f"({'it refers to ' + named.group(1) if named else _first_line(err)}). Loading it could run code from "
+            "the file, so it is never unpickled. Use a checkpoint written by finetune.train, from a source you trust."
         ) from err
     except Exception as err:  # noqa: BLE001 - zip reader, EOF, unpickling: all mean a damaged file
         raise CheckpointError(_unreadable(path, err)) from err
@@ -82,8 +84,9 @@ def other_checkpoints(path: Path) -> list[Path]:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first sentence of an error message (torch's go on for lines)."""
     lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+    return lines[0].split(". ")[0][:200] if lines else type(err).__name__
 
 
 def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
