@@ -70,7 +70,7 @@ def test_evaluate_uses_the_checkpoints_geometry_unless_given_on_the_command_line
         run["test/loss"], rel=1e-5
     )
     overridden = evaluate(eval_config(run["best_checkpoint"], run["root"], tmp_path / "b", "data.image_size=40"))
-    assert (overridden["image_size"], overridden["resize_size"]) == (40, 36)
+    assert (overridden["image_size"], overridden["resize_size"]) == (40, 46)  # the config's resize: null, 40*256/224
 
 
 def truncated_copy(checkpoint: Path, into: Path) -> Path:

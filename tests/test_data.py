@@ -115,8 +115,65 @@ def test_train_and_test_classes_must_match(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message", [({"batch_size": 0}, "batch_size"), ({"val_fraction": 1.0}, "val_fraction")]
+    "kwargs, message",
+    [
+        ({"image_size": 0}, r"data.image_size must be an integer >= 1 \(the side of the square crop .*\), got 0\."),
+        ({"image_size": -32}, r"data.image_size must be an integer >= 1 .*got -32\."),
+        ({"image_size": 22.5}, r"data.image_size must be an integer >= 1 .*got 22.5\."),
+        (
+            {"image_size": 224, "resize_size": 200},
+            r"data.resize_size=200 is smaller than data.image_size=224: the centre crop would pad .* black borders\. "
+            r"Use data.resize_size >= data.image_size, or null .* = 256\)\.",
+        ),
+        ({"resize_size": 0}, r"data.resize_size must be an integer >= 1 .*got 0\."),
+        ({"batch_size": 0}, r"data.batch_size must be an integer >= 1 \(images per device and step\), got 0\."),
+        ({"batch_size": -4}, r"data.batch_size must be an integer >= 1 .*got -4\."),
+        ({"num_workers": -1}, r"data.num_workers must be an integer >= 0 .*got -1\."),
+        ({"split_seed": "a"}, r"data.split_seed must be an integer .*got 'a'\."),
+        ({"val_fraction": 0.0}, r"data.val_fraction must be strictly between 0 and 1, got 0.0: the validation split"),
+        ({"val_fraction": 0}, r"data.val_fraction must be strictly between 0 and 1, got 0: .*selects the checkpoint"),
+        ({"val_fraction": 1.0}, r"data.val_fraction must be strictly between 0 and 1, got 1.0"),
+        ({"val_fraction": -0.1}, r"data.val_fraction must be strictly between 0 and 1, got -0.1"),
+        ({"val_fraction": "0.1"}, r"data.val_fraction must be a number, got '0.1'\."),
+        ({"augment": "no"}, r"data.augment must be true or false, got 'no'\."),
+        ({"skip_corrupt": 1}, r"data.skip_corrupt must be true or false, got 1\."),
+        ({"download": {"url": "http://x/a.zip"}}, r"data.download must be null or a mapping with a url and .*sha1"),
+        ({"cache_short_side": 0}, r"data.cache_short_side must be an integer >= 1 .*got 0\."),
+    ],
 )
-def test_out_of_range_values_are_rejected(tmp_path: Path, kwargs, message):
+def test_out_of_range_values_are_rejected_by_their_config_name(tmp_path: Path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ImageFolderDataModule(tmp_path, **kwargs)
+
+
+def test_resize_defaults_to_the_book_ratio_so_a_large_crop_gets_no_black_border(tmp_path):
+    assert ImageFolderDataModule(tmp_path).resize_size == 256
+    assert ImageFolderDataModule(tmp_path, image_size=32, resize_size=36).resize_size == 36
+    dm = ImageFolderDataModule(tmp_path, image_size=384)
+    assert dm.resize_size == 439
+    white = Image.new("RGB", (500, 375), color=(255, 255, 255))
+    out = eval_transform(384, dm.resize_size)(white)
+    assert out.shape == (3, 384, 384)
+    assert torch.allclose(out[0].min(), torch.tensor((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]), atol=1e-3)
+
+
+def test_a_class_without_validation_images_names_val_fraction_and_the_counts(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("cat", "dog"), n_train=10, n_test=2)
+    for image in sorted((root / "train" / "dog").iterdir())[2:]:
+        image.unlink()  # dog keeps 2 training images: round(0.2 * 2) = 0 go to val
+    dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.2, image_size=32)
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert message.startswith("data.val_fraction=0.2 leaves 1 class(es) without training or validation images")
+    assert "class 'dog': 2 train, 0 val" in message and "'cat'" not in message
+    assert "selects the checkpoint that is tested" in message
+
+
+def test_a_class_without_training_images_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("cat", "dog"), n_train=10, n_test=2)
+    for image in sorted((root / "train" / "cat").iterdir())[1:]:
+        image.unlink()  # cat keeps 1 training image: round(0.9 * 1) = 1 goes to val
+    dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.9, image_size=32)
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.9 leaves .*class 'cat': 0 train, 1 val"):
+        dm.setup("fit")

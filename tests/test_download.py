@@ -2,8 +2,11 @@
 
 import hashlib
 import http.server
+import os
+import socket
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +70,8 @@ def test_good_download_is_verified_extracted_once_and_reused(tmp_path, hotdog_zi
     server = serve(hotdog_zip)
     sha1 = hashlib.sha1(hotdog_zip).hexdigest()
     root = tmp_path / "data" / "hotdog"
-    dm = ImageFolderDataModule(root, download={"url": server.url, "sha1": sha1}, num_workers=0, image_size=32)
+    download = {"url": server.url, "sha1": sha1}
+    dm = ImageFolderDataModule(root, download=download, num_workers=0, val_fraction=0.34, image_size=32)
     dm.prepare_data()
     assert (root / "train" / "hotdog").is_dir() and len(list((root / "test").rglob("*.png"))) == 4
     assert (tmp_path / "data" / "hotdog.zip").read_bytes() == hotdog_zip
@@ -117,3 +121,20 @@ def test_unreachable_server_says_how_to_work_offline(tmp_path, serve):
     with pytest.raises(RuntimeError, match="Could not download .*data=folder data.root=PATH"):
         download_and_extract(server.url, "0" * 40, tmp_path / "data" / "hotdog", timeout=5)
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_leftovers_of_dead_processes_are_removed_and_a_live_download_is_kept(tmp_path, hotdog_zip, serve):
+    server = serve(hotdog_zip)
+    data, host = tmp_path / "data", socket.gethostname()
+    data.mkdir()
+    pid_max = Path("/proc/sys/kernel/pid_max")
+    dead = int(pid_max.read_text()) + 1 if pid_max.exists() else 2**22 + 1  # no process can have it
+    dead_part = data / f"hotdog.zip.{host}.{dead}.part"
+    live_part = data / f"hotdog.zip.{host}.{os.getppid()}.part"  # the process that started pytest
+    dead_extraction = data / f".hotdog.{host}.{dead}.extracting"
+    for part in (dead_part, live_part):
+        part.write_bytes(hotdog_zip[:100])
+    (dead_extraction / "hotdog").mkdir(parents=True)
+    root = download_and_extract(server.url, hashlib.sha1(hotdog_zip).hexdigest(), data / "hotdog")
+    assert len(list(root.rglob("*.png"))) == 10
+    assert sorted(p.name for p in data.iterdir()) == sorted(["hotdog", "hotdog.zip", live_part.name])

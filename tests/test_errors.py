@@ -136,9 +136,13 @@ def test_unknown_experiment_lists_the_available_ones():
     [
         ("model.head_lr_mult=0", r"model.head_lr_mult must be > 0, got 0"),
         ("model.freeze=layers", r"Unknown freeze mode 'layers': model.freeze must be one of \('none', 'backbone'\)"),
-        ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\), got 1.0"),
-        ("data.val_fraction=-0.1", r"data.val_fraction must be in \[0, 1\), got -0.1"),
-        ("data.batch_size=0", r"data.batch_size must be at least 1, got 0"),
+        ("data.val_fraction=1.0", r"data.val_fraction must be strictly between 0 and 1, got 1.0"),
+        ("data.val_fraction=-0.1", r"data.val_fraction must be strictly between 0 and 1, got -0.1"),
+        ("data.val_fraction=0", r"data.val_fraction must be strictly between 0 and 1, got 0: .*selects the checkpoint"),
+        ("data.batch_size=0", r"data.batch_size must be an integer >= 1 \(images per device and step\), got 0"),
+        ("data.image_size=0", r"data.image_size must be an integer >= 1 .*got 0"),
+        ("data.resize_size=16", r"data.resize_size=16 is smaller than data.image_size=32"),
+        ("data.num_workers=-1", r"data.num_workers must be an integer >= 0 .*got -1"),
     ],
 )
 def test_out_of_range_values_reach_the_user_by_their_config_name(tmp_path, folder, override, message):

@@ -26,7 +26,7 @@ def _features(model, loader, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_pretrained_features_separate_hot_dogs_far_better_than_chance():
     """A nearest-class-mean probe on 64 train photos; random weights sit near 0.5-0.6 here."""
     torch.manual_seed(0)
-    dm = ImageFolderDataModule(KAGGLE_HOTDOG, batch_size=32, num_workers=0, val_fraction=0.0, image_size=160)
+    dm = ImageFolderDataModule(KAGGLE_HOTDOG, batch_size=32, num_workers=0, val_fraction=0.1, image_size=160)
     dm.setup("fit")
     dm.setup("test")
     dm.train_set.dataset.transform = dm.test_set.transform  # probe on un-augmented images

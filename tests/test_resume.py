@@ -109,7 +109,7 @@ def test_resume_on_the_command_line_brings_back_the_runs_overrides(tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
     (run / ".hydra" / "overrides.yaml").write_text(
         "- data=folder\n- data.root=/d\n- trainer.max_epochs=2\n- hydra.run.dir=/old\n- resume=/older\n"
     )
@@ -198,7 +198,7 @@ def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path, data):
     overrides = ["trainer.fast_dev_run=true"] + tiny_overrides(data, tmp_path)
     train(compose_config(overrides))
     before = (tmp_path / "results.json").read_text()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(results.json.*resume="):
+    with pytest.raises(FileExistsError, match=r"already holds a run \(\.claim, results.json.*resume="):
         train(compose_config(overrides))
     assert (tmp_path / "results.json").read_text() == before
 

@@ -23,7 +23,7 @@ import torch
 from torchvision.transforms import v2
 
 from finetune.data import eval_transform
-from finetune.run_folder import LAST
+from finetune.run_folder import LAST, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             raise CheckpointError(_unreadable(path, err)) from err
         named = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise CheckpointError(
-            f"Refusing to load {str(path)!r}: it holds pickled Python objects, not only tensors and plain data "
-            f"({'it refers to ' + named.group(1) if named else _first_line(err)}). Loading it could run code from "
-            "the file, so it is never unpickled. Use a checkpoint written by finetune.train, from a source you trust."
+            f"Cannot read checkpoint {str(path)!r}: it holds pickled Python objects, not only tensors and plain data "
+            f"({'it refers to ' + named.group(1) if named else _first_line(err)}), and such files are never "
+            "unpickled: loading one could run code from it. Use a checkpoint written by finetune.train, from a "
+            "source you trust."
         ) from err
     except Exception as err:  # noqa: BLE001 - zip reader, EOF, unpickling: all mean a damaged file
         raise CheckpointError(_unreadable(path, err)) from err
@@ -67,20 +68,21 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 def _unreadable(path: Path, err: BaseException) -> str:
     others = other_checkpoints(path)
     hint = (
-        f"The run's other checkpoint may be intact: {', '.join(repr(str(p)) for p in others)}."
+        f"The run's other checkpoint(s): {', '.join(repr(str(p)) for p in others)}: try one of them."
         if others
         else "There is no other checkpoint beside it: restore the file, or train again."
     )
     return (
-        f"Checkpoint {str(path)!r} cannot be read: the file is truncated or corrupt ({type(err).__name__}: "
+        f"Cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({type(err).__name__}: "
         f"{_first_line(err)}; {path.stat().st_size} bytes). {hint}"
     )
 
 
 def other_checkpoints(path: Path) -> list[Path]:
-    """The other ``.ckpt`` files beside ``path``: ``last.ckpt`` first for the best one, the best ones for ``last``."""
-    others = [p for p in sorted(path.parent.glob("*.ckpt")) if p.resolve() != path.resolve()]
-    return sorted(others, key=lambda p: p.name != LAST)
+    """The run's other ``.ckpt`` files (beside ``path`` and in its run's ``checkpoints/``), ``last.ckpt`` first."""
+    folders = {path.parent, RunFolder.of_checkpoint(path).checkpoints}
+    found = {p.resolve(): p for folder in folders for p in folder.glob("*.ckpt") if p.resolve() != path.resolve()}
+    return sorted(found.values(), key=lambda p: (p.name != LAST, str(p)))
 
 
 def _first_line(err: BaseException) -> str:
@@ -199,7 +201,7 @@ def describe_data(datamodule: Any) -> dict[str, Any] | None:
     """``{"classes": [...], "preprocessing": {...}}`` of an image datamodule (or the one a feature cache wraps)."""
     images = getattr(datamodule, "images", datamodule)
     classes = list(getattr(images, "classes", None) or [])
-    image_size = getattr(images, "image_size", None)
+    image_size = getattr(images, "image_size", None) or (getattr(images, "hparams", None) or {}).get("image_size")
     if not classes or not image_size:
         return None
     preprocessing = Preprocessing.of(int(image_size), getattr(images, "resize_size", None))

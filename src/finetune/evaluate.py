@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from finetune.checkpoint import CLASSES, Preprocessing
 from finetune.metrics import write_test_report
 from finetune.module import load_for_inference
+from finetune.quiet import quiet_known_warnings
 from finetune.results import command_line_overrides, to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
@@ -30,6 +31,7 @@ GEOMETRY_KEYS = ("image_size", "resize_size")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
@@ -42,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path),
         "backbone": model.hparams.backbone,
         "classes": run.images.classes,
-        "image_size": run.images.image_size,
+        "image_size": run.images.hparams.image_size,
         "resize_size": run.images.resize_size,
         "test/acc": to_number(metrics.get("test/acc")),
         "test/loss": to_number(metrics.get("test/loss")),
@@ -56,14 +58,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path) -> None:
-    """Set ``cfg.data``'s image and resize sizes to the checkpoint's, except those given on the command line."""
+    """Set ``cfg.data``'s image and resize sizes to the checkpoint's, except those given on the command line.
+
+    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the book's ratio of the
+    new crop), not the checkpoint's, which may be smaller than the new crop.
+    """
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
     given = {o.lstrip("+~").split("=", 1)[0] for o in command_line_overrides()}
     for key in GEOMETRY_KEYS:
         stored = getattr(preprocessing, key)
-        if f"data.{key}" in given:
+        if f"data.{key}" in given or (key == "resize_size" and "data.image_size" in given):
             if cfg.data.get(key) != stored:
-                log.warning("data.%s=%s from the command line; the checkpoint's is %s.", key, cfg.data[key], stored)
+                log.warning("data.%s=%s, not the checkpoint's %s.", key, cfg.data[key], stored)
             continue
         cfg.data[key] = stored
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.checkpoint import Preprocessing, class_names
+from finetune.data import is_image_file, load_rgb
 from finetune.module import load_for_inference
 from finetune.run import CONFIG_DIR, build_trainer
 from finetune.run_folder import RunFolder
@@ -86,10 +87,6 @@ def output_path(cfg: DictConfig) -> Path:
     return output
 
 
-def is_image(path: str) -> bool:
-    return path.lower().endswith(IMG_EXTENSIONS)
-
-
 def find_inputs(spec: str) -> list[str]:
     """The image files ``inputs=`` names, in a stable order: one file, a folder's images (recursive), or a glob."""
     path = Path(spec).expanduser()
@@ -100,7 +97,7 @@ def find_inputs(spec: str) -> list[str]:
             os.path.join(folder, name)
             for folder, _, files in sorted(os.walk(path, followlinks=True))
             for name in sorted(files)
-            if is_image(name)
+            if is_image_file(name)
         ]
         if not found:
             raise ValueError(
@@ -109,7 +106,7 @@ def find_inputs(spec: str) -> list[str]:
         return found
     if glob.has_magic(spec):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        found = [m for m in matches if os.path.isfile(m) and is_image(m)]
+        found = [m for m in matches if os.path.isfile(m) and is_image_file(m)]
         if not found:
             raise FileNotFoundError(f"inputs={spec}: the pattern matches no image files ({len(matches)} match(es)).")
         return found
@@ -129,9 +126,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            with open(self.paths[index], "rb") as file:  # as ImageFolder's loader reads them
-                image = self.transform(Image.open(file).convert("RGB"))
-            error = ""
+            image, error = self.transform(load_rgb(self.paths[index])), ""  # the datamodule's own image loader
         except Exception as err:  # noqa: BLE001 - PIL raises many kinds for bad files; report, don't stop
             image, error = torch.zeros_like(self.blank), f"{type(err).__name__}: {err}"
         return {"image": image, "index": index, "error": error}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,7 @@ def run_results(
         "overrides": command_line_overrides(),
         "history": fitted["history"],
         "resumed_from": None if resumed_from is None else os.path.abspath(resumed_from),
+        "environment": environment(),
     }
 
 
@@ -112,3 +116,35 @@ def summary(results: dict[str, Any]) -> str:
 
 def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: Python and the main packages' versions, and the code's git commit if any."""
+    versions = {"python": platform.python_version()}
+    for name in ("finetune", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core", "omegaconf"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"versions": versions, "git": git_state(Path(__file__).resolve().parents[2])}
+
+
+def git_state(folder: Path) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` when ``folder`` is a git checkout (dirty: tracked files changed), else ``None``."""
+    if not (folder / ".git").exists():
+        return None  # an installed package, not a checkout
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git program, or not readable as a repository
+    return {"commit": commit, "dirty": bool(changes.strip())}

@@ -1,6 +1,7 @@
 """Continuing runs and never overwriting them.
 
-- :func:`ensure_new_run_folder`: a run never starts in a folder that already holds an earlier run.
+- :func:`claim_run_folder` and :class:`ClaimRunFolder`: a run never starts in a folder that holds another run;
+  the check runs before Hydra writes anything, and the folder is claimed atomically.
 - :func:`resume_checkpoint`: the checkpoint that ``resume=RUN_DIR_OR_CKPT`` (or Lightning's ``ckpt_path=``) names.
 - :func:`with_run_overrides`: ``resume=RUN_DIR`` brings back that run's own command-line overrides.
 - :func:`check_resumable`: a checkpoint only continues the setup that wrote it.
@@ -9,34 +10,96 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.checkpoint import load_checkpoint
-from finetune.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
+from finetune.data import book_resize_size
+from finetune.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 
 log = logging.getLogger(__name__)
 
+# Run folders that ClaimRunFolder claimed in this process for the run about to start.
+_CLAIMED_BY_HYDRA: set[Path] = set()
 # Overrides of the earlier run that a resumed run must not inherit: where it writes, and what it resumes from.
 _NOT_INHERITED = {"resume", "ckpt_path", "paths.output_dir", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"}
 
 
-def ensure_new_run_folder(output_dir: Path) -> None:
-    """Refuse to start in a folder that already holds a run's results or checkpoints: never overwrite a run."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return  # a DDP worker process that Lightning launched into rank 0's folder
-    found = RunFolder(output_dir).holds_a_run()
-    if found:
-        raise FileExistsError(
-            f"Output folder {str(output_dir)!r} already holds a run ({', '.join(found)}); a new run never writes "
-            f"into an earlier run's folder. To continue that run, pass resume={output_dir} (it writes to a new "
-            "folder); otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
+def claim_run_folder(output_dir: str | Path) -> None:
+    """Own ``output_dir`` for this run, or refuse: it holds another run, or another process claimed it first.
+
+    Only the global rank 0 claims: the other DDP ranks run in rank 0's folder.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    folder = RunFolder(Path(output_dir))
+    if folder.path.resolve() in _CLAIMED_BY_HYDRA:
+        _CLAIMED_BY_HYDRA.discard(folder.path.resolve())
+        return  # this run's own claim, made by ClaimRunFolder before Hydra wrote .hydra/ into it
+    found = folder.holds_a_run()
+    if _is_this_multirun_job(folder.path):
+        found = [f for f in found if f != f"{HYDRA}/"]  # Hydra's record of this very job, written as it started
+    if not found:
+        try:
+            folder.claim()
+            return
+        except FileExistsError:
+            found = [CLAIM]  # another run claimed it between the check and the claim
+    raise FileExistsError(
+        f"Output folder {str(output_dir)!r} already holds a run ({', '.join(found)}); a run never writes into "
+        f"another run's folder. To continue that run, pass resume={output_dir} (it writes to a new folder); "
+        "otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
+    )
+
+
+def _is_this_multirun_job(folder: Path) -> bool:
+    """Whether ``folder`` is the current multirun job's own folder (its sweep folder was checked at the start)."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", throw_on_missing=False)
+    is_multirun = str(hydra_cfg.mode) == str(RunMode.MULTIRUN)
+    return is_multirun and output_dir is not None and Path(output_dir).resolve() == folder.resolve()
+
+
+class ClaimRunFolder(HydraCallback):
+    """Hydra callback: claim the run folder (or refuse) before Hydra writes ``.hydra/`` and the log into it.
+
+    A multirun checks its sweep folder instead: a reused ``hydra.sweep.dir`` whose job folders hold runs is
+    refused before any job starts; each job then claims its own folder when it starts.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # the folder's name may use ${hydra:...}; Hydra sets it next anyway
+        try:
+            claim_run_folder(config.hydra.run.dir)
+        except FileExistsError as err:
+            raise SystemExit(f"Error: {err}") from err  # Hydra turns a callback's Exception into a mere warning
+        _CLAIMED_BY_HYDRA.add(Path(config.hydra.run.dir).resolve())
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        HydraConfig.instance().set_config(config)
+        sweep = Path(config.hydra.sweep.dir)
+        taken = (
+            sorted(p.name for p in sweep.iterdir() if p.is_dir() and RunFolder(p).holds_a_run())
+            if sweep.is_dir()
+            else []
         )
+        if taken:
+            raise SystemExit(
+                f"Error: sweep folder {str(sweep)!r} already holds runs ({', '.join(taken[:5])}); a multirun never "
+                "writes into an earlier sweep. Leave hydra.sweep.dir unset so that every multirun gets a new folder."
+            )
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -67,9 +130,20 @@ def find_checkpoint(resume: str | Path) -> Path:
             f"resume={resume}: no such run folder or checkpoint file. Pass a run's folder (logs/runs/<...>, or a "
             f"multirun job's folder) or one of its {CHECKPOINTS}/*.ckpt files."
         )
+    unreadable = []
     for candidate in RunFolder(path).resume_candidates():
         if candidate.is_file():
-            return candidate
+            try:
+                load_checkpoint(candidate, mmap=True)
+                return candidate
+            except ValueError as err:
+                log.warning("resume=%s: skipping %s: %s", resume, candidate, err)
+                unreadable.append(str(candidate))
+    if unreadable:
+        raise ValueError(
+            f"resume={resume}: every checkpoint to continue from is unreadable ({', '.join(unreadable)}; see the "
+            "warnings above). Start that run again, or resume from another of its checkpoints by file name."
+        )
     raise FileNotFoundError(
         f"resume={resume}: the folder holds no {CHECKPOINTS}/{INTERRUPTED} or {CHECKPOINTS}/{LAST} (the run "
         f"stopped before its first checkpoint, or this is not a run folder; it holds "
@@ -81,7 +155,8 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     """``resume=RUN`` on the command line brings back that run's own overrides (``RUN/.hydra/overrides.yaml``).
 
     Overrides given now win over the saved ones (``resume=RUN trainer.max_epochs=10`` trains longer); where the run
-    wrote and what it resumes from are never inherited. Left as is: multiruns, and runs without saved overrides.
+    wrote and what it resumes from are never inherited. Left as is: multiruns. A run folder without saved
+    overrides is refused before anything else happens.
     """
     args = argv[1:]
     resumes = [a for a in args if a.startswith("resume=")]
@@ -90,10 +165,14 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     value = resumes[0].split("=", 1)[1]
     try:
         saved = RunFolder.of_checkpoint(find_checkpoint(value)).overrides
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return argv  # train() reports it, with the fix
     if not saved.is_file():
-        return argv
+        raise SystemExit(
+            f"Error: resume={value}: {saved} does not exist, so that run's settings cannot be brought back (it was "
+            "not started by finetune.train, or its .hydra folder was removed). Continue it with "
+            "ckpt_path=CHECKPOINT and the run's original overrides repeated on the command line."
+        )
     parser = OverridesParser.create()
     try:
         given = {o.key_or_group for o in parser.parse_overrides([a for a in args if not a.startswith("-")])}
@@ -115,7 +194,7 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
 
     Batch and image sizes may change (with a warning): the run then differs from one uninterrupted run.
     """
-    checkpoint = load_checkpoint(checkpoint_path, mmap=True)  # weights_only; a damaged file is named
+    checkpoint = load_checkpoint(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
     errors, warnings = [], []
 
     def compare(label: str, then: Any, now: Any, into: list[str]) -> None:
@@ -132,9 +211,12 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     for key in ("val_fraction", "split_seed", "skip_corrupt"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
-    for key in ("batch_size", "image_size", "resize_size"):
+    for key in ("batch_size", "image_size"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
+    if "image_size" in saved_data:  # the resize in effect: data.resize_size=null means the book's ratio of the crop
+        then = saved_data.get("resize_size") or book_resize_size(saved_data["image_size"])
+        compare("data.resize_size", then, datamodule.resize_size, warnings)
 
     saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups", [])
     if saved_groups and hasattr(model, "parameter_groups"):

@@ -15,13 +15,18 @@ their own::
       checkpoints/last.ckpt     the end of the latest finished epoch
       checkpoints/interrupted.ckpt   the state at Ctrl+C / SIGTERM / a crash while fitting
       checkpoints/epochNN-val_acc*.ckpt   the best epoch on validation
+      .claim                    which process owns the folder (created atomically before anything is written)
 
 Multirun job folders are named ``<job number>_<experiment>_seed<seed>`` (``conf/hydra/default.yaml``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,7 @@ LAST = "last.ckpt"
 INTERRUPTED = "interrupted.ckpt"
 HYDRA = ".hydra"
 OVERRIDES = "overrides.yaml"
+CLAIM = ".claim"
 CONFUSION_MATRIX = "confusion_matrix.png"
 TOP_LOSSES = "top_losses.png"
 PREDICTIONS = "predictions.csv"
@@ -100,6 +106,10 @@ class RunFolder:
     def overrides(self) -> Path:
         return self.hydra / OVERRIDES
 
+    @property
+    def claim_file(self) -> Path:
+        return self.path / CLAIM
+
     @staticmethod
     def sidecar(model_file: Path) -> Path:
         """The description written beside an exported model: ``PATH.json``."""
@@ -110,11 +120,24 @@ class RunFolder:
         return [folder / name for folder in (self.checkpoints, self.path) for name in (INTERRUPTED, LAST)]
 
     def holds_a_run(self) -> list[str]:
-        """What in this folder belongs to an earlier run (results or checkpoints); empty if nothing does."""
-        found = [p.name for p in (self.results, self.eval_results) if p.exists()]
+        """What in this folder belongs to a run (its claim, Hydra's record, results, checkpoints); empty if none."""
+        found = [p.name for p in (self.claim_file, self.results, self.eval_results) if p.exists()]
+        if self.hydra.is_dir():
+            found.append(f"{HYDRA}/")
         if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
             found.append(f"{CHECKPOINTS}/")
         return found
+
+    def claim(self) -> None:
+        """Make this process the folder's owner, atomically: of two runs started at once, exactly one succeeds.
+
+        Raises ``FileExistsError`` when the folder was claimed before, by any run.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as file:
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            json.dump(record, file)
 
     def is_job_folder(self) -> bool:
         """Whether this looks like a run or job folder: Hydra's record of it, or its results."""

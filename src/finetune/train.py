@@ -22,11 +22,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState
-from finetune.distributed import job_scope
+from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
+from finetune.distributed import StopRequested, job_scope, lost_ranks
 from finetune.metrics import write_test_report
+from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
-from finetune.resume import check_resumable, ensure_new_run_folder, resume_checkpoint, with_run_overrides
+from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
 
@@ -36,12 +37,14 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit on train (selecting on val), test the best checkpoint once, and write ``results.json``.
 
-    ``results.json`` says ``"status"``: ``completed``; ``interrupted`` (Ctrl+C or SIGTERM: the process then exits
-    with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``, with the error.
+    ``results.json`` says ``"status"``: ``completed``; ``interrupted`` (Ctrl+C or SIGTERM, under DDP to any one
+    rank: every process then exits with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``,
+    with the error (under DDP naming a rank that died, when rank 0 can tell).
     """
+    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ensure_new_run_folder(output_dir)
+    claim_run_folder(output_dir)
     ckpt_path = resume_checkpoint(cfg)
     history = EpochHistory()
     trainer: pl.Trainer | None = None
@@ -50,10 +53,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_metrics: dict[str, float] = {}
     test_report: dict[str, Any] | None = None
     try:
-        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir)])
+        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
         if ckpt_path is not None:
-            check_resumable(ckpt_path, run.model, run.images)
+            check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
@@ -93,7 +96,8 @@ def _record_stop(
     results = run_results(cfg, output_dir, "interrupted" if signum else "failed", fitted, {}, seconds, ckpt_path)
     interrupted = RunFolder(output_dir).interrupted_checkpoint
     results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
-    results["error"] = None if signum else f"{type(err).__name__}: {err}"[:4000]
+    lost = None if signum else lost_ranks(trainer)  # under DDP, a rank that died is the likely cause: name it
+    results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(err).__name__}: {err}"[:4000]
     if rank_zero_only.rank == 0:
         write_json_atomic(RunFolder(output_dir).results, results)
     if not signum:
@@ -106,6 +110,8 @@ def _record_stop(
 
 def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
     """SIGINT or SIGTERM if ``err`` is how the run was stopped by one (Lightning turns them into SystemExit), else 0."""
+    if isinstance(err, StopRequested):  # DDP: every rank stops on the signal that one of them received
+        return err.signum
     if trainer is not None and trainer.received_sigterm:
         return signal.SIGTERM
     if isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt):

@@ -36,6 +36,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from finetune.data.folders import load_rgb
+from finetune.data.stale import remove_stale, temp_name
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class CachedImageDataset(Dataset):
 
 
 class _Decode(Dataset):
-    """Open each file as RGB (as ``ImageFolder`` does), apply ``prepare`` (PIL -> PIL), return a uint8 tensor."""
+    """Open each file with ImageFolder's loader (8-bit RGB), apply ``prepare`` (PIL -> PIL), return uint8 CxHxW."""
 
     def __init__(self, paths: Sequence[str], prepare: Callable) -> None:
         self.paths = list(paths)
@@ -113,9 +115,7 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with open(self.paths[index], "rb") as file:
-            image = Image.open(file).convert("RGB")
-        return F.pil_to_tensor(self.prepare(image)).contiguous()
+        return F.pil_to_tensor(self.prepare(load_rgb(self.paths[index]))).contiguous()
 
 
 def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int) -> Iterator[torch.Tensor]:
@@ -155,8 +155,9 @@ def build_cache(
     """Decode ``paths`` once through ``prepare`` into a :class:`PackedImages` held in memory or on disk.
 
     ``mode="disk"`` reuses ``cache_dir/<name>-<key>.u8`` when a previous run built it for the same files and
-    preprocessing; a new one is written to a temporary file and renamed into place, so a crash or a concurrent
-    run never leaves a half-written cache behind.
+    preprocessing, and its size and index agree (otherwise it is rebuilt, with a warning); a new one is written to
+    a temporary file and renamed into place, so a crash or a concurrent run never leaves a half-written cache
+    behind, and the temporary files of killed runs are removed by the next one.
     """
     if mode not in ("memory", "disk"):
         raise ValueError(f"Unknown cache mode {mode!r}: data.cache must be one of {CACHE_MODES}.")
@@ -174,21 +175,54 @@ def build_cache(
         raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale(cache_dir, ".*.", ".tmp")  # half-written caches of runs that were killed
     stem = cache_dir / f"{name}-{cache_key(paths, prepare)}"
     data_file, index_file = stem.with_suffix(".u8"), stem.with_suffix(".json")
-    if not (data_file.is_file() and index_file.is_file()):
-        _write_disk_cache(paths, prepare, data_file, index_file, num_workers)
+    index, problem = _read_disk_cache(paths, data_file, index_file)
+    if index is None:
+        if problem:
+            log.warning("Rebuilding the image cache %s: %s", data_file, problem)
+        index = _write_disk_cache(paths, prepare, data_file, index_file, num_workers)
         seconds = time.perf_counter() - start
         log.info("Cached %d %s images on disk at %s in %.1fs.", len(paths), name, data_file, seconds)
-    index = json.loads(index_file.read_text())
-    total = index["offsets"][-1] + int(np.prod(index["shapes"][-1])) if index["offsets"] else 0
+    total = _packed_size(index["shapes"])
     buffer = np.memmap(data_file, dtype=np.uint8, mode="r", shape=(total,)) if total else np.zeros(0, np.uint8)
     return PackedImages(buffer, index["offsets"], index["shapes"])
 
 
-def _write_disk_cache(paths, prepare, data_file: Path, index_file: Path, num_workers: int) -> None:
-    tmp_data = data_file.with_name(f".{data_file.name}.{os.getpid()}.tmp")
-    tmp_index = index_file.with_name(f".{index_file.name}.{os.getpid()}.tmp")
+def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
+    return sum(int(np.prod(shape)) for shape in shapes)
+
+
+def _read_disk_cache(paths: Sequence[str], data_file: Path, index_file: Path) -> tuple[dict | None, str | None]:
+    """``(index, None)`` for a complete cache of ``paths``; ``(None, why not)`` otherwise (``why`` is None if absent).
+
+    The key in the name already covers the files and settings; this catches what the key cannot: a data file
+    truncated or overwritten (full disk, a copy cut short) and an index that does not describe it.
+    """
+    if not data_file.is_file() and not index_file.is_file():
+        return None, None
+    if not (data_file.is_file() and index_file.is_file()):
+        return None, f"{(index_file if data_file.is_file() else data_file).name} is missing"
+    try:
+        index = json.loads(index_file.read_text())
+        offsets, shapes, files = index["offsets"], index["shapes"], index["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"its index {index_file.name} is unreadable ({type(err).__name__}: {err})"
+    if files != list(paths):
+        return None, f"its index lists {len(files)} files that are not the {len(paths)} images of this split"
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    if len(offsets) != len(sizes) or offsets != np.cumsum([0, *sizes[:-1]]).tolist()[: len(sizes)]:
+        return None, f"its index {index_file.name} has inconsistent offsets and shapes"
+    actual, expected = data_file.stat().st_size, sum(sizes)
+    if actual != expected:
+        return None, f"the file holds {actual} bytes but its index describes {expected} (truncated or overwritten)"
+    return index, None
+
+
+def _write_disk_cache(paths, prepare, data_file: Path, index_file: Path, num_workers: int) -> dict:
+    tmp_data = data_file.with_name(temp_name(f".{data_file.name}.", ".tmp"))
+    tmp_index = index_file.with_name(temp_name(f".{index_file.name}.", ".tmp"))
     offsets, shapes, offset = [], [], 0
     try:
         with open(tmp_data, "wb") as out:
@@ -197,9 +231,11 @@ def _write_disk_cache(paths, prepare, data_file: Path, index_file: Path, num_wor
                 offsets.append(offset)
                 shapes.append(list(image.shape))
                 offset += image.numel()
-        tmp_index.write_text(json.dumps({"offsets": offsets, "shapes": shapes, "files": list(paths)}))
+        index = {"offsets": offsets, "shapes": shapes, "files": list(paths)}
+        tmp_index.write_text(json.dumps(index))
         os.replace(tmp_data, data_file)  # the data first: the index's presence says the entry is complete
         os.replace(tmp_index, index_file)
     finally:
         tmp_data.unlink(missing_ok=True)
         tmp_index.unlink(missing_ok=True)
+    return index

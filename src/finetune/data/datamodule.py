@@ -1,0 +1,311 @@
+"""The LightningDataModule: one class for the d2l hot dog set and any ``train/<class>/``, ``test/<class>/`` folder.
+
+A validation split is carved from train, stratified by class and seeded; the test split is touched only by
+``trainer.test``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
+from finetune.data.download import download_and_extract
+from finetune.data.folders import (
+    find_corrupt_images,
+    is_image_file,
+    load_rgb,
+    preview,
+    printable,
+    scan_image_folder,
+    stratified_split,
+)
+from finetune.data.transforms import (
+    book_resize_size,
+    eval_geometry,
+    eval_transform,
+    to_normalized_tensor,
+    train_transform,
+)
+from finetune.workers import worker_context
+
+log = logging.getLogger(__name__)
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over ``root/train/<class>/*`` and ``root/test/<class>/*``.
+
+    ``batch_size`` is per device (Lightning's convention: under DDP each process loads its own batch).
+    With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
+    A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
+    ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
+    ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
+    :mod:`finetune.data.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
+
+    The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
+    feature cache turns it off on an existing DataModule.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        download: dict | None = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 224,
+        resize_size: int | None = None,
+        skip_corrupt: bool = False,
+        verify_images: bool = True,
+        augment: bool = True,
+        cache: str = "none",
+        cache_short_side: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_settings()
+        self.augment = augment
+        self.classes: list[str] = []
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._layout: dict[str, dict[str, list[str]]] | None = None
+        self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
+
+    def _check_settings(self) -> None:
+        """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader or a run."""
+        hp = self.hparams
+        _check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+        if hp.resize_size is not None:
+            _check_int("resize_size", hp.resize_size, 1, "the square resize before the centre crop, or null")
+            if hp.resize_size < hp.image_size:
+                raise ValueError(
+                    f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
+                    "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
+                    f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
+                )
+        _check_int("batch_size", hp.batch_size, 1, "images per device and step")
+        _check_int("num_workers", hp.num_workers, 0, "loader processes; 0 loads in the main process")
+        _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
+        if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
+            raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
+        if not 0.0 < hp.val_fraction < 1.0:
+            raise ValueError(
+                f"data.val_fraction must be strictly between 0 and 1, got {hp.val_fraction}: the validation split, "
+                "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
+                "empty nor all of train. The book-sized default is data.val_fraction=0.1."
+            )
+        for key in ("skip_corrupt", "verify_images", "augment"):
+            if not isinstance(hp[key], bool):
+                raise ValueError(f"data.{key} must be true or false, got {hp[key]!r}.")
+        if hp.download is not None and not (
+            isinstance(hp.download, Mapping)
+            and isinstance(hp.download.get("url"), str)
+            and re.fullmatch(r"[0-9a-fA-F]{40}", str(hp.download.get("sha1")))
+        ):
+            raise ValueError(
+                f"data.download must be null or a mapping with a url and the archive's sha1 (40 hex digits), got "
+                f"{hp.download!r}. Use data=folder data.download=null for a folder that is already on disk."
+            )
+        if hp.cache not in CACHE_MODES:
+            raise ValueError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
+        if hp.cache_short_side is not None:
+            _check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
+            if hp.cache_short_side < hp.image_size:
+                raise ValueError(
+                    f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
+                    "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
+                    "original size."
+                )
+        if hp.cache == "disk" and hp.cache_dir is None:
+            raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.hparams.root)
+
+    @property
+    def resize_size(self) -> int:
+        """The evaluation resize in effect: ``data.resize_size``, or the book's ratio of the crop when null."""
+        hp = self.hparams
+        return book_resize_size(hp.image_size) if hp.resize_size is None else hp.resize_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.hparams.batch_size
+
+    @property
+    def num_workers(self) -> int:
+        return self.hparams.num_workers
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, read from the class folders of ``root/train`` (available before ``setup``)."""
+        if not self.classes:
+            self.classes = sorted(self._scan()["train"])
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        if self.hparams.download:
+            download_and_extract(self.hparams.download["url"], self.hparams.download["sha1"], self.root)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(
+                f"Dataset folder {str(self.root)!r} does not exist. Set data.root to a folder holding "
+                "train/<class>/ and test/<class>/ image folders (for example data.root=/data/hotdog)."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        eval_tf = eval_transform(hp.image_size, self.resize_size)
+        train_tf = train_transform(hp.image_size) if self.augment else eval_tf
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            keep = self._usable_images("train")
+            self._usable_images("test")  # a corrupt test image must stop the run now, not after training
+            augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
+            plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
+            self.classes = augmented.classes
+            train_idx, val_idx = stratified_split(augmented.targets, hp.val_fraction, hp.split_seed)
+            self._check_split(augmented, train_idx, val_idx)
+            self.train_set = Subset(augmented, train_idx)
+            self.val_set = Subset(plain, val_idx)
+            if hp.cache != "none":
+                self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
+                self.val_set = self._cached(self.val_set, "val", augmented=False)
+        if stage in ("test", "predict", None) and self.test_set is None:
+            keep = self._usable_images("test")
+            self.test_set = ImageFolder(self._split_dir("test"), eval_tf, loader=load_rgb, is_valid_file=keep)
+            self.classes = self.test_set.classes
+            if hp.cache != "none":
+                self.test_set = self._cached(self.test_set, "test", augmented=False)
+
+    def _check_split(self, folder: ImageFolder, train_idx: list[int], val_idx: list[int]) -> None:
+        """Every class needs training images to learn from and validation images to select the checkpoint by."""
+        counts = {name: [0, 0] for name in folder.classes}
+        for side, indices in enumerate((train_idx, val_idx)):
+            for index in indices:
+                counts[folder.classes[folder.targets[index]]][side] += 1
+        short = [
+            f"class {name!r}: {n_train} train, {n_val} val"
+            for name, (n_train, n_val) in counts.items()
+            if not (n_train and n_val)
+        ]
+        if short:
+            raise ValueError(
+                f"data.val_fraction={self.hparams.val_fraction} leaves {len(short)} class(es) without training or "
+                f"validation images ({preview(short, limit=10, sep='; ')}): each class gives "
+                "round(val_fraction * n) of its n training images to val, and the validation split selects the "
+                "checkpoint that is tested. Change data.val_fraction, or add images to those classes."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call setup() before asking for a data loader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            sampler=None if shuffle else self._unrepeated_sampler(dataset),
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context(self.num_workers),
+        )
+
+    def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
+        """The same samples, decoded once: whole (or shrunk) for the random crop, or through the eval geometry."""
+        hp = self.hparams
+        folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+        samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
+        if augmented:
+            prepare, transform = ShrinkShorterSide(hp.cache_short_side), train_transform(hp.image_size)
+        else:
+            prepare, transform = eval_geometry(hp.image_size, self.resize_size), to_normalized_tensor()
+        images = build_cache(
+            [path for path, _ in samples], prepare, hp.cache, name, hp.cache_dir, num_workers=self.num_workers
+        )
+        return CachedImageDataset(images, [target for _, target in samples], transform)
+
+    def _unrepeated_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, shard val/test without padding, so that every sample is evaluated exactly once.
+
+        Lightning's default ``DistributedSampler`` repeats samples until every rank has as many, which biases
+        val/test metrics (50 images on 8 GPUs: 6 of them count twice). Evaluation never syncs per step, so
+        uneven shards are safe as long as every rank gets at least one sample; otherwise keep the default.
+        """
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not shards or shards["num_replicas"] < 2 or len(dataset) < shards["num_replicas"]:
+            return None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
+
+    def _split_dir(self, split: str) -> Path:
+        self._scan()
+        return self.root / split
+
+    def _scan(self) -> dict[str, dict[str, list[str]]]:
+        """Check the layout once; warn about files that are not images (ImageFolder ignores them)."""
+        if self._layout is None:
+            self._layout, others = scan_image_folder(self.root)
+            if others:
+                log.warning(
+                    "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",
+                    len(others),
+                    printable(self.root),
+                    ", ".join(IMG_EXTENSIONS),
+                    preview([os.path.relpath(p, self.root) for p in others]),
+                )
+        return self._layout
+
+    def _usable_images(self, split: str):
+        """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
+        by_class = self._scan()[split]
+        if split not in self._corrupt:
+            paths = [path for images in by_class.values() for path in images]
+            corrupt = find_corrupt_images(paths) if self.hparams.verify_images else {}
+            if corrupt:
+                listing = preview([f"{path} ({reason})" for path, reason in sorted(corrupt.items())], limit=10)
+                if not self.hparams.skip_corrupt:
+                    raise ValueError(
+                        f"{len(corrupt)} corrupt or truncated image(s) in {str(self.root / split)!r}: {listing}. "
+                        "Replace or delete them, or pass data.skip_corrupt=true to train without them."
+                    )
+                emptied = [name for name, images in by_class.items() if all(path in corrupt for path in images)]
+                if emptied:
+                    raise ValueError(f"Every image of class(es) {emptied} in {str(self.root / split)!r} is corrupt.")
+                log.warning(
+                    "Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing
+                )
+            self._corrupt[split] = corrupt
+        corrupt = self._corrupt[split]
+        return lambda path: is_image_file(path) and path not in corrupt
+
+
+def _check_int(key: str, value: object, minimum: int | None, meaning: str) -> None:
+    """``data.<key>`` must be a whole number (not a bool or a float), at least ``minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"data.{key} must be {bound} ({meaning}), got {value!r}.")

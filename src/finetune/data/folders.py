@@ -1,0 +1,152 @@
+"""The image folder on disk: find the images, load them as 8-bit RGB, check that they load, split train into val."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+# 16-bit grayscale, as PNG decodes it ("I" in Pillow versions before 10.x, "I;16" after).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes whose 8-bit meaning is clear: PIL's own conversion to RGB (alpha is dropped, as ImageFolder does).
+_EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def load_rgb(path: str, draft: bool = False) -> Image.Image:
+    """Open ``path`` as 8-bit RGB: the one way images are read (ImageFolder, the image check, the image cache).
+
+    PIL's ``convert("RGB")`` clips 16-bit grayscale (PNG's ``I;16``/``I``) at 255, so such photos turned white;
+    here 16-bit values are scaled to 8 bits (``value >> 8``). Palette, alpha, CMYK and the like go through PIL's
+    conversion; modes without a clear 8-bit reading (32-bit float ``F``, ...) are refused naming the file.
+    ``draft`` decodes JPEGs at 1/8 scale (still reading the whole file): enough to check that it decodes.
+    """
+    with open(path, "rb") as file:
+        image = Image.open(file)
+        if draft and image.format == "JPEG":
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 0xFFFF):
+            raise ValueError(
+                f"{printable(path)}: PIL mode {image.mode!r} with values {pixels.min()}..{pixels.max()} is not 16-bit "
+                "grayscale, and there is no single way to read it as 8 bits. Convert it to 8-bit RGB."
+            )
+        return Image.fromarray((pixels >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency, resolved before the alpha is dropped
+    if image.mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    raise ValueError(
+        f"{printable(path)}: cannot read PIL image mode {image.mode!r} as 8-bit RGB (readable: 8-bit modes "
+        f"{', '.join(_EIGHT_BIT_MODES)}, and 16-bit grayscale). Convert the file to 8-bit RGB."
+    )
+
+
+def printable(path: str | bytes | os.PathLike) -> str:
+    """``path`` as text any log handler or JSON file can take: bytes that are not UTF-8 become ``\\xe9`` escapes."""
+    text = os.fsdecode(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # the name's bytes
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_image_file(path: str) -> bool:
+    """Images are recognised by extension, as torchvision's ``ImageFolder`` does."""
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_image_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """``{split: {class: [image paths]}}`` for ``train`` and ``test``, and the non-image files found beside them.
+
+    Raises with the folder to fix when a split is missing, holds no class folders, has a class folder without
+    images, or when train and test do not have the same classes.
+    """
+    found: dict[str, dict[str, list[str]]] = {}
+    others: list[str] = []
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"{str(root)!r} has no {split}/ folder. The dataset folder must hold train/<class>/ and "
+                f"test/<class>/ image folders; found {sorted(p.name for p in root.iterdir())}."
+            )
+        classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        if not classes:
+            loose = sorted(entry.name for entry in os.scandir(split_dir))
+            raise ValueError(
+                f"{str(split_dir)!r} holds no class folders (it holds {preview(loose)}). Put each class's images "
+                f"in a folder of its own: {split}/<class>/<image>, e.g. {split}/hot_dog/1.jpg."
+            )
+        found[split] = {}
+        for name in classes:
+            images = []
+            for folder, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+                for file in sorted(files):
+                    path = os.path.join(folder, file)  # the same string ImageFolder builds
+                    (images if is_image_file(path) else others).append(path)
+            if not images:
+                raise ValueError(
+                    f"Class folder {os.path.join(split_dir, name)!r} holds no images (files ending in "
+                    f"{', '.join(IMG_EXTENSIONS)}). Add its images, or delete the folder from both train/ and test/."
+                )
+            found[split][name] = images
+    if sorted(found["train"]) != sorted(found["test"]):
+        raise ValueError(
+            f"Train and test classes differ in {str(root)!r}: train {sorted(found['train'])}, "
+            f"test {sorted(found['test'])}. Both splits need the same class folders."
+        )
+    return found, others
+
+
+def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dict[str, str]:
+    """``{path: reason}`` for the images :func:`load_rgb` cannot read (corrupt, truncated, not an image, odd mode).
+
+    Every image is decoded once; JPEGs at 1/8 scale (``draft``), which still reads the whole file, so a
+    truncated one is caught. Decoding releases the GIL, so a few threads share the work.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(_image_problem, paths))
+    return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason}
+
+
+def _image_problem(path: str) -> str | None:
+    try:
+        load_rgb(path, draft=True)
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) so that each class gives ``round(val_fraction * n_class)`` to val."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    rng = random.Random(seed)
+    train, val = [], []
+    for target in sorted(by_class):
+        indices = by_class[target]
+        rng.shuffle(indices)
+        n_val = round(val_fraction * len(indices))
+        val += indices[:n_val]
+        train += indices[n_val:]
+    return sorted(train), sorted(val)
+
+
+def preview(items: Sequence[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` items, ``sep``-separated, and how many more (for messages about long lists of files)."""
+    shown = sep.join(printable(item) for item in items[:limit])
+    return (shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")) or "nothing"

@@ -1,0 +1,170 @@
+"""Nothing runs code from a file, and no run writes into another run's folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.resume import find_checkpoint, with_run_overrides
+from finetune.run_folder import RunFolder
+from finetune.train import train
+
+from .conftest import REPO, compose_config, tiny_overrides
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a crafted checkpoint could do with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": Payload(marker)}, path)
+    return path
+
+
+def test_the_crafted_checkpoint_really_runs_its_payload_when_unpickled(tmp_path):
+    marker = tmp_path / "marker"
+    path = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    torch.load(path, weights_only=False)  # what the template must never do
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["resume", "ckpt_path"])
+def test_resume_and_ckpt_path_never_unpickle_code(tmp_path, tiny_folder, entry):
+    marker = tmp_path / "marker"
+    path = crafted_checkpoint(tmp_path / "old" / "checkpoints" / "last.ckpt", marker)
+    cfg = compose_config([f"{entry}={path}", "trainer.max_epochs=1"] + tiny_overrides(tiny_folder, tmp_path / "new"))
+    with pytest.raises(ValueError, match=rf"Cannot read checkpoint '{path}'.*never unpickled"):
+        train(cfg)
+    assert not marker.exists()
+
+
+def test_model_weights_never_unpickle_code(tmp_path, tiny_folder):
+    marker = tmp_path / "marker"
+    path = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload(marker)}, path)
+    overrides = tiny_overrides(tiny_folder, tmp_path / "run") + [f"model.weights={path}", "trainer.max_epochs=1"]
+    cfg = compose_config(overrides)
+    assert cfg.model.weights == str(path)
+    with pytest.raises(Exception, match=rf"Could not read weights file '{path}'"):
+        train(cfg)
+    assert not marker.exists()
+
+
+def test_a_corrupt_interrupted_checkpoint_is_skipped_for_a_good_last_one(tmp_path, caplog):
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run.last_checkpoint)
+    run.interrupted_checkpoint.write_bytes(b"PK\x03\x04 truncated")
+    with caplog.at_level(logging.WARNING, logger="finetune.resume"):
+        assert find_checkpoint(run.path) == run.last_checkpoint
+    assert f"skipping {run.interrupted_checkpoint}" in caplog.text
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_other_one_suggested(tmp_path, tiny_folder):
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run.checkpoints / "epoch03-val_acc0.9000.ckpt")
+    run.last_checkpoint.write_bytes(b"\x00" * 100)
+    cfg = compose_config([f"ckpt_path={run.last_checkpoint}"] + tiny_overrides(tiny_folder, tmp_path / "new"))
+    with pytest.raises(ValueError, match=r"Cannot read checkpoint '.*last.ckpt'.*other checkpoint\(s\): .*epoch03"):
+        train(cfg)
+
+
+def test_resume_of_a_folder_without_hydra_record_says_so_first(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run.last_checkpoint)
+    with pytest.raises(SystemExit, match=r"resume=.*\.hydra/overrides.yaml does not exist.*ckpt_path="):
+        with_run_overrides(["train.py", f"resume={run.path}"])
+
+
+def test_a_folder_is_claimed_by_exactly_one_of_many_concurrent_claims(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(16)
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            folder.claim()
+            outcomes.append("claimed")
+        except FileExistsError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=claim) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["claimed"] + ["refused"] * 15
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "finetune.train", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _cli_overrides(tiny_folder: Path, run_dir: Path) -> list[str]:
+    overrides = [o for o in tiny_overrides(tiny_folder, run_dir) if not o.startswith("paths.")]
+    return overrides + ["trainer.fast_dev_run=true", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_leaves_the_earlier_folder_byte_identical(tmp_path, tiny_folder):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(_cli(_cli_overrides(tiny_folder, run_dir)), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _fingerprint(run_dir)
+    assert {".hydra/overrides.yaml", "results.json", ".claim"} <= set(before)
+    again = _cli(_cli_overrides(tiny_folder, run_dir) + ["seed=7"])
+    second = subprocess.run(again, env=_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1
+    assert f"Output folder '{run_dir}' already holds a run" in second.stderr
+    assert _fingerprint(run_dir) == before
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_into_one_folder_one_runs_and_the_other_refuses(tmp_path, tiny_folder):
+    run_dir = tmp_path / "run"
+    processes = [
+        subprocess.Popen(
+            _cli(_cli_overrides(tiny_folder, run_dir) + [f"seed={seed}"]),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    codes = sorted(p.returncode for p in processes)
+    assert codes == [0, 1], outputs
+    refused = next(err for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode == 1)
+    assert "already holds a run" in refused
+    winner = next(p for p in processes if p.returncode == 0)
+    assert f"seed={(1, 2)[processes.index(winner)]}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
