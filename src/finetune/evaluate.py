@@ -1,11 +1,15 @@
 """Test a trained checkpoint: ``python -m finetune.evaluate ckpt_path=PATH [data overrides]``.
 
-The model (backbone, head size, freezing) comes from the checkpoint; the data comes from the config, so pass the
-same ``data=...`` overrides the run was trained with. Writes ``eval_results.json`` in the evaluation's folder.
+The model (backbone, head size, freezing) comes from the checkpoint, and so do the class names and the eval
+preprocessing: a folder whose classes differ from the checkpoint's is refused, and the checkpoint's image and resize
+sizes are used unless ``data.image_size`` / ``data.resize_size`` are given on the command line. The data comes from
+the config, so pass the ``data=...`` overrides of the run. Writes ``eval_results.json`` (with the test report's
+``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png`` in the evaluation's folder.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,45 +17,83 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.module import FineTuneModule
+from finetune.checkpoint import CLASSES, Preprocessing
+from finetune.metrics import write_test_report
+from finetune.module import load_for_inference
 from finetune.quiet import quiet_known_warnings
-from finetune.results import to_number, write_json_atomic
+from finetune.results import command_line_overrides, to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_KEYS = ("image_size", "resize_size")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = Path(cfg.ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint {str(ckpt_path)!r} does not exist. Pass ckpt_path=PATH to a .ckpt written by "
-            "finetune.train (a run's checkpoints/ folder holds the best one and last.ckpt)."
-        )
-    # weights=None: the checkpoint holds every weight, so do not fetch pretrained ones first. A model trained on
-    # cached features (cache_features=true) is evaluated on images: its frozen backbone is in the checkpoint.
-    model = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights=None, cache_features=False)
+    model, checkpoint = load_for_inference(ckpt_path)
+    use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
     run = assemble(cfg, model=model)
-    if model.hparams.num_classes != run.images.num_classes:
-        raise ValueError(
-            f"Checkpoint {str(ckpt_path)!r} predicts {model.hparams.num_classes} classes but the dataset at "
-            f"{str(run.images.root)!r} has {run.images.num_classes}. Evaluate on the data it was trained for."
-        )
+    check_classes(checkpoint, model, run.images, ckpt_path)
     trainer = run.trainer
     metrics = trainer.test(model, datamodule=run.datamodule)[0]
     results = {
         "checkpoint": str(ckpt_path),
         "backbone": model.hparams.backbone,
         "classes": run.images.classes,
+        "image_size": run.images.hparams.image_size,
+        "resize_size": run.images.resize_size,
         "test/acc": to_number(metrics.get("test/acc")),
         "test/loss": to_number(metrics.get("test/loss")),
+        **write_test_report(model, run.images, Path(cfg.paths.output_dir), trainer.is_global_zero),
         "output_dir": cfg.paths.output_dir,
     }
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(Path(cfg.paths.output_dir)).eval_results, results)
-        print(f"{ckpt_path}: test/acc {results['test/acc']:.4f}  test/loss {results['test/loss']:.4f}")
+        print(f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}")
     return results
+
+
+def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path) -> None:
+    """Set ``cfg.data``'s image and resize sizes to the checkpoint's, except those given on the command line.
+
+    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the book's ratio of the
+    new crop), not the checkpoint's, which may be smaller than the new crop.
+    """
+    preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
+    given = {o.lstrip("+~").split("=", 1)[0] for o in command_line_overrides()}
+    for key in GEOMETRY_KEYS:
+        stored = getattr(preprocessing, key)
+        if f"data.{key}" in given or (key == "resize_size" and "data.image_size" in given):
+            if cfg.data.get(key) != stored:
+                log.warning("data.%s=%s, not the checkpoint's %s.", key, cfg.data[key], stored)
+            continue
+        cfg.data[key] = stored
+
+
+def check_classes(checkpoint: dict[str, Any], model: pl.LightningModule, images: Any, ckpt_path: Path) -> None:
+    """Refuse a dataset whose classes (names, in order) are not the ones the checkpoint predicts."""
+    found = images.classes if images.num_classes else []  # num_classes reads the class folders
+    stored = checkpoint.get(CLASSES)
+    if stored and list(stored) != list(found):
+        raise ValueError(
+            f"Checkpoint {str(ckpt_path)!r} predicts the classes {list(stored)}, but the dataset at "
+            f"{str(images.root)!r} has {list(found)}. Evaluate on the data it was trained for."
+        )
+    if model.hparams.num_classes != len(found):
+        raise ValueError(
+            f"Checkpoint {str(ckpt_path)!r} predicts {model.hparams.num_classes} classes but the dataset at "
+            f"{str(images.root)!r} has {len(found)}. Evaluate on the data it was trained for."
+        )
+    if not stored:
+        log.warning("%s stores no class names (an older checkpoint): only their number was checked.", ckpt_path)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -15,6 +15,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
+from finetune.checkpoint import CLASSES, PREPROCESSING, CheckpointError, describe_data, load_checkpoint
+from finetune.metrics import TestMetrics, batch_indices
 
 FREEZE_MODES = ("none", "backbone")
 INPUT_MODES = ("images", "features")
@@ -79,6 +81,12 @@ class FineTuneModule(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         # Epoch losses as torchmetrics too: weighted by samples, and exact across DDP ranks with uneven shards.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # The test report (per class, confusion matrix, AUROC, ECE, worst images): see finetune.metrics.
+        self.test_metrics = TestMetrics(num_classes)
+        self.test_report: dict[str, Any] | None = None
+        self._test_batches: list[list[int]] | None = None
+        # What the data was: class names in order and the eval preprocessing; saved in every checkpoint.
+        self.data_spec: dict[str, Any] | None = None
 
     # --- parameters -------------------------------------------------------------------------------------
     def head_parameters(self) -> Iterator[nn.Parameter]:
@@ -133,9 +141,23 @@ class FineTuneModule(pl.LightningModule):
         head_modules = {id(m) for m in head.modules()}
         return [m for m in self.net.modules() if isinstance(m, _BatchNorm) and id(m) not in head_modules]
 
-    # --- steps --------------------------------------------------------------------------------------------
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Note the class names and eval preprocessing of the datamodule (set up before the module's hook)."""
+        spec = describe_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        if spec is not None:
+            self.data_spec = spec
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["optimizer_class"] = self.optimizer_class()
+        if self.data_spec is not None:
+            checkpoint.update(self.data_spec)  # "classes", "preprocessing": what predict and export rely on
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get(CLASSES):
+            self.data_spec = {CLASSES: list(checkpoint[CLASSES]), PREPROCESSING: checkpoint.get(PREPROCESSING)}
+
+    # --- steps --------------------------------------------------------------------------------------------
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images (``NCHW``), or of cached head inputs (``NC``) in ``input_mode="features"``."""
@@ -168,7 +190,9 @@ class FineTuneModule(pl.LightningModule):
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
+        return self._log_step(self(images), targets, stage, accuracy, mean_loss)
+
+    def _log_step(self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric):
         loss = self.loss(logits, targets)
         accuracy(logits, targets)
         mean_loss.update(loss.detach(), weight=targets.shape[0])
@@ -183,8 +207,27 @@ class FineTuneModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_acc, self.val_loss)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self.test_report = None
+        self._test_batches = batch_indices(self.trainer.test_dataloaders)
+
     def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test", self.test_acc, self.test_loss)
+        images, targets = batch
+        logits = self(images)
+        self._log_step(logits, targets, "test", self.test_acc, self.test_loss)
+        self.test_metrics.update(logits, targets, self._sample_indices(batch_idx, len(targets)))
+
+    def on_test_epoch_end(self) -> None:
+        self.test_report = self.test_metrics.compute()  # synced over DDP ranks: every test image once
+        self.test_metrics.reset()
+
+    def _sample_indices(self, batch_idx: int, size: int) -> torch.Tensor:
+        """The test set indices of this batch's samples (-1 where the loader's order is unknown)."""
+        batches = self._test_batches
+        if batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == size:
+            return torch.tensor(batches[batch_idx], dtype=torch.long, device=self.device)
+        return torch.full((size,), -1, dtype=torch.long, device=self.device)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -196,6 +239,26 @@ def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool]
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and holds(value)):
         raise ValueError(f"{key} must be {rule}, got {value!r}. {advice}")
+
+
+def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]]:
+    """The model in a checkpoint file, in eval mode on the CPU, and the checkpoint itself.
+
+    Loaded with ``weights_only=True`` (see :func:`finetune.checkpoint.load_checkpoint`). ``weights=None``: the
+    checkpoint holds every weight, so nothing is fetched first. ``cache_features=False``: a model trained on cached
+    features takes images (its frozen backbone is in the checkpoint).
+    """
+    checkpoint = load_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "num_classes" not in hparams:
+        raise CheckpointError(f"{str(path)!r} has no model hyper-parameters: it was not written by finetune.train.")
+    model = FineTuneModule(**{**hparams, "weights": None, "cache_features": False})
+    model.on_load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not fit the model its hyper-parameters describe: {err}") from err
+    return model.eval(), checkpoint
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -17,6 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+TEST_REPORT_KEYS = ("test/per_class", "test/confusion_matrix", "test/auroc", "test/ece", "test/top_losses")
+
 
 def to_number(value: Any) -> float | None:
     """A plain float for JSON (tensors included); ``None`` for missing or non-finite values."""
@@ -63,8 +65,15 @@ def run_results(
     test_metrics: dict[str, float],
     fit_seconds: float,
     resumed_from: Path | None,
+    test_report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``results.json`` record of a training run (its keys are part of the public interface)."""
+    """The ``results.json`` record of a training run (its keys are part of the public interface).
+
+    ``test_report``: the final test's report keys (:func:`finetune.metrics.report_record`): ``test/per_class``
+    ``{class: {precision, recall, f1, support}}``, ``test/confusion_matrix`` (rows = true class), ``test/auroc``
+    (one-vs-rest, averaged over the classes present), ``test/ece`` and ``test/top_losses``; ``None`` without a test.
+    """
+    report = test_report or {}
     return {
         "status": status,
         "experiment": cfg.get("name"),
@@ -75,6 +84,7 @@ def run_results(
         "val/acc": fitted["val/acc"],
         "test/acc": to_number(test_metrics.get("test/acc")),
         "test/loss": to_number(test_metrics.get("test/loss")),
+        **{key: report.get(key) for key in TEST_REPORT_KEYS},
         "epochs": len(fitted["history"]),
         "fit_seconds": round(fit_seconds, 2),
         "best_checkpoint": fitted["best_checkpoint"],

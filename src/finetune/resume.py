@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback as HydraCallback
@@ -22,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from finetune.checkpoint import load_checkpoint
 from finetune.data import book_resize_size
 from finetune.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 
@@ -134,7 +134,7 @@ def find_checkpoint(resume: str | Path) -> Path:
     for candidate in RunFolder(path).resume_candidates():
         if candidate.is_file():
             try:
-                read_checkpoint(candidate)
+                load_checkpoint(candidate, mmap=True)
                 return candidate
             except ValueError as err:
                 log.warning("resume=%s: skipping %s: %s", resume, candidate, err)
@@ -189,34 +189,12 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     return [argv[0], *inherited, *args]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's tensors and plain values only (``weights_only``: a crafted file cannot run code).
-
-    A truncated or foreign file is an error that names it and points at the run's other checkpoint.
-    """
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - zip/pickle/unpickling errors all mean the same to the user
-        folder = RunFolder.of_checkpoint(path)
-        others = [str(p) for p in sorted(folder.checkpoints.glob("*.ckpt")) if p.resolve() != path.resolve()]
-        hint = f" The run's other checkpoint(s): {', '.join(others)}." if others else ""
-        raise ValueError(
-            f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0][:300]}). It is "
-            f"truncated, corrupt, or holds objects other than tensors and plain values, which are never "
-            f"unpickled.{hint}"
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint written by finetune.train (no state_dict).")
-    return checkpoint
-
-
 def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
     """Refuse to resume a checkpoint into a different model, optimiser or data split, saying what differs.
 
     Batch and image sizes may change (with a warning): the run then differs from one uninterrupted run.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
     errors, warnings = [], []
 
     def compare(label: str, then: Any, now: Any, into: list[str]) -> None:

@@ -1,11 +1,17 @@
 """The layout of a run folder: the only code that spells its file names.
 
-A run (``python -m finetune.train``), a multirun job, and an evaluation each get a folder of their own::
+A run (``python -m finetune.train``), a multirun job, an evaluation, a prediction and an export each get a folder of
+their own::
 
     <run>/
       .hydra/overrides.yaml     the command-line overrides (written by Hydra when the run starts)
       results.json              written when the run ends: completed, interrupted or failed
       eval_results.json         written by finetune.evaluate
+      confusion_matrix.png      the test report's figures, after every test (train's final test, finetune.evaluate)
+      top_losses.png
+      predictions.csv           written by finetune.predict (in its own folder)
+      model.onnx, model.onnx.json         written by finetune.export (in its own folder), the model and its sidecar
+      model.torchscript.pt, model.torchscript.pt.json
       checkpoints/last.ckpt     the end of the latest finished epoch
       checkpoints/interrupted.ckpt   the state at Ctrl+C / SIGTERM / a crash while fitting
       checkpoints/epochNN-val_acc*.ckpt   the best epoch on validation
@@ -32,6 +38,11 @@ INTERRUPTED = "interrupted.ckpt"
 HYDRA = ".hydra"
 OVERRIDES = "overrides.yaml"
 CLAIM = ".claim"
+CONFUSION_MATRIX = "confusion_matrix.png"
+TOP_LOSSES = "top_losses.png"
+PREDICTIONS = "predictions.csv"
+EXPORTED_MODELS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
 # conf/hydra/default.yaml's hydra.sweep.subdir: ${hydra.job.num}_${name}_seed${seed}
 JOB_FOLDER = re.compile(r"^\d+_(?P<experiment>.+)_seed(?P<seed>-?\d+)$")
 
@@ -73,6 +84,21 @@ class RunFolder:
         return self.checkpoints / INTERRUPTED
 
     @property
+    def confusion_matrix(self) -> Path:
+        return self.path / CONFUSION_MATRIX
+
+    @property
+    def top_losses(self) -> Path:
+        return self.path / TOP_LOSSES
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / PREDICTIONS
+
+    def exported_model(self, format: str) -> Path:
+        return self.path / EXPORTED_MODELS[format]
+
+    @property
     def hydra(self) -> Path:
         return self.path / HYDRA
 
@@ -83,6 +109,11 @@ class RunFolder:
     @property
     def claim_file(self) -> Path:
         return self.path / CLAIM
+
+    @staticmethod
+    def sidecar(model_file: Path) -> Path:
+        """The description written beside an exported model: ``PATH.json``."""
+        return model_file.with_name(model_file.name + SIDECAR_SUFFIX)
 
     def resume_candidates(self) -> list[Path]:
         """Where a resumable state may be, newest kind first (also directly in the folder, for hand-made ones)."""

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
 from finetune.distributed import StopRequested, job_scope, lost_ranks
 from finetune.loggers import log_config, log_results
+from finetune.metrics import write_test_report
 from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fitted: dict[str, Any] | None = None
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
+    test_report: dict[str, Any] | None = None
     try:
         run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
@@ -66,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # fast_dev_run and runs without checkpointing have no best checkpoint: test the weights in hand.
             best = fitted["best_checkpoint"]
             test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)[0]
+            # Per class, confusion matrix, AUROC, ECE in results.json; confusion_matrix.png, top_losses.png.
+            test_report = write_test_report(run.model, run.images, output_dir, trainer.is_global_zero)
     except BaseException as err:
         fitted = fitted or fit_record(trainer, history.history)
         exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, time.perf_counter() - start, ckpt_path)
@@ -73,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise SystemExit(exit_code) from err
         raise
 
-    results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path)
+    results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path, test_report)
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
         log_results(trainer.loggers, results)

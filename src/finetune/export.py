@@ -1,0 +1,200 @@
+"""Export a checkpoint for use without this package: ``python -m finetune.export ckpt_path=CKPT format=onnx``.
+
+``format=onnx`` (``pip install 'finetune[onnx]'``) or ``format=torchscript``; ``output=PATH`` (default: ``model.onnx``
+or ``model.torchscript.pt`` in a new folder). The model is exported in eval mode with a dynamic batch dimension and
+returns softmax probabilities (``outputs=logits`` for logits). Beside it, ``PATH.json`` says what it needs and gives:
+the class names in output order, the preprocessing (resize, centre crop, mean, std), the input layout (NCHW float32
+RGB in [0, 1], then normalised), the backbone, the output kind, and the sha256 of the source checkpoint. After
+writing, the exported file is run on a few batches and compared with the PyTorch model (within 1e-4).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from finetune.checkpoint import Preprocessing, class_names, sha256_of
+from finetune.module import load_for_inference
+from finetune.results import write_json_atomic
+from finetune.run import CONFIG_DIR
+from finetune.run_folder import EXPORTED_MODELS, RunFolder
+
+log = logging.getLogger(__name__)
+
+FORMATS = tuple(EXPORTED_MODELS)
+OUTPUT_KINDS = ("probabilities", "logits")
+INPUT_NAME = "images"
+TOLERANCE = 1e-4
+ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx.export (dynamo) needs both; onnxruntime only for the check
+
+
+class ExportedClassifier(nn.Module):
+    """The backbone and head, returning probabilities (softmax over classes) or logits."""
+
+    def __init__(self, net: nn.Module, outputs: str = "probabilities") -> None:
+        super().__init__()
+        self.net = net
+        self.softmax = outputs == "probabilities"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.net(images)
+        return logits.softmax(dim=1) if self.softmax else logits
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the exported model and its ``.json`` sidecar; the model's path."""
+    fmt, outputs = str(cfg.format), str(cfg.get("outputs", "probabilities"))
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")
+    if outputs not in OUTPUT_KINDS:
+        raise ValueError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
+    output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
+    sidecar = RunFolder.sidecar(output)
+    existing = [str(p) for p in (output, sidecar) if p.exists()]
+    if existing and not cfg.get("overwrite", False):
+        raise FileExistsError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")
+    if fmt == "onnx":
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ImportError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[onnx]'.")
+
+    ckpt_path = Path(cfg.ckpt_path)
+    model, checkpoint = load_for_inference(ckpt_path)
+    classes = class_names(checkpoint, model.hparams.num_classes, ckpt_path)
+    preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
+    preprocessing.transform()  # refuses a preprocessing this version cannot describe faithfully
+    exported = ExportedClassifier(model.net, outputs).eval()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    example = example_batch(preprocessing.image_size, 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; the user asked for it
+            if fmt == "onnx":
+                write_onnx(exported, example, output, outputs)
+            else:
+                with torch.no_grad():
+                    torch.jit.trace(exported, example).save(str(output))
+            difference = check_parity(exported, output, fmt, preprocessing.image_size)
+    except BaseException:
+        output.unlink(missing_ok=True)  # never leave a model file that failed its check (or half written)
+        raise
+    description = sidecar_record(fmt, output, outputs, classes, preprocessing, model.hparams.backbone, ckpt_path)
+    description["max_abs_difference_to_pytorch"] = difference
+    write_json_atomic(sidecar, description)
+    print(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
+    return output
+
+
+def example_batch(image_size: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Random inputs on the scale the model sees (normalised images are roughly standard normal)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, image_size, image_size, generator=generator)
+
+
+def write_onnx(exported: nn.Module, example: torch.Tensor, output: Path, outputs: str) -> None:
+    for name in ("onnxscript", "onnx_ir"):  # their per-pass INFO lines would flood the log
+        logging.getLogger(name).setLevel(logging.WARNING)
+    large = sum(p.numel() * p.element_size() for p in exported.parameters()) > 1.5 * 2**30
+    torch.onnx.export(
+        exported,
+        (example,),
+        str(output),
+        input_names=[INPUT_NAME],
+        output_names=[outputs],
+        dynamo=True,
+        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+        external_data=large,  # over ONNX's 2 GB protobuf limit the weights go to a file beside it
+        verbose=False,
+    )
+
+
+def run_exported(path: Path, fmt: str, images: torch.Tensor) -> torch.Tensor | None:
+    """The exported file's outputs on ``images`` (``None`` for ONNX without onnxruntime)."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path), map_location="cpu")(images)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0])
+
+
+def check_parity(exported: nn.Module, path: Path, fmt: str, image_size: int) -> float | None:
+    """Largest difference to the PyTorch model over batches of 1 and 3; raises above :data:`TOLERANCE`."""
+    worst = 0.0
+    for batch in (1, 3):
+        images = example_batch(image_size, batch, seed=batch)
+        got = run_exported(path, fmt, images)
+        if got is None:
+            log.warning("onnxruntime is not installed: %s was not checked against PyTorch.", path)
+            return None
+        with torch.no_grad():
+            want = exported(images)
+        worst = max(worst, (got.float() - want).abs().max().item())
+    if worst > TOLERANCE:
+        raise RuntimeError(f"{path} differs from the PyTorch model by {worst:.2e} (> {TOLERANCE}): not usable.")
+    return worst
+
+
+def sidecar_record(
+    fmt: str,
+    output: Path,
+    outputs: str,
+    classes: list[str],
+    preprocessing: Preprocessing,
+    backbone: str,
+    ckpt_path: Path,
+) -> dict[str, Any]:
+    """What a consumer needs to feed the exported model and read its output (``PATH.json``)."""
+    size = preprocessing.image_size
+    return {
+        "format": fmt,
+        "model_file": output.name,
+        "classes": classes,
+        "image_size": size,
+        "resize_size": preprocessing.resize_size,
+        "interpolation": preprocessing.interpolation,
+        "mean": list(preprocessing.mean),
+        "std": list(preprocessing.std),
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "shape": ["batch", 3, size, size],
+            "preprocessing": (
+                f"RGB image -> resize to {preprocessing.resize_size}x{preprocessing.resize_size} "
+                f"({preprocessing.interpolation}) -> centre crop {size}x{size} -> float32 in [0, 1] "
+                "-> (x - mean) / std per channel"
+            ),
+        },
+        "output": outputs,
+        "output_description": (
+            "softmax probabilities, shape [batch, classes]"
+            if outputs == "probabilities"
+            else "logits (apply softmax for probabilities), shape [batch, classes]"
+        ),
+        "backbone": backbone,
+        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint_sha256": sha256_of(ckpt_path),
+        "torch_version": torch.__version__,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Predict on new images: ``python -m finetune.predict ckpt_path=CKPT inputs=PATH`` (or ``finetune-predict``).
+
+``inputs`` is an image file, a folder (searched recursively for images) or a glob (``'photos/**/*.jpg'``). Writes
+``predictions.csv`` in a new folder (like a training run's), or ``output=FILE.csv|FILE.json``: one row per input, in
+input order, with ``path``, ``label`` (the class name), ``score`` (its probability), one probability column per class
+(named after it) and ``error`` (empty, or why that file could not be read). The images go through the checkpoint's
+own eval preprocessing, so a photo gets the probabilities ``finetune.evaluate`` computes for it. ``tta=flip``
+averages the probabilities of each image and its mirror image. Any ``trainer.*`` flag applies; on several devices
+each input is predicted once (unpadded shards) and the rows are gathered back into input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from PIL import Image
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune.checkpoint import Preprocessing, class_names
+from finetune.data import is_image_file, load_rgb
+from finetune.module import load_for_inference
+from finetune.run import CONFIG_DIR, build_trainer
+from finetune.run_folder import RunFolder
+from finetune.workers import worker_context
+
+log = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip")
+OUTPUT_SUFFIXES = (".csv", ".json")
+FIXED_COLUMNS = ("path", "label", "score")
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict every input; the rows written (on rank 0; other ranks return an empty list)."""
+    tta = str(cfg.get("tta") or "none")
+    if tta not in TTA_MODES:
+        raise ValueError(f"Unknown tta={tta!r}: choose one of {TTA_MODES} (flip averages with the mirror image).")
+    output = output_path(cfg)
+    inputs = find_inputs(str(cfg.inputs))
+    model, checkpoint = load_for_inference(cfg.ckpt_path)
+    classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)
+    preprocessing = Preprocessing.from_checkpoint(checkpoint, cfg.ckpt_path)
+    data = PredictData(ImageFiles(inputs, preprocessing.transform()), cfg.batch_size, cfg.num_workers)
+    trainer = build_trainer(cfg)
+    outputs = trainer.predict(Predictor(model, tta), datamodule=data, return_predictions=True) or []
+    results = gather(outputs, len(inputs))
+    if not trainer.is_global_zero:
+        return []
+    rows = [row(inputs[i], classes, probs, error) for i, (probs, error) in enumerate(results)]
+    write_rows(rows, table_columns(classes), output)
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        log.warning(
+            "%d of %d input(s) could not be read (listed with an error in %s), e.g. %s: %s",
+            len(failed),
+            len(rows),
+            output,
+            failed[0]["path"],
+            failed[0]["error"],
+        )
+    if len(failed) == len(rows):
+        raise RuntimeError(f"None of the {len(rows)} input(s) could be predicted: every one failed to load ({output}).")
+    print(f"Predicted {len(rows) - len(failed)} image(s) with {cfg.ckpt_path}: {output}")
+    return rows
+
+
+def output_path(cfg: DictConfig) -> Path:
+    """Where the predictions go; an existing file is only replaced with ``overwrite=true``."""
+    output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).predictions
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output={output}: the file must end in .csv or .json (that chooses the format).")
+    if output.exists() and not cfg.get("overwrite", False) and os.environ.get("LOCAL_RANK", "0") == "0":
+        raise FileExistsError(f"output={output} already exists: pass overwrite=true to replace it, or another file.")
+    return output
+
+
+def find_inputs(spec: str) -> list[str]:
+    """The image files ``inputs=`` names, in a stable order: one file, a folder's images (recursive), or a glob."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        found = [
+            os.path.join(folder, name)
+            for folder, _, files in sorted(os.walk(path, followlinks=True))
+            for name in sorted(files)
+            if is_image_file(name)
+        ]
+        if not found:
+            raise ValueError(
+                f"inputs={spec}: the folder holds no images (files ending in {', '.join(IMG_EXTENSIONS)})."
+            )
+        return found
+    if glob.has_magic(spec):
+        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+        found = [m for m in matches if os.path.isfile(m) and is_image_file(m)]
+        if not found:
+            raise FileNotFoundError(f"inputs={spec}: the pattern matches no image files ({len(matches)} match(es)).")
+        return found
+    raise FileNotFoundError(f"inputs={spec}: no such file or folder (pass an image, a folder of images, or a glob).")
+
+
+class ImageFiles(Dataset):
+    """``{"image", "index", "error"}`` per file: an unreadable file gives a blank image and the reason."""
+
+    def __init__(self, paths: list[str], transform: Any) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.blank = transform(Image.new("RGB", (8, 8)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            image, error = self.transform(load_rgb(self.paths[index])), ""  # the datamodule's own image loader
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for bad files; report, don't stop
+            image, error = torch.zeros_like(self.blank), f"{type(err).__name__}: {err}"
+        return {"image": image, "index": index, "error": error}
+
+
+class PredictData(pl.LightningDataModule):
+    """One loader over the inputs; under DDP each rank gets its own unpadded shard (every input exactly once)."""
+
+    def __init__(self, dataset: ImageFiles, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        sampler = None
+        if shards and shards.get("num_replicas", 1) > 1:
+            sampler = UnrepeatedDistributedSampler(self.dataset, shuffle=False, **shards)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context(self.num_workers),
+        )
+
+
+class Predictor(pl.LightningModule):
+    """Softmax probabilities of a :class:`~finetune.module.FineTuneModule`, optionally averaged over a flip."""
+
+    def __init__(self, model: pl.LightningModule, tta: str = "none") -> None:
+        super().__init__()
+        self.model = model
+        self.tta = tta
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = self.model(images).float().softmax(dim=-1)
+        if self.tta == "flip":
+            probs = (probs + self.model(images.flip(-1)).float().softmax(dim=-1)) / 2
+        return probs
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return {"index": batch["index"].cpu(), "probs": self(batch["image"]).cpu(), "error": list(batch["error"])}
+
+
+def gather(outputs: list[dict[str, Any]], count: int) -> list[tuple[list[float] | None, str]]:
+    """``(probabilities or None, error)`` per input, in input order, from every rank's batches."""
+    local = [
+        (int(index), None if error else probs.tolist(), error)
+        for batch in outputs
+        for index, probs, error in zip(batch["index"], batch["probs"], batch["error"], strict=True)
+    ]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        local = [entry for part in everyone for entry in part]
+    local.sort(key=lambda entry: entry[0])
+    indices = [entry[0] for entry in local]
+    if indices != list(range(count)):
+        raise RuntimeError(f"Predicted {len(indices)} rows for {count} inputs: some were predicted twice or never.")
+    return [(probs, error) for _, probs, error in local]
+
+
+def table_columns(classes: list[str]) -> list[str]:
+    """``path, label, score``, one column per class (named after it), ``error``."""
+    columns = [*FIXED_COLUMNS, *classes, "error"]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"Class names {classes} clash with the columns {FIXED_COLUMNS + ('error',)} or repeat.")
+    return columns
+
+
+def row(path: str, classes: list[str], probs: list[float] | None, error: str) -> dict[str, Any]:
+    if probs is None:
+        return {"path": path, "label": None, "score": None, **dict.fromkeys(classes), "error": error}
+    best = max(range(len(probs)), key=probs.__getitem__)
+    by_class = dict(zip(classes, probs, strict=True))
+    return {"path": path, "label": classes[best], "score": probs[best], **by_class, "error": ""}
+
+
+def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> None:
+    """``.csv`` (empty cells for missing values) or ``.json`` (a list of objects), written via a temporary file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as file:
+        if output.suffix.lower() == ".json":
+            json.dump([{c: r[c] for c in columns} for r in rows], file, indent=1)
+            file.write("\n")
+        else:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            for r in rows:
+                writer.writerow(
+                    ["" if r[c] is None else (f"{r[c]:.8g}" if isinstance(r[c], float) else r[c]) for c in columns]
+                )
+    os.replace(tmp, output)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
