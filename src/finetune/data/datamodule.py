@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
@@ -30,6 +29,7 @@ from finetune.data.folders import (
     scan_image_folder,
     stratified_split,
 )
+from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
 from finetune.data.transforms import (
     book_resize_size,
     eval_geometry,
@@ -51,6 +51,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
     ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
     :mod:`finetune.data.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
+    ``num_workers="auto"``: the cores available to the process, shared among the devices of this machine.
 
     The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
     feature cache turns it off on an existing DataModule.
@@ -61,7 +62,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         root: str | Path,
         download: dict | None = None,
         batch_size: int = 128,
-        num_workers: int = 4,
+        num_workers: int | str = AUTO,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         image_size: int = 224,
@@ -97,7 +98,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
                     f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
                 )
         _check_int("batch_size", hp.batch_size, 1, "images per device and step")
-        _check_int("num_workers", hp.num_workers, 0, "loader processes; 0 loads in the main process")
+        if hp.num_workers != AUTO:
+            _check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
         _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
         if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
             raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
@@ -148,7 +150,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def num_workers(self) -> int:
-        return self.hparams.num_workers
+        """Loader processes in effect: ``data.num_workers``, with ``auto`` resolved for this machine and trainer."""
+        return resolve_num_workers(self.hparams.num_workers, self.trainer)
 
     @property
     def num_classes(self) -> int:
@@ -224,16 +227,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a data loader.")
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=None if shuffle else self._unrepeated_sampler(dataset),
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=worker_context(self.num_workers),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin_memory(self.trainer),
+            multiprocessing_context=worker_context(workers),
         )
 
     def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
