@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
+
+log = logging.getLogger(__name__)
 
 FREEZE_MODES = ("none", "backbone")
 INPUT_MODES = ("images", "features")
@@ -28,6 +31,8 @@ class FineTuneModule(pl.LightningModule):
     ``freeze="backbone"`` trains only the head, and keeps every BatchNorm of the frozen backbone in eval mode so its
     running statistics never move. ``cache_features`` (frozen only) sets ``input_mode="features"``: the module then
     takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
+    ``compile=True`` compiles ``net`` in place with ``torch.compile`` (its state_dict keys stay those of ``net``, so
+    checkpoints load into an uncompiled module); where compiling fails, the run says so once and runs uncompiled.
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class FineTuneModule(pl.LightningModule):
         head_lr_mult: float = 10.0,
         channels_last: bool = False,
         cache_features: bool = False,
+        compile: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
@@ -52,8 +58,9 @@ class FineTuneModule(pl.LightningModule):
                 f"model.cache_features=true needs model.freeze=backbone (got freeze={freeze!r}): features can only "
                 "be cached when the backbone does not train. Use experiment=frozen, or model.cache_features=false."
             )
-        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe. So does
+        # compiling: how a run executes the network, not what it is (a checkpoint loads uncompiled unless asked).
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"])
         built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
         self.net = built.model
         self.head_name = built.head_name
@@ -67,6 +74,9 @@ class FineTuneModule(pl.LightningModule):
         if freeze == "backbone":
             for param in self.backbone_parameters():
                 param.requires_grad_(False)
+        self.compiled = False
+        if compile:
+            self.compile_net()
 
         self.loss = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -128,6 +138,39 @@ class FineTuneModule(pl.LightningModule):
         head_modules = {id(m) for m in head.modules()}
         return [m for m in self.net.modules() if isinstance(m, _BatchNorm) and id(m) not in head_modules]
 
+    # --- torch.compile ------------------------------------------------------------------------------------
+    def compile_net(self) -> bool:
+        """Compile ``net`` in place (``nn.Module.compile``: no ``_orig_mod.`` in its state_dict); False if refused."""
+        if self.input_mode == "features":
+            log.info("model.compile=true with model.cache_features=true: the backbone runs once per split, uncompiled.")
+            return False
+        try:
+            self.net.compile()
+        except Exception as err:  # noqa: BLE001 - e.g. "Dynamo is not supported on Python 3.x", or Windows
+            self._run_uncompiled(err)
+            return False
+        self.compiled = True
+        return True
+
+    def _run_uncompiled(self, err: BaseException) -> None:
+        self.net._compiled_call_impl = None  # what nn.Module.compile sets; None restores the eager forward
+        self.compiled = False
+        log.warning(
+            "model.compile=true, but torch.compile fails here (%s: %s); running uncompiled. Set model.compile=false "
+            "to silence this.",
+            type(err).__name__,
+            str(err).strip().splitlines()[0][:300] if str(err).strip() else "",
+        )
+
+    def _net(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.net(images)
+        try:
+            return self.net(images)
+        except torch._dynamo.exc.TorchDynamoException as err:  # compilation happens on the first calls
+            self._run_uncompiled(err)
+            return self.net(images)
+
     # --- steps --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["optimizer_class"] = self.optimizer_class()
@@ -147,7 +190,7 @@ class FineTuneModule(pl.LightningModule):
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self._net(images)
 
     def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the head receives for ``images``: the features that ``cache_features`` stores."""
