@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +75,7 @@ class FineTuneModule(pl.LightningModule):
         if freeze == "backbone":
             for param in self.backbone_parameters():
                 param.requires_grad_(False)
+        self._batch_images: int | None = None  # the last batch's size, for the out-of-memory advice
         self.compiled = False
         if compile:
             self.compile_net()
@@ -206,8 +208,10 @@ class FineTuneModule(pl.LightningModule):
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
-        loss = self.loss(logits, targets)
+        self._batch_images = len(targets)
+        with self._explain_out_of_memory():
+            logits = self(images)
+            loss = self.loss(logits, targets)
         accuracy(logits, targets)
         mean_loss.update(loss.detach(), weight=targets.shape[0])
         # Metric objects: Lightning computes them once per epoch over every sample of every DDP rank.
@@ -224,9 +228,46 @@ class FineTuneModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_acc, self.test_loss)
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with self._explain_out_of_memory():
+            super().backward(loss, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _explain_out_of_memory(self):
+        """A device out-of-memory error, re-raised naming the batch size and the settings that need less memory."""
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            if _OOM_ADVICE in str(err):
+                raise
+            raise torch.OutOfMemoryError(f"{err}\n\n{self._memory_advice()}") from err
+
+    def _memory_advice(self) -> str:
+        trainer = self._trainer
+        images = getattr(self, "_batch_images", None)
+        precision = str(trainer.precision) if trainer is not None else "?"
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        lines = [
+            f"{_OOM_ADVICE} with a batch of {images} images per device (data.batch_size), precision {precision}, "
+            f"model.channels_last={str(self.hparams.channels_last).lower()}, "
+            f"trainer.accumulate_grad_batches={accumulate}. To need less memory:",
+            "- a smaller data.batch_size, with trainer.accumulate_grad_batches raised by the same factor to keep "
+            f"the batch per optimiser step (e.g. data.batch_size={max((images or 2) // 2, 1)} "
+            f"trainer.accumulate_grad_batches={accumulate * 2});",
+        ]
+        if precision.startswith(("32", "64")):
+            lines.append("- trainer.precision=bf16-mixed (or 16-mixed): activations take half the bytes;")
+        if not self.hparams.channels_last:
+            lines.append("- model.channels_last=true (less workspace for convolutions on tensor-core GPUs);")
+        lines.append("- a smaller data.image_size, or model.freeze=backbone to train the head only.")
+        return "\n".join(lines)
+
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=-1)
+
+
+_OOM_ADVICE = "Out of device memory"
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
