@@ -17,9 +17,9 @@ from finetune.data.device_augment import (
     DeviceAugment,
     RawBatch,
     crop_boxes,
-    crop_rois,
     pad_collate,
     resized_crops,
+    resized_crops_per_sample,
 )
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from finetune.train import train
@@ -91,11 +91,26 @@ def test_crops_differ_within_a_batch_and_flips_are_per_sample():
     drawn = DeviceAugment(24, seed=0).draw(batch)
     crops, targets = DeviceAugment(24, seed=0)(batch)
     assert crops.shape == (32, 3, 24, 24) and crops.dtype == torch.float32 and targets.tolist() == [0] * 32
-    assert len({tuple(r) for r in drawn.rois[:, 1:].tolist()}) == 32  # 32 different boxes
-    flat = crops.flatten(1)
-    distinct = torch.cdist(flat, flat) + torch.eye(32) * 1e9
-    assert distinct.min() > 1.0  # no two crops of the same image are alike
+    assert len({tuple(r) for r in drawn.boxes.tolist()}) == 32  # 32 different boxes
+    for resampled in (crops, DeviceAugment(24, seed=0, resampling="roi_align")(batch)[0]):
+        flat = resampled.flatten(1)
+        distinct = torch.cdist(flat, flat) + torch.eye(32) * 1e9
+        assert distinct.min() > 1.0  # no two crops of the same image are alike
     assert 4 <= int(drawn.flips.sum()) <= 28  # flips are drawn per sample, not once for the batch
+
+
+def test_on_a_cpu_the_crops_are_the_loader_paths_pixels():
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 40 + 3 * k, 50 - 2 * k), dtype=torch.uint8) for k in range(6)]
+    batch = DeviceAugment(24, seed=0).draw(pad_collate([(image, k) for k, image in enumerate(images)]))
+    crops, targets = DeviceAugment(24).apply(batch)
+    assert targets.tolist() == list(range(6)) and batch.flips.any() and not batch.flips.all()
+    for k, image in enumerate(images):
+        top, left, h, w = batch.boxes[k].tolist()
+        expected = F.resized_crop(image, top, left, h, w, [24, 24], antialias=True)  # what the loader path does
+        expected = expected.flip(-1) if batch.flips[k] else expected
+        expected = F.normalize(F.to_dtype(expected, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+        assert torch.allclose(crops[k], expected, atol=1e-5), k
 
 
 def test_resampling_matches_the_loader_paths_crop_and_resize():
@@ -105,9 +120,11 @@ def test_resampling_matches_the_loader_paths_crop_and_resize():
     smooth = torch.stack([torch.sin(x) + torch.cos(y), torch.sin(x + y), torch.cos(x - y)]) * 60 + 128
     image = (smooth + torch.randn_like(smooth) * 3).clamp(0, 255).to(torch.uint8)
     boxes = torch.tensor([[10, 20, 100, 120], [0, 0, 120, 160], [50, 70, 30, 40], [3, 5, 40, 30]])  # down and up
-    crops = resized_crops(image[None].expand(4, -1, -1, -1), crop_rois(boxes), 48)
+    crops = resized_crops(image[None].expand(4, -1, -1, -1), boxes, 48)  # roi_align: what accelerators run
+    per_sample = resized_crops_per_sample(image[None].expand(4, -1, -1, -1), boxes, torch.zeros(4, dtype=bool), 48)
     for k, (top, left, h, w) in enumerate(boxes.tolist()):
         expected = F.resized_crop(image, top, left, h, w, [48, 48], antialias=True).float()
+        assert torch.equal(per_sample[k].float(), expected), k
         assert (crops[k] - expected).abs().mean() < 2.0, k  # of 255: the filters differ, the pixels hardly
         other = F.resized_crop(image, *boxes[(k + 1) % 4].tolist(), [48, 48], antialias=True).float()
         assert (crops[k] - other).abs().mean() > 10.0  # a different crop is far off: the comparison can fail
@@ -122,27 +139,28 @@ def test_padding_never_reaches_a_crop():
     alone = pad_collate([(small, 1)]).images
     # Boxes that touch the small image's bottom-right corner, where bilinear sampling reads one pixel further.
     for box in ([10, 5, 20, 15], [0, 0, 30, 20], [29, 19, 1, 1]):
-        rois = crop_rois(torch.tensor([box]))
-        from_padded = resized_crops(padded.images, rois, 16)  # batch index 0: the small image
-        from_alone = resized_crops(alone, rois, 16)
+        boxes = torch.tensor([box])
+        from_padded = resized_crops(padded.images, boxes, 16)  # box 0 on image 0: the small image
+        from_alone = resized_crops(alone, boxes, 16)
         assert torch.allclose(from_padded, from_alone, atol=1e-4), box
     # Without the replicated border the result would differ: the check above can fail.
     zero_padded = torch.zeros(1, 3, 50, 60, dtype=torch.uint8)
     zero_padded[0, :, :30, :20] = small
-    rois = crop_rois(torch.tensor([[10, 5, 20, 15]]))
-    assert not torch.allclose(resized_crops(zero_padded, rois, 16), resized_crops(alone, rois, 16), atol=1e-4)
+    boxes = torch.tensor([[10, 5, 20, 15]])
+    assert not torch.allclose(resized_crops(zero_padded, boxes, 16), resized_crops(alone, boxes, 16), atol=1e-4)
 
 
 def test_normalisation_is_the_loader_paths():
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     batch = pad_collate([(image, 0)])
-    whole = batch._replace(rois=crop_rois(torch.tensor([[0, 0, 16, 16]])), flips=torch.tensor([False]))
-    crops, _ = DeviceAugment(16).apply(whole)
+    whole = batch._replace(boxes=torch.tensor([[0, 0, 16, 16]]), flips=torch.tensor([False]))
     expected = F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
-    assert torch.allclose(crops[0], expected, atol=1e-5)
-    flipped, _ = DeviceAugment(16).apply(whole._replace(flips=torch.tensor([True])))
-    assert torch.allclose(flipped[0], expected.flip(-1), atol=1e-5)
+    for resampling in ("per_sample", "roi_align"):
+        crops, _ = DeviceAugment(16, resampling=resampling).apply(whole)
+        assert torch.allclose(crops[0], expected, atol=1e-5), resampling
+        flipped, _ = DeviceAugment(16, resampling=resampling).apply(whole._replace(flips=torch.tensor([True])))
+        assert torch.allclose(flipped[0], expected.flip(-1), atol=1e-5), resampling
 
 
 def test_same_seed_same_crops_and_a_restored_state_continues_the_stream():
@@ -150,7 +168,7 @@ def test_same_seed_same_crops_and_a_restored_state_continues_the_stream():
     batch = pad_collate([(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8), 0)] * 8)
 
     def stream(augment: DeviceAugment, n: int, rank: int = 0) -> list[list[float]]:
-        return [augment.draw(batch, rank).rois.tolist() for _ in range(n)]
+        return [augment.draw(batch, rank).boxes.tolist() for _ in range(n)]
 
     first = DeviceAugment(32, seed=7)
     assert stream(first, 3) == stream(DeviceAugment(32, seed=7), 3)
