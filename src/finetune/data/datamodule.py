@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
@@ -285,8 +284,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.device_augment.load_state_dict(state_dict["device_augment"])
 
     def _say_where_augmentation_runs(self) -> None:
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        if device.type == "cpu":
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cpu":
             log.warning(
                 "data.augment_on=device without an accelerator: the random crop, flip and normalisation of training "
                 "batches run on the CPU, in the training process (data.augment_on=loader runs them in the loader "
