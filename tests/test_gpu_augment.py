@@ -204,6 +204,11 @@ def test_datamodule_yields_uint8_batches_and_its_hooks_augment_them(tiny_folder)
 
     with pytest.raises(ValueError, match="data.augment_on"):
         ImageFolderDataModule(tiny_folder, augment_on="gpu")
+    with pytest.raises(ValueError, match="data.device_resampling"):
+        ImageFolderDataModule(tiny_folder, augment_on="device", device_resampling="bicubic")
+    forced = ImageFolderDataModule(tiny_folder, num_workers=0, augment_on="device", device_resampling="roi_align")
+    forced.setup("fit")
+    assert forced.device_augment.resampling == "roi_align"
 
 
 def test_device_augmented_run_trains_warns_once_on_cpu_and_saves_its_stream(tmp_path, tiny_folder, caplog):

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
-from finetune.data.device_augment import AUGMENT_ON, DeviceAugment, RawBatch, pad_collate
+from finetune.data.device_augment import AUGMENT_ON, RESAMPLING, DeviceAugment, RawBatch, pad_collate
 from finetune.data.download import download_and_extract
 from finetune.data.folders import (
     find_corrupt_images,
@@ -78,6 +78,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         cache_short_side: int | None = None,
         cache_dir: str | Path | None = None,
         augment_on: str = "loader",
+        device_resampling: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,6 +111,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
                 "the loader workers; device: on the model's device, after the transfer)."
+            )
+        if hp.device_resampling not in RESAMPLING:
+            raise ValueError(
+                f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
+                "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
             )
         _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
         if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
@@ -204,7 +210,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
                 self.val_set = self._cached(self.val_set, "val", augmented=False)
             if self.augments_on_device and self.device_augment is None:
-                self.device_augment = DeviceAugment(hp.image_size)
+                self.device_augment = DeviceAugment(hp.image_size, resampling=hp.device_resampling)
                 self._say_where_augmentation_runs()
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
