@@ -7,8 +7,8 @@
 
 Everything runs in this process (one CUDA start-up, no data verification per row) and is built by
 ``finetune.run.assemble`` from the composed ``experiment=finetune`` config, as ``finetune.train`` builds it. Rows per
-backbone (``--backbones``, default mobilenet_v2 and resnet18), all at ``trainer.precision=bf16-mixed`` and
-``model.channels_last=true`` unless the row says otherwise:
+backbone (``--backbones``, default mobilenet_v2 and resnet18), all at ``trainer.precision=bf16-mixed``
+(``--precision``) and ``model.channels_last=true`` unless the row says otherwise:
 
 - ``step``, ``step NCHW``, ``step compiled``: the training step alone (forward, backward, optimizer) on one synthetic
   batch already on the device, with channels_last, without it, and with ``model.compile=true``;
@@ -65,7 +65,7 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where ano
 from finetune.data.device_augment import RawBatch  # noqa: E402
 from finetune.run import CONFIG_DIR, assemble, build_datamodule  # noqa: E402
 
-FAST = ["trainer.precision=bf16-mixed", "model.channels_last=true"]
+FAST = ["model.channels_last=true"]
 CACHED = ["data.cache=memory"]
 DEVICE = [*CACHED, "data.augment_on=device"]
 # name -> (overrides, synthetic on-device batches?, seconds the row needs at least), in the order they run (every
@@ -75,7 +75,7 @@ ROWS = {
     "loader": ([*FAST, "data.augment_on=loader", "data.cache=none"], False, 30),
     "loader+cache": ([*FAST, *CACHED], False, 30),
     "device": ([*FAST, *DEVICE], False, 30),
-    "step NCHW": (["trainer.precision=bf16-mixed", "model.channels_last=false"], True, 20),
+    "step NCHW": (["model.channels_last=false"], True, 20),
     "device ddp": ([*FAST, *DEVICE, "trainer.strategy=ddp"], False, 40),
     "device+compile": ([*FAST, *DEVICE, "model.compile=true"], False, 90),
     "step compiled": ([*FAST, "model.compile=true"], True, 60),
@@ -116,6 +116,7 @@ def common_overrides(args, backbone: str, output_dir: Path) -> list[str]:
         f"model.backbone={backbone}",
         f"model.weights={weights}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.precision={args.precision}",
         "trainer.devices=1",
         "trainer.max_epochs=-1",
         "trainer.limit_val_batches=0",
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbones", default="mobilenet_v2,resnet18")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {list(ROWS)}")
+    parser.add_argument("--precision", default="bf16-mixed", help="trainer.precision of every row")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-workers", default="auto")
