@@ -205,7 +205,7 @@ def time_limit(seconds: float):
     """Raise :class:`RowTimeout` in this (main) thread after ``seconds`` (whole seconds, at least 1)."""
 
     def expire(signum, frame):
-        raise RowTimeout(f"stopped after {seconds:.0f}s: the budget ran out")
+        raise RowTimeout(f"stopped after {seconds:.0f}s (--row-timeout, or the --budget left)")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(max(1, int(seconds)))
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loader-repeats", type=int, default=1, help="0 skips the loader-only measurement")
     parser.add_argument("--loader-only", action="store_true")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for compile rows")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for everything")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for everything")
+    parser.add_argument("--row-timeout", type=float, default=180.0, help="seconds for one row at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here (after every row)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny images and batches, eager compile: plumbing")
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in order:
                 if left() < 15:
                     break
-                with time_limit(left()):
+                with time_limit(min(left(), args.row_timeout)):
                     report["loaders"].setdefault(name, []).append(loader_rate(args, name, workdir))
                 rate = report["loaders"][name][-1]["images_per_s"]
                 print(f"  loader {name:<24} {rate:8.0f} img/s", flush=True)
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
                         row.update(status="SKIPPED", error=f"{left():.0f}s of the budget left, the row needs ~{needs}s")
                     else:
                         try:
-                            with time_limit(left()):
+                            with time_limit(min(left(), args.row_timeout)):
                                 row.update(run_row(args, backbone, name, workdir))
                         except RowTimeout as err:
                             row.update(status="TIMEOUT", error=str(err))
