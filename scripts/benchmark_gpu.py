@@ -313,6 +313,7 @@ def table(report: dict) -> str:
     order = {name: k for k, name in enumerate(ROWS)}
     backbones = report["args"]["backbones"].split(",")
     rows = sorted(report["rows"], key=lambda r: (backbones.index(r["backbone"]), order[r["row"]]))
+    lines += [f"  loader {error}" for error in report.get("loader_errors", [])]
     if rows:
         header = f"{'backbone':<14}{'row':<16}{'status':<9}{'img/s':>9}{'/ step':>8}{'s/2000 img':>12}{'row s':>8}"
         lines += ["", header, "-" * len(header)]
@@ -389,10 +390,15 @@ def main(argv: list[str] | None = None) -> dict:
             for name in order:
                 if left() < 15:
                     break
-                with time_limit(min(left(), args.row_timeout)):
-                    report["loaders"].setdefault(name, []).append(loader_rate(args, name, workdir))
-                rate = report["loaders"][name][-1]["images_per_s"]
-                print(f"  loader {name:<24} {rate:8.0f} img/s", flush=True)
+                try:
+                    with time_limit(min(left(), args.row_timeout)):
+                        measured = loader_rate(args, name, workdir)
+                except Exception as err:  # noqa: BLE001 - RowTimeout included: the training rows still run
+                    report.setdefault("loader_errors", []).append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
+                    print(f"  loader {name:<24} FAILED {report['loader_errors'][-1]}", flush=True)
+                    continue
+                report["loaders"].setdefault(name, []).append(measured)
+                print(f"  loader {name:<24} {measured['images_per_s']:8.0f} img/s", flush=True)
                 save()
         if not args.loader_only:
             for name in rows:

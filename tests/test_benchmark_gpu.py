@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -53,3 +54,18 @@ def test_a_spent_budget_skips_rows_and_still_reports(tmp_path, capsys, restore_p
     assert "the row needs" in report["rows"][0]["error"]
     assert json.loads(out.read_text())["rows"] == report["rows"]
     assert "SKIPPED" in capsys.readouterr().out
+
+
+def test_a_row_that_overruns_is_stopped_and_the_next_one_runs(tmp_path, monkeypatch, restore_process_settings):
+    def run_row(args, backbone, name, workdir):
+        if name == "step":
+            time.sleep(30)  # a hung row (a DDP start that never returns, say)
+        return {"images": 12, "seconds": 1.0, "images_per_s": 12.0, "compiled": False}
+
+    monkeypatch.setattr(benchmark_gpu, "run_row", run_row)
+    started = time.perf_counter()
+    argv = ["--smoke", "--backbones", "resnet18", "--rows", "step,step NCHW", "--loader-repeats", "0"]
+    report = benchmark_gpu.main([*argv, "--row-timeout", "2"])
+    assert [row["status"] for row in report["rows"]] == ["TIMEOUT", "OK"]
+    assert "stopped after 2s" in report["rows"][0]["error"]
+    assert time.perf_counter() - started < 25
