@@ -16,6 +16,8 @@ number of loader workers for every variant:
      (DataModule, LightningModule, Trainer with its callbacks and CSV logger), progress bar off;
    - ``template+channels_last``, ``template+cache`` (``data.cache=disk``, built once before the runs; ``memory``
      serves the same tensors) and ``template+fast`` (both);
+   - ``template+device``: ``template+fast`` with ``data.augment_on=device`` (crop, flip and normalisation in the
+     training process after the loader, as a GPU run does them on the GPU; ``data.cache=memory``);
 
    repeated ``--repeats`` times in rotating order (a, b, c, ... then b, c, ..., a) so that slow phases of a busy
    machine hit every variant alike, and summarised by the median;
@@ -74,6 +76,7 @@ TEMPLATE_VARIANTS = {
     "template+channels_last": ["model.channels_last=true"],
     "template+cache": ["data.cache=disk"],
     "template+fast": ["model.channels_last=true", "data.cache=disk"],
+    "template+device": ["model.channels_last=true", "data.cache=memory", "data.augment_on=device"],
 }
 ALL_VARIANTS = ["plain", *TEMPLATE_VARIANTS]
 BUSY_CORES = 0.25  # a timed window during which other processes used this many cores is reported as not quiet

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,8 @@ from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, h
 from finetune.checkpoint import CLASSES, PREPROCESSING, CheckpointError, describe_data, load_checkpoint
 from finetune.metrics import TestMetrics, batch_indices
 
+log = logging.getLogger(__name__)
+
 FREEZE_MODES = ("none", "backbone")
 INPUT_MODES = ("images", "features")
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -32,6 +36,8 @@ class FineTuneModule(pl.LightningModule):
     ``freeze="backbone"`` trains only the head, and keeps every BatchNorm of the frozen backbone in eval mode so its
     running statistics never move. ``cache_features`` (frozen only) sets ``input_mode="features"``: the module then
     takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
+    ``compile=True`` compiles ``net`` in place with ``torch.compile`` (its state_dict keys stay those of ``net``, so
+    checkpoints load into an uncompiled module); where compiling fails, the run says so once and runs uncompiled.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class FineTuneModule(pl.LightningModule):
         head_lr_mult: float = 10.0,
         channels_last: bool = False,
         cache_features: bool = False,
+        compile: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
@@ -59,8 +66,9 @@ class FineTuneModule(pl.LightningModule):
                 f"model.cache_features=true needs model.freeze=backbone (got freeze={freeze!r}): features can only "
                 "be cached when the backbone does not train. Use experiment=frozen, or model.cache_features=false."
             )
-        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe. So does
+        # compiling: how a run executes the network, not what it is (a checkpoint loads uncompiled unless asked).
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"])
         built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
         self.net = built.model
         self.head_name = built.head_name
@@ -74,6 +82,10 @@ class FineTuneModule(pl.LightningModule):
         if freeze == "backbone":
             for param in self.backbone_parameters():
                 param.requires_grad_(False)
+        self._batch_images: int | None = None  # the last batch's size, for the out-of-memory advice
+        self.compiled = False
+        if compile:
+            self.compile_net()
 
         self.loss = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -148,6 +160,40 @@ class FineTuneModule(pl.LightningModule):
         if spec is not None:
             self.data_spec = spec
 
+    # --- torch.compile ------------------------------------------------------------------------------------
+    def compile_net(self) -> bool:
+        """Compile ``net`` in place (``nn.Module.compile``: no ``_orig_mod.`` in its state_dict); False if refused."""
+        if self.input_mode == "features":
+            log.info("model.compile=true with model.cache_features=true: the backbone runs once per split, uncompiled.")
+            return False
+        try:
+            self.net.compile()
+        except Exception as err:  # noqa: BLE001 - e.g. "Dynamo is not supported on Python 3.x", or Windows
+            self._run_uncompiled(err)
+            return False
+        self.compiled = True
+        return True
+
+    def _run_uncompiled(self, err: BaseException) -> None:
+        self.net._compiled_call_impl = None  # what nn.Module.compile sets; None restores the eager forward
+        self.compiled = False
+        log.warning(
+            "model.compile=true, but torch.compile fails here (%s: %s); running uncompiled. Set model.compile=false "
+            "to silence this.",
+            type(err).__name__,
+            str(err).strip().splitlines()[0][:300] if str(err).strip() else "",
+        )
+
+    def _net(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.net(images)
+        try:
+            return self.net(images)
+        except torch._dynamo.exc.TorchDynamoException as err:  # compilation happens on the first calls
+            self._run_uncompiled(err)
+            return self.net(images)
+
+    # --- steps --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["optimizer_class"] = self.optimizer_class()
         if self.data_spec is not None:
@@ -174,7 +220,7 @@ class FineTuneModule(pl.LightningModule):
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self._net(images)
 
     def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the head receives for ``images``: the features that ``cache_features`` stores."""
@@ -190,7 +236,10 @@ class FineTuneModule(pl.LightningModule):
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch
-        return self._log_step(self(images), targets, stage, accuracy, mean_loss)
+        self._batch_images = len(targets)
+        with self._explain_out_of_memory():
+            logits = self(images)
+        return self._log_step(logits, targets, stage, accuracy, mean_loss)
 
     def _log_step(self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric):
         loss = self.loss(logits, targets)
@@ -229,6 +278,40 @@ class FineTuneModule(pl.LightningModule):
             return torch.tensor(batches[batch_idx], dtype=torch.long, device=self.device)
         return torch.full((size,), -1, dtype=torch.long, device=self.device)
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with self._explain_out_of_memory():
+            super().backward(loss, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _explain_out_of_memory(self):
+        """A device out-of-memory error, re-raised naming the batch size and the settings that need less memory."""
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            if _OOM_ADVICE in str(err):
+                raise
+            raise torch.OutOfMemoryError(f"{err}\n\n{self._memory_advice()}") from err
+
+    def _memory_advice(self) -> str:
+        trainer = self._trainer
+        images = getattr(self, "_batch_images", None)
+        precision = str(trainer.precision) if trainer is not None else "?"
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        lines = [
+            f"{_OOM_ADVICE} with a batch of {images} images per device (data.batch_size), precision {precision}, "
+            f"model.channels_last={str(self.hparams.channels_last).lower()}, "
+            f"trainer.accumulate_grad_batches={accumulate}. To need less memory:",
+            "- a smaller data.batch_size, with trainer.accumulate_grad_batches raised by the same factor to keep "
+            f"the batch per optimiser step (e.g. data.batch_size={max((images or 2) // 2, 1)} "
+            f"trainer.accumulate_grad_batches={accumulate * 2});",
+        ]
+        if precision.startswith(("32", "64")):
+            lines.append("- trainer.precision=bf16-mixed (or 16-mixed): activations take half the bytes;")
+        if not self.hparams.channels_last:
+            lines.append("- model.channels_last=true (less workspace for convolutions on tensor-core GPUs);")
+        lines.append("- a smaller data.image_size, or model.freeze=backbone to train the head only.")
+        return "\n".join(lines)
+
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=-1)
@@ -259,6 +342,9 @@ def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]
     except RuntimeError as err:
         raise CheckpointError(f"{str(path)!r} does not fit the model its hyper-parameters describe: {err}") from err
     return model.eval(), checkpoint
+
+
+_OOM_ADVICE = "Out of device memory"
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
 
 from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
+from finetune.data.device_augment import AUGMENT_ON, RESAMPLING, DeviceAugment, RawBatch, pad_collate
 from finetune.data.download import download_and_extract
 from finetune.data.folders import (
     find_corrupt_images,
@@ -30,6 +31,7 @@ from finetune.data.folders import (
     scan_image_folder,
     stratified_split,
 )
+from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
 from finetune.data.transforms import (
     book_resize_size,
     eval_geometry,
@@ -51,6 +53,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
     ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
     :mod:`finetune.data.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
+    ``num_workers="auto"``: the cores available to the process, shared among the devices of this machine.
+    ``augment_on="device"``: the train loader yields padded uint8 batches and the random crop, flip and
+    normalisation run on the model's device after the transfer (:mod:`finetune.data.device_augment`).
 
     The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
     feature cache turns it off on an existing DataModule.
@@ -61,7 +66,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         root: str | Path,
         download: dict | None = None,
         batch_size: int = 128,
-        num_workers: int = 4,
+        num_workers: int | str = AUTO,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         image_size: int = 224,
@@ -72,6 +77,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         cache: str = "none",
         cache_short_side: int | None = None,
         cache_dir: str | Path | None = None,
+        augment_on: str = "loader",
+        device_resampling: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +90,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
+        self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
 
     def _check_settings(self) -> None:
         """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader or a run."""
@@ -97,7 +105,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
                     f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
                 )
         _check_int("batch_size", hp.batch_size, 1, "images per device and step")
-        _check_int("num_workers", hp.num_workers, 0, "loader processes; 0 loads in the main process")
+        if hp.num_workers != AUTO:
+            _check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
+        if hp.augment_on not in AUGMENT_ON:
+            raise ValueError(
+                f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
+                "the loader workers; device: on the model's device, after the transfer)."
+            )
+        if hp.device_resampling not in RESAMPLING:
+            raise ValueError(
+                f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
+                "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
+            )
         _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
         if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
             raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
@@ -148,7 +167,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def num_workers(self) -> int:
-        return self.hparams.num_workers
+        """Loader processes in effect: ``data.num_workers``, with ``auto`` resolved for this machine and trainer."""
+        return resolve_num_workers(self.hparams.num_workers, self.trainer)
+
+    @property
+    def augments_on_device(self) -> bool:
+        return self.augment and self.hparams.augment_on == "device"
 
     @property
     def num_classes(self) -> int:
@@ -170,6 +194,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         hp = self.hparams
         eval_tf = eval_transform(hp.image_size, self.resize_size)
         train_tf = train_transform(hp.image_size) if self.augment else eval_tf
+        if self.augments_on_device:
+            train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
         if stage in ("fit", "validate", None) and self.train_set is None:
             keep = self._usable_images("train")
             self._usable_images("test")  # a corrupt test image must stop the run now, not after training
@@ -183,6 +209,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             if hp.cache != "none":
                 self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
                 self.val_set = self._cached(self.val_set, "val", augmented=False)
+            if self.augments_on_device and self.device_augment is None:
+                self.device_augment = DeviceAugment(hp.image_size, resampling=hp.device_resampling)
+                self._say_where_augmentation_runs()
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
             self.test_set = ImageFolder(self._split_dir("test"), eval_tf, loader=load_rgb, is_valid_file=keep)
@@ -210,7 +239,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=False)
+        collate = pad_collate if self.augments_on_device else None
+        return self._loader(self.train_set, shuffle=True, drop_last=False, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -221,20 +251,56 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False, collate_fn=None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a data loader.")
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=None if shuffle else self._unrepeated_sampler(dataset),
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=worker_context(self.num_workers),
+            num_workers=workers,
+            collate_fn=collate_fn,
+            persistent_workers=workers > 0,
+            pin_memory=pin_memory(self.trainer),
+            multiprocessing_context=worker_context(workers),
         )
+
+    # --- device-side augmentation (data.augment_on=device) ---------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Draw a training batch's crops and flips on the CPU (no device synchronisation), before its transfer."""
+        if isinstance(batch, RawBatch) and self.device_augment is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return self.device_augment.draw(batch, rank)
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Crop, flip and normalise a training batch where it now is (the model's device)."""
+        if isinstance(batch, RawBatch) and self.device_augment is not None:
+            return self.device_augment.apply(batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"device_augment": self.device_augment.state_dict()} if self.device_augment is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.device_augment is not None and "device_augment" in state_dict:
+            self.device_augment.load_state_dict(state_dict["device_augment"])
+
+    def _say_where_augmentation_runs(self) -> None:
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cpu":
+            log.warning(
+                "data.augment_on=device without an accelerator: the random crop, flip and normalisation of training "
+                "batches run on the CPU, in the training process (data.augment_on=loader runs them in the loader "
+                "workers)."
+            )
+        if self.hparams.cache == "none":
+            log.info(
+                "data.augment_on=device with data.cache=none: the loader workers still decode every training image "
+                "every epoch; data.cache=memory decodes each once."
+            )
 
     def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
         """The same samples, decoded once: whole (or shrunk) for the random crop, or through the eval geometry."""
@@ -242,7 +308,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
         samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
         if augmented:
-            prepare, transform = ShrinkShorterSide(hp.cache_short_side), train_transform(hp.image_size)
+            prepare = ShrinkShorterSide(hp.cache_short_side)
+            transform = None if self.augments_on_device else train_transform(hp.image_size)
         else:
             prepare, transform = eval_geometry(hp.image_size, self.resize_size), to_normalized_tensor()
         images = build_cache(
