@@ -63,10 +63,11 @@ def assemble(
 ) -> Run:
     """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one.
 
-    With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features.
+    With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features
+    (while it is frozen: see ``model.unfreeze_at_epoch``).
     """
     images = build_datamodule(cfg)
     if model is None:
         model = build_model(cfg, images.num_classes)
-    datamodule = FeatureCacheDataModule(images, model) if model.input_mode == "features" else images
+    datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     return Run(images=images, datamodule=datamodule, model=model, trainer=build_trainer(cfg, extra_callbacks))
