@@ -2,10 +2,8 @@
 
 Pure: it reads a sweep folder (Hydra's ``multirun.yaml`` and one job folder per job, laid out as ``finetune.run_folder``
 says) and writes files; launching and the command line are ``scripts/compare.py``'s. The table covers exactly an
-expected grid of experiments x seeds (x folds, for a ``data.fold=0,...,K-1`` sweep: each row is then the mean over
-folds, which is what selects a configuration), and names every cell without a completed job instead of averaging it
-away. Validation-only sweeps (``test_after_fit=false``) report no test accuracy.
-"""
+expected grid of experiments x seeds (x folds of a ``data.fold=0,...,K-1`` sweep: a row's mean over folds selects a
+configuration), and names every cell without a completed job instead of averaging it away."""
 
 from __future__ import annotations
 
@@ -130,8 +128,19 @@ def read_job(folder: Path) -> Job:
     else:
         problem = _results_problem(results)
     experiment, seed = _identify(run, results)
-    fold = results.get("fold") if isinstance(results, dict) else None
+    fold = results.get("fold") if isinstance(results, dict) else (_saved_grid(run, folds=True) or [None])[0]
     return Job(run.path, experiment, seed, results if problem is None else None, problem, fold=fold)
+
+
+def _saved_grid(run: RunFolder, folds: bool = False) -> Any:
+    """:func:`_grid` of the job's ``.hydra/overrides.yaml``; ``None`` without one, or not what Hydra writes."""
+    try:
+        lines = yaml.safe_load(run.overrides.read_text())
+        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+            return _grid(lines, folds=folds)
+    except (OSError, ValueError, yaml.YAMLError, HydraException):
+        pass
+    return None
 
 
 def _results_problem(results: Any) -> str | None:
@@ -171,13 +180,9 @@ def _identify(run: RunFolder, results: Any) -> tuple[str | None, int | None]:
     name = run.job_name()
     if name is not None:
         return name
-    try:
-        lines = yaml.safe_load(run.overrides.read_text())
-        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
-            experiments, seeds = _grid(lines)
-            return (experiments[0], seeds[0]) if len(experiments) == len(seeds) == 1 else (None, None)
-    except (OSError, ValueError, yaml.YAMLError, HydraException):
-        pass
+    grid = _saved_grid(run)
+    if grid is not None and len(grid[0]) == len(grid[1]) == 1:
+        return grid[0][0], grid[1][0]
     return None, None  # no overrides.yaml, or not what Hydra writes: the job cannot be identified
 
 
