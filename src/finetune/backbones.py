@@ -1,13 +1,16 @@
-"""Torchvision classifiers by name, with pretrained weights and a fresh output layer.
+"""Image classifiers by name (torchvision, or timm as ``timm/<name>``), pretrained weights and a fresh output layer.
 
-Weights come from torchvision's weights API (``"imagenet"``), from a local ``state_dict`` file (any path), or
-not at all (``None``: random init). The output layer is always replaced by a new ``Linear`` whose weight is
-Xavier-uniform initialised, as in the d2l "Fine-Tuning" chapter.
+Weights come from the library's own pretrained weights (``"imagenet"``: torchvision's weights API, or timm's
+``create_model(name, pretrained=True)``), from a local ``state_dict`` file (any path), or not at all (``None``:
+random init). The output layer is always replaced by a new ``Linear`` whose weight is Xavier-uniform initialised, as
+in the d2l "Fine-Tuning" chapter. :func:`preprocessing` says which image size, resize, interpolation and
+normalisation a backbone's pretrained weights expect.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +20,16 @@ import torchvision
 from torch import nn
 
 IMAGENET = "imagenet"
+TIMM_PREFIX = "timm/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Prefixes that wrappers add to state_dict keys: DDP/DataParallel, torch.compile, our own LightningModule.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 
 
 @dataclass
 class Backbone:
-    """A torchvision model whose output layer (``head_name``) is a fresh ``Linear``."""
+    """A classifier whose output layer (``head_name``) is a fresh ``Linear``."""
 
     model: nn.Module
     head_name: str
@@ -34,30 +40,55 @@ class Backbone:
 
 
 def available_backbones() -> list[str]:
+    """The torchvision names; timm's are ``timm/`` + any name of :func:`available_timm_backbones`."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def available_timm_backbones(pretrained: bool = False) -> list[str]:
+    """timm's architectures (``resnet18``) or, with ``pretrained``, its weight tags (``resnet18.a1_in1k``)."""
+    timm = _import_timm()
+    return timm.list_pretrained() if pretrained else timm.list_models()
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
 def build_backbone(name: str, num_classes: int, weights: str | Path | None = IMAGENET) -> Backbone:
-    """Build ``name`` with ``weights`` and a new ``num_classes``-way Xavier-initialised head."""
+    """Build ``name`` with ``weights`` and a new ``num_classes``-way Xavier-initialised head.
+
+    ``name`` is a torchvision classifier (``resnet18``) or ``timm/`` + a timm model, with or without its weight tag
+    (``timm/convnext_nano``, ``timm/resnet18.a1_in1k``).
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
-    names = available_backbones()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"Unknown backbone {name!r}: not a torchvision classification model.{hint} "
-            f"See finetune.backbones.available_backbones() for the {len(names)} known names."
-        )
-
     use_imagenet = isinstance(weights, str) and weights.lower() == IMAGENET
-    model = _torchvision_model(name, pretrained=use_imagenet)
-    head_name = find_head(model)
-    in_features = model.get_submodule(head_name).in_features
-    _replace_module(model, head_name, new_head(in_features, num_classes))
+    if is_timm(name):
+        model, head_name = _timm_model(name, num_classes, pretrained=use_imagenet)
+    else:
+        model, head_name = _torchvision_with_new_head(name, num_classes, pretrained=use_imagenet)
     if weights is not None and not use_imagenet and str(weights).lower() not in ("none", "null", "random"):
         load_backbone_weights(model, head_name, Path(weights))
     return Backbone(model=model, head_name=head_name)
+
+
+def _torchvision_with_new_head(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str]:
+    names = available_backbones()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        if _timm_knows(name):
+            close = [TIMM_PREFIX + name, *close]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown backbone {name!r}: not a torchvision classification model.{hint} "
+            f"See finetune.backbones.available_backbones() for the {len(names)} known names, or use a timm model "
+            "as model.backbone=timm/<name>."
+        )
+    model = _torchvision_model(name, pretrained=pretrained)
+    head_name = find_head(model)
+    in_features = model.get_submodule(head_name).in_features
+    _replace_module(model, head_name, new_head(in_features, num_classes))
+    return model, head_name
 
 
 def new_head(in_features: int, num_classes: int) -> nn.Linear:
@@ -90,10 +121,11 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(
             f"Weights file {str(path)!r} does not exist. Pass model.weights=PATH to an existing state_dict "
-            "file, model.weights=imagenet for torchvision's download, or model.weights=null for random init."
+            "file, model.weights=imagenet for the library's pretrained download, or model.weights=null for random "
+            "init."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state_dict(path)
     except Exception as err:  # pickle errors, zip errors, truncated files
         raise ValueError(f"Could not read weights file {str(path)!r} as a PyTorch state_dict: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
@@ -135,6 +167,7 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
 
 # --- network structure: what the head receives, and the random layers around it ---------------------------------
 _RANDOM_LAYERS = (nn.modules.dropout._DropoutNd,)
+_STOCHASTIC_DEPTH = ("StochasticDepth", "DropPath")  # torchvision's and timm's per-sample residual drop
 
 
 def head_input(net: nn.Module, head_name: str, images: torch.Tensor) -> torch.Tensor:
@@ -170,9 +203,120 @@ def random_layers_inside_backbone(net: nn.Module, head_name: str) -> list[str]:
         name
         for name, module in net.named_modules()
         if name not in kept
-        and (isinstance(module, _RANDOM_LAYERS) or type(module).__name__ == "StochasticDepth")
-        and getattr(module, "p", 0) > 0
+        and (isinstance(module, _RANDOM_LAYERS) or type(module).__name__ in _STOCHASTIC_DEPTH)
+        and (getattr(module, "p", 0) or getattr(module, "drop_prob", 0) or 0) > 0
     ]
+
+
+# --- pretrained preprocessing --------------------------------------------------------------------------------------
+def preprocessing(backbone: str) -> dict:
+    """The input a backbone's pretrained weights expect: ``image_size`` (the square crop), ``resize_size`` (the
+    eval resize before the centre crop), ``mean``, ``std``, ``interpolation`` (``"bilinear"``, ``"bicubic"``) and
+    ``crop_pct`` (``image_size / resize_size``).
+
+    torchvision backbones get the book's ImageNet settings (224 crop of a 256 resize, bilinear, ImageNet mean/std);
+    ``timm/<name>`` backbones get their pretrained config (``timm.data.resolve_data_config``), e.g. 224 / 235,
+    bicubic for ``timm/resnet18.a1_in1k`` (crop fraction 0.95) or mean = std = 0.5 for ``timm/vit_tiny_patch16_224``.
+    No weights are downloaded and no model is built.
+    """
+    if not is_timm(backbone):
+        return {
+            "image_size": 224,
+            "resize_size": 256,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "interpolation": "bilinear",
+            "crop_pct": 224 / 256,
+        }
+    timm = _import_timm()
+    arch = _check_timm_name(backbone)
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=True)
+    config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+    image_size = int(config["input_size"][-1])
+    crop_pct = float(config.get("crop_pct") or 0.875)
+    return {
+        "image_size": image_size,
+        "resize_size": math.floor(image_size / crop_pct),  # timm's own eval transform: floor(size / crop_pct)
+        "mean": tuple(float(v) for v in config["mean"]),
+        "std": tuple(float(v) for v in config["std"]),
+        "interpolation": str(config.get("interpolation") or "bilinear"),
+        "crop_pct": crop_pct,
+    }
+
+
+# --- timm ------------------------------------------------------------------------------------------------------------
+def _import_timm():
+    try:
+        import timm
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "model.backbone=timm/<name> needs the timm package: pip install 'finetune[timm]' (or pip install timm)."
+        ) from err
+    return timm
+
+
+def _timm_knows(name: str) -> bool:
+    """Whether timm (if installed) has ``name``: a hint for a timm name given without ``timm/``."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return name in timm.list_models() or name in timm.list_pretrained()
+
+
+def _check_timm_name(backbone: str) -> str:
+    """The timm name in ``timm/<name>``, checked against timm's registry (close names suggested)."""
+    timm = _import_timm()
+    arch = backbone[len(TIMM_PREFIX) :]
+    architectures = timm.list_models()
+    if arch in architectures:
+        return arch
+    tagged = timm.list_pretrained()
+    if arch in tagged:
+        return arch
+    close = difflib.get_close_matches(arch, architectures + tagged, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+    raise ValueError(
+        f"Unknown backbone {backbone!r}: {arch!r} is not a timm model{' or weight tag' if '.' in arch else ''}.{hint} "
+        f"See timm.list_models() ({len(architectures)} architectures) and timm.list_pretrained() for the "
+        "names with weight tags (name.tag)."
+    )
+
+
+def _timm_model(backbone: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str]:
+    """A timm model whose classifier is reset (timm's ``reset_classifier``) to a Xavier-initialised ``Linear``."""
+    timm = _import_timm()
+    arch = _check_timm_name(backbone)
+    if pretrained:
+        try:
+            model = timm.create_model(arch, pretrained=True)
+        except Exception as err:  # no network, no such weights, a broken download or cache entry
+            raise RuntimeError(
+                f"Could not load timm's pretrained weights for {backbone!r} ({type(err).__name__}: {err}). timm "
+                "downloads them through the Hugging Face Hub (cached under $HF_HOME, by default ~/.cache/huggingface). "
+                "Offline, either fill that cache on a machine with internet and set HF_HUB_OFFLINE=1, or pass "
+                "model.weights=PATH to a local state_dict (.pth or .safetensors), or model.weights=null for random "
+                "init."
+            ) from err
+    else:
+        model = timm.create_model(arch, pretrained=False)
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    if isinstance(classifier, (list, tuple)) and len(classifier) > 1:
+        raise ValueError(
+            f"{backbone!r} has {len(classifier)} classifier heads ({', '.join(classifier)}; a distilled model), and "
+            "finetune replaces exactly one Linear head; choose a model with a single classifier."
+        )
+    model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"{backbone!r} has no nn.Linear classifier (timm's get_classifier() gives a {type(head).__name__}), so "
+            "its head cannot be replaced by a Xavier-initialised Linear; choose another backbone."
+        )
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    head.reset_parameters()
+    nn.init.xavier_uniform_(head.weight)  # the book's head: Xavier weight, PyTorch's default bias
+    return model, head_name
 
 
 def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
@@ -188,6 +332,18 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
             f"Offline, either copy {Path(weights.url).name} into {checkpoints} (set TORCH_HOME to use another "
             f"cache), or pass model.weights=PATH to a local state_dict, or model.weights=null for random init."
         ) from err
+
+
+def _read_state_dict(path: Path):
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                f"{path.name} is a safetensors file: pip install safetensors (it comes with 'finetune[timm]')."
+            ) from err
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

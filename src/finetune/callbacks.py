@@ -4,7 +4,8 @@
   only does when the best one changes) and keeps its best-so-far when a resumed run writes to a new folder
   (Lightning forgets it when the folder changes); the earlier run's files are never deleted.
 - ``InterruptCheckpoint``: Ctrl+C, SIGTERM (Lightning stops at the end of the batch) or a crash while fitting
-  saves ``checkpoints/interrupted.ckpt``.
+  saves ``checkpoints/interrupted.ckpt``; under DDP only a stop that every rank agreed on does (``SignalStop``).
+- ``SignalStop``: under DDP, SIGTERM or Ctrl+C reaching any one rank stops every rank at the same batch end.
 - ``RngState``: the random generators travel in every checkpoint (Lightning does not save them), so that one epoch
   plus a resumed epoch draws the same shuffles and augmentations as two epochs straight.
 - ``EpochHistory``: the per-epoch metrics that ``results.json`` reports, carried through resumes.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
 from pytorch_lightning.trainer.states import TrainerFn
 
+from finetune.distributed import StopRequested, agree_on_signal
 from finetune.results import write_json_atomic
 from finetune.run_folder import RunFolder
 
@@ -76,6 +80,10 @@ class InterruptCheckpoint(pl.Callback):
     A plain callback, not one of Lightning's ``Checkpoint`` kind: those take part in resolving ``ckpt_path`` and
     make Lightning warn about a second checkpoint callback. A failure to save is logged, never raised: it must
     not hide the error that stopped the run.
+
+    Under DDP saving is a collective (rank 0 writes, every rank waits for it), so it only happens on the
+    :class:`~finetune.distributed.StopRequested` that every rank raises at the same point; after an error on some
+    ranks the others may be gone or elsewhere, and ``last.ckpt`` is the state to resume from.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -84,11 +92,79 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing trained yet (or interrupted while testing): last.ckpt, if any, is the state to keep
+        if trainer.world_size > 1 and not isinstance(exception, StopRequested):
+            log.warning("Not saving %s: under DDP only a stop that every rank reached together can", self.ckpt_path)
+            return
         try:
             trainer.save_checkpoint(self.ckpt_path)
             log.warning("Fitting stopped (%s): saved %s", type(exception).__name__, self.ckpt_path)
         except Exception as err:  # noqa: BLE001 - keep the original exception visible
             log.error("Could not save %s after %s: %s", self.ckpt_path, type(exception).__name__, err)
+
+
+class SignalStop(pl.Callback):
+    """Under DDP, SIGTERM or Ctrl+C (SIGINT) reaching any one rank stops every rank at the same training batch end.
+
+    Lightning's SIGTERM handler broadcasts from inside the handler: when the signal reaches one rank only (``kill``
+    of one process, a node's scheduler), that broadcast meets the other ranks' gradient all-reduce and every rank
+    hangs. Here the handler only notes the signal. At the end of every training batch, and at the end of training,
+    the ranks all-reduce the signal numbers they noted (:func:`~finetune.distributed.agree_on_signal`) and, if there
+    is one, all raise :class:`~finetune.distributed.StopRequested` there: ``InterruptCheckpoint`` saves
+    ``interrupted.ckpt`` (every rank is there for the save's barrier), ``train.py`` writes ``results.json`` and every
+    rank exits with 128 + the signal (SIGTERM wins over SIGINT). A signal during validation takes effect at the next
+    training batch end. A second Ctrl+C on a rank aborts it at once (a KeyboardInterrupt, Lightning's way: the
+    other ranks then fail within ``ddp_timeout_s``).
+
+    Only while fitting, and only with several processes: a single process keeps Lightning's handling (Ctrl+C stops
+    at once, SIGTERM at the end of the batch), and testing after the fit keeps Lightning's handlers.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning (re)installs its handlers through the trainer's private signal connector when a stage starts.
+        if trainer.world_size > 1 and not isinstance(trainer._signal_connector, _NotingSignalConnector):
+            trainer._signal_connector = _NotingSignalConnector(trainer, self)
+
+    def note(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: remember the signal, nothing else (no collective, no I/O but one log line)."""
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop waiting for the batch to end
+        self.signum = max(self.signum, signum)
+        log.warning("Received %s: every rank stops at the next end of a training batch", signal.Signals(signum).name)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the last validation: do not go on to testing
+
+    def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
+        if not isinstance(trainer._signal_connector, _NotingSignalConnector):
+            return
+        signum = agree_on_signal(self.signum, trainer.strategy.root_device)
+        if signum:
+            log.warning("Stopping every rank: a rank received %s", signal.Signals(signum).name)
+            raise StopRequested(signum)
+
+
+class _NotingSignalConnector(_SignalConnector):
+    """Lightning's connector (SLURM requeueing, putting the earlier handlers back afterwards), except that while
+    fitting SIGTERM and SIGINT only reach :meth:`SignalStop.note`. ``received_sigterm`` stays False, so Lightning's
+    loops never stop one rank on their own."""
+
+    def __init__(self, trainer: pl.Trainer, stop: SignalStop) -> None:
+        super().__init__(trainer)
+        self.stop = stop
+
+    def register_signal_handlers(self) -> None:
+        super().register_signal_handlers()  # also saves the handlers that teardown() restores
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._register_signal(signal.SIGTERM, self.stop.note)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # nohup or a background job: keep ignoring it
+            self._register_signal(signal.SIGINT, self.stop.note)
 
 
 class RngState(pl.Callback):

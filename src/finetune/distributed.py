@@ -11,16 +11,28 @@ launcher that runs jobs in worker processes (joblib, submitit's local executor) 
 the job's own overrides (``hydra.overrides.task``, no sweep lists) and its output folder as ``hydra.run.dir``.
 :func:`job_scope` puts it in Lightning's place for one job and, after the job, tears the process group down and
 restores the launcher's environment variables, so the next job of a sequential sweep starts a fresh DDP group.
+
+Faults: :func:`agree_on_signal` is how the ranks agree to stop together after a signal reached any one of them
+(``finetune.callbacks.SignalStop``), raising :class:`StopRequested` at the same point on every rank;
+:func:`set_timeout` bounds every collective (``ddp_timeout_s``), so that a dead or stuck rank makes the others fail
+instead of wait; :func:`lost_ranks` names the rank that went missing, for the error message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
+import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +45,10 @@ LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_
 # Hydra overrides that describe the sweep (or that rank_command sets itself), never a single rank's run.
 _SWEEP_KEYS = ("hydra.mode", "hydra.sweep", "hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper")
 _OWN_KEYS = ("hydra.run.dir", "hydra.job.name", "hydra.output_subdir", "hydra.job.chdir")
+# Who started this process: for ranks 1..N-1 that Lightning launched, rank 0 (see lost_ranks).
+_PARENT_PID = os.getppid()
+# How long rank 0 may go on after a rank it launched failed, before RankObserver kills every rank (set_timeout).
+_observer_grace_s = 1800.0
 
 
 def rank_command(local_rank: int) -> tuple[list[str], str]:
@@ -57,13 +73,16 @@ def rank_command(local_rank: int) -> tuple[list[str], str]:
 
 
 def install() -> bool:
-    """Make Lightning's subprocess launcher start extra ranks with :func:`rank_command`; False if it cannot."""
+    """Make Lightning's subprocess launcher start extra ranks with :func:`rank_command` and watch them with
+    :class:`RankObserver`; False if it cannot."""
     from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
     from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
 
     for module in (pl_launcher, fabric_launcher):  # the Trainer's, and Fabric's for scripts that use it
         if hasattr(module, "_hydra_subprocess_cmd"):
             module._hydra_subprocess_cmd = rank_command
+        if hasattr(module, "_launch_process_observer"):
+            module._launch_process_observer = _launch_rank_observer
     patched = getattr(pl_launcher, "_hydra_subprocess_cmd", None) is rank_command
     if not patched:
         log.warning(
@@ -105,3 +124,131 @@ def _key(override: str) -> str:
 def _quote(value: str) -> str:
     """A Hydra override value that stays one string (spaces, commas, quotes)."""
     return "'" + value.replace("'", "\\'") + "'"
+
+
+class StopRequested(SystemExit):
+    """Raised on every rank at the same point: ``signum`` (SIGINT or SIGTERM) reached at least one of them.
+
+    A ``SystemExit`` (code 128 + ``signum``), not a ``KeyboardInterrupt``: Lightning answers a KeyboardInterrupt on
+    rank 0 by SIGKILLing the other ranks, which must instead save and exit together.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def agree_on_signal(signum: int, device: torch.device) -> int:
+    """The largest signal number that any rank has received (0: none), the same on every rank.
+
+    A collective: every rank must call it at the same point of the loop (the end of a training batch).
+    """
+    flag = torch.tensor([signum], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def set_timeout(trainer: pl.Trainer, seconds: float | None) -> None:
+    """Bound every collective of the run (and the start-up rendezvous) to ``seconds``; None keeps Lightning's 30 min.
+
+    Must be called before ``trainer.fit``: the process group takes its timeout when it is created, so it also
+    bounds how long rank 0 waits for the other ranks to start. It is also the time :class:`RankObserver` gives
+    rank 0 to end on its own after another rank failed. gloo (CPU) enforces it on every collective (tested);
+    with NCCL it is the watchdog's limit, acted on as PyTorch's ``TORCH_NCCL_*`` settings say (not tested here).
+    """
+    global _observer_grace_s
+    if seconds is None:
+        return
+    _observer_grace_s = float(seconds)
+    strategy = trainer.strategy
+    if hasattr(strategy, "_timeout"):  # DDPStrategy and its relatives (FSDP, DeepSpeed) keep it there
+        strategy._timeout = datetime.timedelta(seconds=float(seconds))
+    elif trainer.world_size > 1:
+        log.warning("%s has no process-group timeout to set: ddp_timeout_s is ignored", type(strategy).__name__)
+
+
+def lost_ranks(trainer: pl.Trainer | None, wait_s: float = 2.0) -> str | None:
+    """The ranks that went missing, as seen from this one: launched ranks that exited, or rank 0 if it is gone.
+
+    Under Lightning's launcher rank 0 (of each node) started the node's other ranks and sees their exit status;
+    another rank only sees that its parent, rank 0, is gone. None when nothing is known: a single process, or every
+    rank still running (a stuck rank looks like a healthy one from here).
+    """
+    if trainer is None or trainer.world_size < 2:
+        return None
+    if trainer.local_rank != 0:
+        gone = os.getppid() != _PARENT_PID
+        return (
+            f"the process that started this rank (pid {_PARENT_PID}, rank 0 under Lightning) is gone" if gone else None
+        )
+    procs: list[subprocess.Popen] = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    deadline = time.monotonic() + wait_s  # a rank that failed first may still be on its way out
+    found = []
+    for local_rank, proc in enumerate(procs, start=1):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if proc.returncode:
+            rank = trainer.node_rank * trainer.num_devices + local_rank
+            found.append(f"rank {rank} (pid {proc.pid}) {_exit_status(proc.returncode)}")
+    return "; ".join(found) or None
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class RankObserver(threading.Thread):
+    """Rank 0's watch over the ranks it launched, in place of Lightning's ``_ChildProcessObserver``.
+
+    Lightning's SIGKILLs every rank, rank 0 included, within 5 s of a launched rank exiting with a non-zero code:
+    rank 0 then never writes ``results.json``, and after a stop that every rank agreed on, rank 1 exiting with 143
+    kills rank 0 while it is still recording the interruption. This one gives rank 0 ``grace_s``
+    (``ddp_timeout_s``) to end on its own, which it does: a collective with a lost rank fails within that timeout.
+    Only if rank 0 is still running then (stuck outside the collectives) does it kill every rank, as Lightning's
+    does. It reads exit codes without collecting them (``waitid`` with ``WNOWAIT``), so that :func:`lost_ranks`,
+    or whoever inherits the process, still can.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen], main_pid: int, grace_s: float, period_s: float = 1.0) -> None:
+        super().__init__(daemon=True, name="rank-observer")  # ends with the main process
+        self.procs, self.main_pid, self.grace_s, self.period_s = procs, main_pid, grace_s, period_s
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            codes = [_peek_exit_code(proc) for proc in self.procs]
+            if all(code == 0 for code in codes):
+                return  # every launched rank finished
+            failed = [f"pid {p.pid} {_exit_status(c)}" for p, c in zip(self.procs, codes, strict=True) if c]
+            if failed:
+                break
+        # 130 or 143 after an agreed stop, an error otherwise: either way rank 0 should be on its way out too.
+        log.warning("A launched rank ended (%s): rank 0 has %.0f s to end too", "; ".join(failed), self.grace_s)
+        time.sleep(self.grace_s)
+        log.error("Rank 0 is still running %.0f s after another rank failed: killing every rank", self.grace_s)
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+        os.kill(self.main_pid, signal.SIGKILL)
+
+
+def _launch_rank_observer(child_processes: list[subprocess.Popen]) -> None:
+    """Lightning's ``_launch_process_observer``, with :class:`RankObserver`."""
+    RankObserver(child_processes, os.getpid(), _observer_grace_s).start()
+
+
+def _peek_exit_code(proc: subprocess.Popen) -> int | None:
+    """``proc``'s exit code (-N: killed by signal N), None while it runs; the process is left for others to reap."""
+    if proc.returncode is not None or not hasattr(os, "waitid"):
+        return proc.poll()
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already collected
+        return proc.poll()
+    if info is None:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from finetune.backbones import random_layers_inside_backbone
+from finetune.progress import track
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,25 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             dataset = getattr(self.images, "train_eval_set" if eval_view else f"{split}_set")
             if dataset is None:
                 raise RuntimeError(f"Call setup() before asking for the {split} features.")
-            self._features[split] = extract_features(self.model, dataset, self.batch_size, self.images.num_workers)
+            self._features[split] = extract_features(
+                self.model, dataset, self.batch_size, self.images.num_workers, f"Extracting {split} features"
+            )
             log.info("Cached %s backbone features: %s", split, tuple(self._features[split].tensors[0].shape))
         return self._features[split]
 
 
 @torch.no_grad()
-def extract_features(model: pl.LightningModule, dataset: Dataset, batch_size: int, num_workers: int) -> TensorDataset:
-    """Run ``model.head_inputs`` over ``dataset`` in eval mode, leaving the run's random stream untouched."""
+def extract_features(
+    model: pl.LightningModule,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    description: str = "Extracting features",
+) -> TensorDataset:
+    """Run ``model.head_inputs`` over ``dataset`` in eval mode, leaving the run's random stream untouched.
+
+    Progress (in batches) is shown when it takes more than a few seconds (see :mod:`finetune.progress`).
+    """
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -139,7 +151,7 @@ def extract_features(model: pl.LightningModule, dataset: Dataset, batch_size: in
     with torch.random.fork_rng(devices=[]):
         model.eval()
         try:
-            for images, labels in loader:
+            for images, labels in track(loader, total=len(loader), description=description, unit="batches"):
                 features.append(model.head_inputs(images.to(model.device)).float().cpu())
                 targets.append(labels)
         finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -51,9 +53,12 @@ class FineTuneModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if freeze not in FREEZE_MODES:
-            raise ValueError(f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}.")
-        if head_lr_mult <= 0:
-            raise ValueError(f"model.head_lr_mult must be > 0, got {head_lr_mult}.")
+            raise ValueError(
+                f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}. Use model.freeze=none "
+                "to train every layer, or model.freeze=backbone to train the head only (experiment=frozen)."
+            )
+        head_advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
+        check_number("model.head_lr_mult", head_lr_mult, "> 0", lambda x: x > 0, head_advice)
         if isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0:
             raise ValueError(
                 f"model.unfreeze_at_epoch must be an integer >= 0 (0: the backbone trains from the start), "
@@ -236,6 +241,13 @@ class FineTuneModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=-1)
+
+
+def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool], advice: str) -> None:
+    """``ValueError`` naming ``key`` and ``value`` unless ``value`` is a finite real number for which ``holds``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and holds(value)):
+        raise ValueError(f"{key} must be {rule}, got {value!r}. {advice}")
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -7,18 +7,35 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
+from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
+from finetune.module import check_number
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _config_dir() -> str:
+    """The Hydra configs: the package's own ``finetune/conf`` (in a wheel: a copy; in a checkout: a link to the
+    top-level ``conf/``), else the checkout's ``conf/`` (e.g. where the link could not be created)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate.resolve())
+    raise FileNotFoundError(
+        f"finetune's Hydra configs are missing: neither {here / 'conf'} nor {here.parents[1] / 'conf'} holds "
+        "train.yaml. Reinstall the package (pip install finetune, or pip install -e . in a checkout)."
+    )
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass
@@ -39,6 +56,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
+    check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
     scheduler = cfg.get("scheduler")
     return instantiate(
         cfg.model,
@@ -49,13 +67,68 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
     )
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# optimizer.<setting>: (rule, test, what to do). Torch's own errors do not name the setting ("Invalid learning rate:
+# -0.1"), and it accepts lr=0, which trains nothing.
+OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "lr": (
+        "> 0",
+        lambda x: x > 0,
+        "It is the backbone's learning rate (the head's is optimizer.lr x model.head_lr_mult): set a positive one, "
+        "or leave optimizer.lr out to get the experiment's (README: 'What each experiment sets').",
+    ),
+    "weight_decay": (">= 0", lambda x: x >= 0, "Use 0 for no weight decay."),
+    "momentum": ("in [0, 1)", lambda x: 0 <= x < 1, "Use 0 (the book's plain SGD) or e.g. 0.9."),
+}
+
+
+def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
+    """The optimizer config's settings (a ``_partial_`` factory's keywords), checked before any optimizer is built.
+
+    Settings the factory does not pass are left to the optimizer's own defaults.
+    """
+    for key, (rule, holds, advice) in OPTIMIZER_RULES.items():
+        if key in settings:
+            check_number(f"optimizer.{key}", settings[key], rule, holds, advice)
+    betas = settings.get("betas", (0.9, 0.999))
+    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+    if not (pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999].")
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
+
+    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
+    """
+    steps = trainer.get("max_steps", -1)
+    if not (_count(steps) and (steps == -1 or steps >= 1)):
+        raise ValueError(
+            f"trainer.max_steps must be -1 (no step limit) or an integer >= 1, got {steps!r}. Leave it out to train "
+            "for trainer.max_epochs, or set the number of optimizer steps to stop after."
+        )
+    epochs = trainer.get("max_epochs")
+    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
+        raise ValueError(
+            f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
+            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
+            "limit) needs a step limit, +trainer.max_steps=N."
+        )
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
+    check_trainer_settings(cfg.trainer)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
+    return trainer
 
 
 def assemble(
@@ -66,6 +139,7 @@ def assemble(
     With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features
     (while it is frozen: see ``model.unfreeze_at_epoch``).
     """
+    check_trainer_settings(cfg.trainer)  # before the data is fetched or checked: a wrong setting fails at once
     images = build_datamodule(cfg)
     if model is None:
         model = build_model(cfg, images.num_classes)

@@ -22,8 +22,9 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState
-from finetune.distributed import job_scope
+from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
+from finetune.distributed import StopRequested, job_scope, lost_ranks
+from finetune.loggers import log_config, log_results
 from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit on train (selecting on val), test the best checkpoint once, and write ``results.json``.
 
-    ``results.json`` says ``"status"``: ``completed``; ``interrupted`` (Ctrl+C or SIGTERM: the process then exits
-    with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``, with the error.
+    ``results.json`` says ``"status"``: ``completed``; ``interrupted`` (Ctrl+C or SIGTERM, under DDP to any one
+    rank: every process then exits with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``,
+    with the error (under DDP naming a rank that died, when rank 0 can tell).
     """
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
@@ -50,8 +52,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
     try:
-        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir)])
+        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
+        log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
@@ -73,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path)
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
+        log_results(trainer.loggers, results)
         print(summary(results))
     return results
 
@@ -91,9 +95,12 @@ def _record_stop(
     results = run_results(cfg, output_dir, "interrupted" if signum else "failed", fitted, {}, seconds, ckpt_path)
     interrupted = RunFolder(output_dir).interrupted_checkpoint
     results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
-    results["error"] = None if signum else f"{type(err).__name__}: {err}"[:4000]
+    lost = None if signum else lost_ranks(trainer)  # under DDP, a rank that died is the likely cause: name it
+    results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(err).__name__}: {err}"[:4000]
     if rank_zero_only.rank == 0:
         write_json_atomic(RunFolder(output_dir).results, results)
+        if trainer is not None:
+            log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
         log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
@@ -104,6 +111,8 @@ def _record_stop(
 
 def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
     """SIGINT or SIGTERM if ``err`` is how the run was stopped by one (Lightning turns them into SystemExit), else 0."""
+    if isinstance(err, StopRequested):  # DDP: every rank stops on the signal that one of them received
+        return err.signum
     if trainer is not None and trainer.received_sigterm:
         return signal.SIGTERM
     if isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt):

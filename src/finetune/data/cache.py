@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 from finetune.data.folders import load_rgb
 from finetune.data.stale import remove_stale, temp_name
+from finetune.progress import track
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _decoded(paths: Sequence[str], prepare: Callable, num_workers: int) -> Itera
             num_workers=num_workers,
             multiprocessing_context=worker_context(num_workers),
         )
-        yield from loader
+        yield from track(loader, total=len(paths), description="Caching images", unit="images")
 
 
 def cache_key(paths: Sequence[str], prepare: Callable) -> str:

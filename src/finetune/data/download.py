@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from finetune.data.stale import remove_stale, temp_name
+from finetune.progress import copy_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,15 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             expected_size = response.headers.get("Content-Length")
-            shutil.copyfileobj(response, out, length=1 << 20)
+            size = int(expected_size) if expected_size and expected_size.isdigit() else None
+            copy_with_progress(response, out, size, f"Downloading {archive.name}")
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused or cut connections
         part.unlink(missing_ok=True)
         raise RuntimeError(
             f"Could not download {url} ({err}). Offline, put the extracted dataset at {root} yourself, "
             "or point the run at a local copy: data=folder data.root=PATH (a folder with train/<class>/ and "
             "test/<class>/). Pretrained weights need the same care offline: model.weights=PATH to a local "
-            "state_dict, or a pre-filled $TORCH_HOME/hub/checkpoints (see README, 'Working offline')."
+            "state_dict, or a pre-filled $TORCH_HOME/hub/checkpoints (see docs/configuration.md, 'Working offline')."
         ) from err
     actual = sha1_of(part)
     if actual != sha1:

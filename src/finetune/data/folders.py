@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.progress import track
+
 # 16-bit grayscale, as PNG decodes it ("I" in Pillow versions before 10.x, "I;16" after).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Modes whose 8-bit meaning is clear: PIL's own conversion to RGB (alpha is dropped, as ImageFolder does).
@@ -117,7 +119,9 @@ def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dic
     """
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(_image_problem, paths))
+        reasons = list(
+            track(pool.map(_image_problem, paths), total=len(paths), description="Checking images", unit="images")
+        )
     return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason}
 
 

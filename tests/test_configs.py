@@ -1,0 +1,237 @@
+"""Configs mean what they say: every experiment x optimizer x scheduler composes to README's tables, and every
+out-of-range model, optimizer or trainer setting stops the run with a message naming it."""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from finetune.run import build_model, check_optimizer_settings, check_trainer_settings
+from finetune.train import train
+
+from .conftest import REPO, compose_config, tiny_overrides
+
+EXPERIMENTS = ("finetune", "scratch", "frozen")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("null", "cosine", "warmup")
+ABSENT = object()  # a "–" cell: the config does not set that key
+
+
+def readme_tables(heading: str) -> dict[str, dict[str, dict[str, object]]]:
+    """The Markdown tables under README's ``## heading``: {first header: {row's value: {header: value}}}.
+
+    Headers are their text without backticks. A cell's value is its first `backticked` token (the rest is
+    commentary): ``null`` is None, numbers are floats, ``[a, b]`` is a list, ``–`` is ABSENT, else a string.
+    """
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert match, f"README.md has no '## {heading}' section"
+    tables, rows = {}, []
+    for line in match.group(1).splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            header, _, *body = rows
+            keys = [cell.replace("`", "") for cell in header]
+            tables[keys[0]] = {_value(row[0]): dict(zip(keys[1:], map(_value, row[1:]), strict=True)) for row in body}
+            rows = []
+    return tables
+
+
+def _value(cell: str) -> object:
+    if cell.startswith("–"):
+        return ABSENT
+    token = re.search(r"`([^`]*)`", cell)
+    text = token.group(1) if token else cell
+    if text == "null":
+        return None
+    if text.startswith("["):
+        return [float(x) for x in text.strip("[]").split(",")]
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+TABLES = readme_tables("What each experiment sets")
+
+
+def test_readme_tables_cover_the_whole_grid():
+    assert set(TABLES) == {"experiment=", "optimizer=", "scheduler="}
+    assert tuple(TABLES["experiment="]) == EXPERIMENTS
+    assert tuple(TABLES["optimizer="]) == OPTIMIZERS
+    assert tuple(TABLES["scheduler="]) == (None, "cosine", "warmup")  # the null row parses to None
+
+
+REFERENCES = ("pretrained_weights", "trainer.max_epochs")  # cells that name another key mean that key's value
+
+
+def _expected(cfg, cell):
+    return OmegaConf.select(cfg, cell) if cell in REFERENCES else cell
+
+
+def _check(node, key, cell, cfg):
+    if cell is ABSENT:
+        assert key not in node, f"{key} is set ({node.get(key)!r}), README says it is not"
+    else:
+        expected = _expected(cfg, cell)
+        actual = OmegaConf.to_object(node[key]) if OmegaConf.is_config(node[key]) else node[key]
+        assert actual == expected, f"{key}: composed {actual!r}, README says {expected!r}"
+
+
+@pytest.mark.parametrize(
+    "experiment, optimizer, scheduler", list(itertools.product(EXPERIMENTS, OPTIMIZERS, SCHEDULERS))
+)
+def test_every_combination_composes_to_the_readme_tables(experiment, optimizer, scheduler):
+    choices = [f"experiment={experiment}", f"optimizer={optimizer}"]
+    # scheduler=null is the default (Hydra refuses null as a group override).
+    cfg = compose_config(choices + ([] if scheduler == "null" else [f"scheduler={scheduler}"]))
+    exp, opt = TABLES["experiment="][experiment], TABLES["optimizer="][optimizer]
+    sched = TABLES["scheduler="][None if scheduler == "null" else scheduler]
+
+    assert cfg.name == experiment
+    _check(cfg.model, "weights", exp["model.weights"], cfg)
+    _check(cfg.model, "freeze", exp["model.freeze"], cfg)
+    _check(cfg.model, "head_lr_mult", exp["model.head_lr_mult"], cfg)
+    _check(cfg.optimizer, "lr", exp[f"optimizer.lr with optimizer={optimizer}"], cfg)
+    assert cfg.optimizer._target_ == opt["class"]
+    for key in ("weight_decay", "momentum", "betas"):
+        _check(cfg.optimizer, key, opt[f"optimizer.{key}"], cfg)
+    if sched["class"] is ABSENT:
+        assert cfg.get("scheduler") is None
+    else:
+        assert cfg.scheduler._target_ == sched["class"]
+        for key in ("T_max", "start_factor", "total_iters"):
+            _check(cfg.scheduler, key, sched[key], cfg)
+    # The book's batch and epochs come from the group defaults, whatever the experiment.
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (128, 5)
+
+
+@pytest.mark.parametrize("experiment, optimizer", list(itertools.product(EXPERIMENTS, OPTIMIZERS)))
+def test_the_built_optimizer_gets_the_tables_rates_head_included(experiment, optimizer):
+    """What torch receives: the backbone at optimizer.lr, the head at lr x head_lr_mult, the optimizer's decay."""
+    cfg = compose_config(
+        [f"experiment={experiment}", f"optimizer={optimizer}", "scheduler=warmup", "model.weights=null"]
+    )
+    lr = TABLES["experiment="][experiment][f"optimizer.lr with optimizer={optimizer}"]
+    mult = TABLES["experiment="][experiment]["model.head_lr_mult"]
+    table = TABLES["optimizer="][optimizer]
+    configured = build_model(cfg, num_classes=2).configure_optimizers()
+    built = configured["optimizer"]
+    assert type(built) is get_class(table["class"])
+    rates = {group["name"]: group["lr"] for group in built.param_groups}
+    expected = {"finetune": {"backbone": lr, "head": lr * mult}, "scratch": {"all": lr}, "frozen": {"head": lr * mult}}
+    # LinearLR's first epoch multiplies every group by start_factor.
+    start = TABLES["scheduler="]["warmup"]["start_factor"]
+    assert rates == pytest.approx({name: rate * start for name, rate in expected[experiment].items()})
+    for group in built.param_groups:
+        assert group["weight_decay"] == table["optimizer.weight_decay"]
+        if table["optimizer.momentum"] is not ABSENT:
+            assert group["momentum"] == table["optimizer.momentum"]
+        if table["optimizer.betas"] is not ABSENT:
+            assert list(group["betas"]) == table["optimizer.betas"]
+
+
+@pytest.mark.parametrize("experiment, optimizer", list(itertools.product(EXPERIMENTS, OPTIMIZERS)))
+def test_optimizer_lr_on_the_command_line_wins(experiment, optimizer):
+    cfg = compose_config([f"experiment={experiment}", f"optimizer={optimizer}", "optimizer.lr=0.5"])
+    assert cfg.optimizer.lr == 0.5
+    # ... and changes nothing else of the optimizer's.
+    weight_decay = TABLES["optimizer="][optimizer]["optimizer.weight_decay"]
+    assert cfg.optimizer.weight_decay == weight_decay
+
+
+def test_an_experiment_rate_for_adamw_applies_to_adamw_only():
+    """How an experiment declares its own AdamW rate (README): experiment_lr.adamw; SGD keeps the experiment's."""
+    adamw = compose_config(["experiment=scratch", "optimizer=adamw", "+experiment_lr.adamw=3e-4"])
+    sgd = compose_config(["experiment=scratch", "optimizer=sgd", "+experiment_lr.adamw=3e-4"])
+    assert (adamw.optimizer.lr, sgd.optimizer.lr) == (3e-4, 6.4e-2)
+    assert adamw.optimizer.weight_decay == 0.05
+
+
+def test_cosine_spans_the_epochs_that_are_set():
+    cfg = compose_config(["scheduler=cosine", "trainer.max_epochs=7"])
+    assert cfg.scheduler.T_max == 7
+
+
+# --- out-of-range settings --------------------------------------------------------------------------------------
+BAD_SETTINGS = [
+    ("optimizer.lr=0", r"optimizer.lr must be > 0, got 0\. It is the backbone's learning rate"),
+    ("optimizer.lr=-0.1", r"optimizer.lr must be > 0, got -0.1\."),
+    ("optimizer.lr=fast", r"optimizer.lr must be > 0, got 'fast'\."),
+    ("optimizer.lr=inf", r"optimizer.lr must be > 0, got inf\."),
+    ("optimizer=adamw optimizer.lr=-1e-3", r"optimizer.lr must be > 0, got -0.001\."),
+    ("optimizer.weight_decay=-1e-4", r"optimizer.weight_decay must be >= 0, got -0.0001\. Use 0 for no weight decay"),
+    ("optimizer=adamw optimizer.weight_decay=-0.05", r"optimizer.weight_decay must be >= 0, got -0.05\."),
+    ("optimizer.momentum=-0.5", r"optimizer.momentum must be in \[0, 1\), got -0.5\."),
+    ("optimizer.momentum=1.0", r"optimizer.momentum must be in \[0, 1\), got 1.0\."),
+    ("optimizer=adamw optimizer.betas=[0.9,1.0]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
+    ("optimizer=adamw optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ("model.head_lr_mult=0", r"model.head_lr_mult must be > 0, got 0\. It multiplies optimizer.lr for the new head"),
+    ("model.head_lr_mult=-10", r"model.head_lr_mult must be > 0, got -10\."),
+    ("model.head_lr_mult=nan", r"model.head_lr_mult must be > 0, got nan\."),
+    ("model.freeze=layers", r"Unknown freeze mode 'layers': model.freeze must be one of \('none', 'backbone'\)\. Use"),
+    ("model.freeze=null", r"Unknown freeze mode None: model.freeze must be one of"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs must be an integer >= 1 \(the epochs to train\), got 0\. Set e.g."),
+    ("trainer.max_epochs=-1", r"trainer.max_epochs must be an integer >= 1 \(the epochs to train\), got -1\."),
+    ("trainer.max_epochs=null", r"trainer.max_epochs must be an integer >= 1 \(the epochs to train\), got None\."),
+    ("trainer.max_epochs=2.5", r"trainer.max_epochs must be an integer >= 1 \(the epochs to train\), got 2.5\."),
+    ("+trainer.max_steps=0", r"trainer.max_steps must be -1 \(no step limit\) or an integer >= 1, got 0\. Leave it"),
+    ("trainer.max_epochs=-1 +trainer.max_steps=-1", r"trainer.max_epochs must be an integer >= 1 .*, got -1\."),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_an_out_of_range_setting_fails_the_run_naming_it(tmp_path, tiny_folder, overrides, message):
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path) + overrides.split())
+    # Hydra wraps errors raised while instantiating the model: the message reaches the user inside its own.
+    with pytest.raises(Exception, match=message):
+        train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and results["history"] == []
+    assert re.search(message, results["error"])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"lr": 1e-9, "weight_decay": 0, "momentum": 0},
+        {"lr": 1, "weight_decay": 0.0, "momentum": 0.99},
+        {"lr": 1e-4, "weight_decay": 0.05, "betas": (0.0, 0.999)},
+        {},  # nothing passed: the optimizer's own defaults
+    ],
+)
+def test_in_range_optimizer_settings_pass(settings):
+    check_optimizer_settings(settings)
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        {"max_epochs": 1},
+        {"max_epochs": 5, "max_steps": -1},
+        {"max_epochs": -1, "max_steps": 3},  # what scripts/gpu_check.py runs: stopped by steps
+        {"max_epochs": 2, "max_steps": 1},
+    ],
+)
+def test_runs_that_train_pass_the_trainer_check(trainer):
+    check_trainer_settings(OmegaConf.create(trainer))
+
+
+@pytest.mark.slow
+def test_the_issues_command_prints_adamws_own_settings(tmp_path):
+    """The trust issue's reproduction: `optimizer=adamw --cfg job` gave lr 6.4e-3 and weight decay 7.8e-6."""
+    printed = {}
+    for experiment in EXPERIMENTS:
+        command = [sys.executable, "-m", "finetune.train", "optimizer=adamw", f"experiment={experiment}"]
+        command += ["--cfg", "job", "--resolve", "--package", "optimizer"]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}  # this checkout's code and conf/, not an installed one
+        out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+        printed[experiment] = {k: v for k, v in re.findall(r"^(lr|weight_decay): (\S+)$", out, flags=re.M)}
+    assert printed == {e: {"lr": "0.0001", "weight_decay": "0.05"} for e in EXPERIMENTS}
