@@ -110,3 +110,56 @@ def test_a_search_runs_resumes_and_never_tests(tmp_path, tiny_folder):
     refused = _search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=6", "test_after_fit=true")
     assert refused.returncode != 0 and "never compute a test metric" in refused.stderr
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 5  # nothing ran
+
+
+class FakeJob:
+    def __init__(self, value, working_dir: str) -> None:
+        self._value, self.working_dir = value, working_dir
+
+    @property
+    def return_value(self):
+        if isinstance(self._value, Exception):
+            raise self._value
+        return self._value
+
+
+class FakeLauncher:
+    """Returns, for each job, the value ``score(overrides)``; records what was launched."""
+
+    def __init__(self, score) -> None:
+        self.score, self.launched = score, []
+
+    def launch(self, batch, initial_job_idx):
+        self.launched += [(initial_job_idx + i, list(job)) for i, job in enumerate(batch)]
+        return [FakeJob(self.score(job), f"job{initial_job_idx + i}") for i, job in enumerate(batch)]
+
+
+def _fold_search(score, trials: int = 4):
+    sweeper = OptunaSweeper(params={"optimizer.lr": "interval(0.001, 0.1)"}, folds=3, n_trials=trials)
+    sweeper.launcher = FakeLauncher(score)
+    sweeper.check_no_test = sweeper.validate_batch_is_legal = lambda batch: None  # no Hydra app here
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    space, fixed = sweeper.split_arguments(["seed=0"])
+    for _ in range(trials):
+        sweeper.run_trials(study, [study.ask(space)], fixed)
+    return study, sweeper.launcher.launched
+
+
+def test_a_trial_is_the_mean_over_its_folds_and_a_hopeless_one_is_pruned_after_a_fold():
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.6, 0.6, 0.1, 0.2, 0.8, 0.9, 0.5])  # in launch order
+
+    study, launched = _fold_search(lambda job: next(scores))
+    states = [t.state for t in study.trials]
+    assert [t.value for t in study.trials[:2]] == [pytest.approx(0.8), pytest.approx(0.6)]
+    assert states[2] == optuna.trial.TrialState.PRUNED  # 0.1 after fold 0, below the median of 0.9 and 0.6
+    folds_of = [[o for o in job if o.startswith("data.fold=")][0] for _, job in launched]
+    assert folds_of[:7] == ["data.fold=0", "data.fold=1", "data.fold=2"] * 2 + ["data.fold=0"]
+    assert [number for number, _ in launched] == list(range(len(launched)))  # job folders numbered on
+    assert all("data.folds=3" in job and "seed=0" in job for _, job in launched)
+
+
+def test_a_failed_job_fails_its_trial_and_the_search_goes_on():
+    values = iter([0.9, RuntimeError("out of memory"), 0.8, 0.8, 0.8, 0.8])
+    study, launched = _fold_search(lambda job: next(values), trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert len(launched) == 2 + 3  # the failed trial stops at its failing fold

@@ -161,6 +161,8 @@ class OptunaSweeper(Sweeper):
         alive = list(trials)
         results = []
         for fold in range(folds):
+            if not alive:
+                break  # every trial of the batch was pruned or failed
             fold_overrides = [f"data.folds={folds}", f"data.fold={fold}"] if self.settings.folds else []
             batch = [fixed + _trial_overrides(t) + fold_overrides for t in alive]
             self.check_no_test(batch[0])
