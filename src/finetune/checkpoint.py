@@ -17,7 +17,7 @@ import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.transforms import v2
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 CLASSES = "classes"
 PREPROCESSING = "preprocessing"
+
+if TYPE_CHECKING:
+    from finetune.module import FineTuneModule
 
 
 class CheckpointError(ValueError):
@@ -206,3 +209,25 @@ def describe_data(datamodule: Any) -> dict[str, Any] | None:
         return None
     preprocessing = Preprocessing.of(int(image_size), getattr(images, "resize_size", None))
     return {CLASSES: classes, PREPROCESSING: preprocessing.to_dict()}
+
+
+def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]]:
+    """The model in a checkpoint file, in eval mode on the CPU, and the checkpoint itself.
+
+    Loaded with ``weights_only=True`` (see :func:`finetune.checkpoint.load_checkpoint`). ``weights=None``: the
+    checkpoint holds every weight, so nothing is fetched first. ``cache_features=False``: a model trained on cached
+    features takes images (its frozen backbone is in the checkpoint).
+    """
+    from finetune.module import FineTuneModule  # here, not at the top: the module imports this file's metadata
+
+    checkpoint = load_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "num_classes" not in hparams:
+        raise CheckpointError(f"{str(path)!r} has no model hyper-parameters: it was not written by finetune.train.")
+    model = FineTuneModule(**{**hparams, "weights": None, "cache_features": False})
+    model.on_load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not fit the model its hyper-parameters describe: {err}") from err
+    return model.eval(), checkpoint

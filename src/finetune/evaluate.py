@@ -17,9 +17,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.checkpoint import CLASSES, Preprocessing
+from finetune.checkpoint import CLASSES, Preprocessing, load_for_inference
 from finetune.metrics import write_test_report
-from finetune.module import load_for_inference
 from finetune.quiet import quiet_known_warnings
 from finetune.results import command_line_overrides, to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble

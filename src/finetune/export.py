@@ -21,8 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from finetune.checkpoint import Preprocessing, class_names, sha256_of
-from finetune.module import load_for_inference
+from finetune.checkpoint import Preprocessing, class_names, load_for_inference, sha256_of
 from finetune.results import write_json_atomic
 from finetune.run import CONFIG_DIR
 from finetune.run_folder import EXPORTED_MODELS, RunFolder

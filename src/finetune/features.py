@@ -18,11 +18,17 @@ What changes, and what does not:
   uncached run draw for draw.
 
 Features are computed lazily, the first time Lightning asks for a split's loader (the model is then on its device).
+
+With ``model.unfreeze_at_epoch=N`` (``experiment=lpft``) only the first N epochs use the cache: the loaders serve
+features while the model's backbone is frozen and the image loaders after (with train-time augmentation: the
+training features come from the eval transform of the training images instead); the trainer reloads its loaders
+at epoch N for that. Those N epochs are the frozen experiment's on cached features, step for step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -45,12 +51,13 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule) -> None:
         super().__init__()
-        if getattr(model, "input_mode", None) != "features":
+        if not model.hparams.get("cache_features"):
             raise ValueError(
                 "Cached features need a model built with model.cache_features=true (input_mode='features', which "
                 "needs model.freeze=backbone): it trains the head on them and refuses images."
             )
-        if getattr(images, "augment", False):
+        self.staged = bool(getattr(model, "unfreeze_at_epoch", 0))  # features for the frozen epochs only
+        if getattr(images, "augment", False) and not self.staged:
             log.warning(
                 "model.cache_features=true: train-time augmentation is dropped; the head trains on features of "
                 "the eval transform (centre crop) of each training image. Set data.augment=false to silence this."
@@ -80,15 +87,27 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.images.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
+        self.images.trainer = self.trainer  # the image loaders shard val/test by the trainer's processes
         self.images.setup(stage)
+        trainer = self.trainer
+        if self.staged and trainer is not None and stage == "fit":
+            # Reload at the unfreeze epoch (and at its multiples, harmlessly), to switch to the image loaders.
+            every = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = math.gcd(every, self.model.unfreeze_at_epoch)
 
     def train_dataloader(self) -> DataLoader:
+        if self.model.input_mode != "features":
+            return self.images.train_dataloader()
         return DataLoader(self.features("train"), batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.model.input_mode != "features":
+            return self.images.val_dataloader()
         return DataLoader(self.features("val"), batch_size=self.batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.model.input_mode != "features":
+            return self.images.test_dataloader()
         return DataLoader(self.features("test"), batch_size=self.batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
@@ -97,7 +116,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def features(self, split: str) -> TensorDataset:
         """The split's ``(features, targets)``, computed on first use."""
         if split not in self._features:
-            dataset = getattr(self.images, f"{split}_set")
+            eval_view = self.staged and split == "train"  # the augmented training set serves the later epochs
+            dataset = getattr(self.images, "train_eval_set" if eval_view else f"{split}_set")
             if dataset is None:
                 raise RuntimeError(f"Call setup() before asking for the {split} features.")
             self._features[split] = extract_features(

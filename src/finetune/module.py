@@ -11,14 +11,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
-from finetune.checkpoint import CLASSES, PREPROCESSING, CheckpointError, describe_data, load_checkpoint
+from finetune.checkpoint import CLASSES, PREPROCESSING, describe_data
 from finetune.metrics import TestMetrics, batch_indices
+from finetune.schedules import BackboneUnfreeze, WeightAverage, check_ema_decay
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ class FineTuneModule(pl.LightningModule):
     takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
     ``compile=True`` compiles ``net`` in place with ``torch.compile`` (its state_dict keys stay those of ``net``, so
     checkpoints load into an uncompiled module); where compiling fails, the run says so once and runs uncompiled.
+    ``unfreeze_at_epoch=N`` freezes the backbone (BatchNorm included) for the first N epochs of a fit, then trains
+    it in its own group; with ``cache_features`` those N epochs train the head on cached features. ``ema_decay``
+    validates, tests and checkpoints an EMA of the weights. Both live in :mod:`finetune.schedules`.
     """
 
     def __init__(
@@ -50,6 +55,8 @@ class FineTuneModule(pl.LightningModule):
         channels_last: bool = False,
         cache_features: bool = False,
         compile: bool = False,
+        unfreeze_at_epoch: int = 0,
+        ema_decay: float | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
@@ -61,11 +68,24 @@ class FineTuneModule(pl.LightningModule):
             )
         head_advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
         check_number("model.head_lr_mult", head_lr_mult, "> 0", lambda x: x > 0, head_advice)
-        if cache_features and freeze != "backbone":
+        if isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0:
             raise ValueError(
-                f"model.cache_features=true needs model.freeze=backbone (got freeze={freeze!r}): features can only "
-                "be cached when the backbone does not train. Use experiment=frozen, or model.cache_features=false."
+                f"model.unfreeze_at_epoch must be an integer >= 0 (0: the backbone trains from the start), "
+                f"got {unfreeze_at_epoch!r}."
             )
+        if unfreeze_at_epoch and freeze != "none":
+            raise ValueError(
+                f"model.unfreeze_at_epoch={unfreeze_at_epoch} needs model.freeze=none (got freeze={freeze!r}): "
+                "a backbone frozen for the whole run never unfreezes."
+            )
+        if cache_features and freeze != "backbone" and not unfreeze_at_epoch:
+            raise ValueError(
+                f"model.cache_features=true needs model.freeze=backbone or model.unfreeze_at_epoch > 0 (got "
+                f"freeze={freeze!r}): features can only be cached while the backbone does not train. Use "
+                "experiment=frozen or experiment=lpft, or model.cache_features=false."
+            )
+        if ema_decay is not None:
+            check_ema_decay(ema_decay)
         # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe. So does
         # compiling: how a run executes the network, not what it is (a checkpoint loads uncompiled unless asked).
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"])
@@ -76,7 +96,13 @@ class FineTuneModule(pl.LightningModule):
         self.head_lr_mult = head_lr_mult
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.input_mode = "features" if cache_features else "images"
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.recipe_callbacks: list[pl.Callback] = []
+        if unfreeze_at_epoch:
+            self.recipe_callbacks.append(BackboneUnfreeze(unfreeze_at_epoch))
+        self.weight_average = WeightAverage(ema_decay) if ema_decay is not None else None
+        if self.weight_average is not None:
+            self.recipe_callbacks.append(self.weight_average)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if freeze == "backbone":
@@ -114,7 +140,7 @@ class FineTuneModule(pl.LightningModule):
         backbone = [p for p in self.backbone_parameters() if p.requires_grad]
         if not backbone:
             return [{"name": "head", "params": head, "lr_scale": self.head_lr_mult}]
-        if self.head_lr_mult == 1:
+        if self.head_lr_mult == 1 and not self.unfreeze_at_epoch:
             return [{"name": "all", "params": backbone + head, "lr_scale": 1.0}]
         return [
             {"name": "backbone", "params": backbone, "lr_scale": 1.0},
@@ -136,11 +162,30 @@ class FineTuneModule(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The recipe's schedules (``unfreeze_at_epoch``, ``ema_decay``): the same objects for every fit and test."""
+        return list(self.recipe_callbacks)
+
     # --- frozen BatchNorm ---------------------------------------------------------------------------------
+    def backbone_frozen(self) -> bool:
+        """Whether the backbone is frozen now: always with ``freeze="backbone"``, else before the unfreeze epoch
+        of a fit (outside a fit, e.g. when testing, the model is the whole network)."""
+        if self.freeze == "backbone":
+            return True
+        trainer = self._trainer
+        if not self.unfreeze_at_epoch or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return False
+        return trainer.current_epoch < self.unfreeze_at_epoch
+
+    @property
+    def input_mode(self) -> str:
+        """``features`` (2-D cached head inputs) while a ``cache_features`` model's backbone is frozen, else images."""
+        return "features" if self.hparams.cache_features and self.backbone_frozen() else "images"
+
     def train(self, mode: bool = True) -> FineTuneModule:
         """Lightning switches modes before every epoch; frozen BatchNorm layers must stay in eval()."""
         super().train(mode)
-        if self.freeze == "backbone":
+        if self.backbone_frozen():
             for module in self.frozen_batchnorms():
                 module.eval()
         return self
@@ -198,6 +243,8 @@ class FineTuneModule(pl.LightningModule):
         checkpoint["optimizer_class"] = self.optimizer_class()
         if self.data_spec is not None:
             checkpoint.update(self.data_spec)  # "classes", "preprocessing": what predict and export rely on
+        if self.weight_average is not None:
+            self.weight_average.write_average(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get(CLASSES):
@@ -251,7 +298,12 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train", self.train_acc, self.train_loss)
+        loss = self._shared_step(batch, "train", self.train_acc, self.train_loss)
+        if self.input_mode == "features" and self.unfreeze_at_epoch and self.trainer.world_size > 1:
+            # DDP syncs the gradient of every parameter that required grad when it wrapped the model, and fails
+            # on one the loss does not reach: the backbone joins the graph with an exact 0 (see schedules.py).
+            loss = loss + 0.0 * sum(p.sum() for p in self.backbone_parameters())
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_acc, self.val_loss)
@@ -322,26 +374,6 @@ def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool]
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and holds(value)):
         raise ValueError(f"{key} must be {rule}, got {value!r}. {advice}")
-
-
-def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]]:
-    """The model in a checkpoint file, in eval mode on the CPU, and the checkpoint itself.
-
-    Loaded with ``weights_only=True`` (see :func:`finetune.checkpoint.load_checkpoint`). ``weights=None``: the
-    checkpoint holds every weight, so nothing is fetched first. ``cache_features=False``: a model trained on cached
-    features takes images (its frozen backbone is in the checkpoint).
-    """
-    checkpoint = load_checkpoint(path)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if "num_classes" not in hparams:
-        raise CheckpointError(f"{str(path)!r} has no model hyper-parameters: it was not written by finetune.train.")
-    model = FineTuneModule(**{**hparams, "weights": None, "cache_features": False})
-    model.on_load_checkpoint(checkpoint)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{str(path)!r} does not fit the model its hyper-parameters describe: {err}") from err
-    return model.eval(), checkpoint
 
 
 _OOM_ADVICE = "Out of device memory"

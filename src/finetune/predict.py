@@ -29,9 +29,8 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.checkpoint import Preprocessing, class_names
+from finetune.checkpoint import Preprocessing, class_names, load_for_inference
 from finetune.data import is_image_file, load_rgb
-from finetune.module import load_for_inference
 from finetune.run import CONFIG_DIR, build_trainer
 from finetune.run_folder import RunFolder
 from finetune.workers import worker_context

@@ -2,8 +2,8 @@
 
 Pure: it reads a sweep folder (Hydra's ``multirun.yaml`` and one job folder per job, laid out as ``finetune.run_folder``
 says) and writes files; launching and the command line are ``scripts/compare.py``'s. The table covers exactly an
-expected grid of experiments x seeds, and names every cell without a completed job instead of averaging it away.
-"""
+expected grid of experiments x seeds (x folds of a ``data.fold=0,...,K-1`` sweep: a row's mean over folds selects a
+configuration), and names every cell without a completed job instead of averaging it away."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import math
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from finetune.run_folder import HYDRA, RESULTS, RunFolder
+from finetune.stats import Stat, gap, summarize  # also this module's public names, as before
 
 DEFAULT_EXPERIMENTS = ("finetune", "scratch", "frozen")  # conf/train.yaml's default experiment comes first
 DEFAULT_SEEDS = (0, 1, 2)
@@ -67,51 +68,48 @@ class Job:
     seed: int | None
     results: dict[str, Any] | None
     problem: str | None
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (n - 1) of ``n`` values; ``std`` is ``None`` below two values."""
-
-    mean: float | None
-    std: float | None
-    n: int
+    fold: int | None = None
 
 
 @dataclass
 class Sweep:
-    """The jobs found in a sweep folder, matched against the expected experiments x seeds."""
+    """The jobs found in a sweep folder, matched against the expected experiments x seeds x folds."""
 
     folder: Path
     experiments: list[str]
     seeds: list[int]
     jobs: list[Job]
+    folds: list[int | None] = field(default_factory=lambda: [None])  # [None]: no k-fold validation
+
+    def expected(self, job: Job) -> bool:
+        return job.experiment in self.experiments and job.seed in self.seeds and job.fold in self.folds
 
     def completed(self, experiment: str) -> list[Job]:
-        """The jobs of ``experiment`` that count: completed, and for an expected seed."""
-        return [j for j in self.jobs if j.problem is None and j.experiment == experiment and j.seed in self.seeds]
+        """The jobs of ``experiment`` that count: completed, and for an expected seed and fold."""
+        return [j for j in self.jobs if j.problem is None and j.experiment == experiment and self.expected(j)]
 
     @property
     def problems(self) -> list[str]:
         """Every expected job that did not complete (missing or failed), and duplicates; empty when all is well."""
         problems = []
-        for experiment, seed in itertools.product(self.experiments, self.seeds):
-            here = [j for j in self.jobs if j.experiment == experiment and j.seed == seed]
+        for experiment, seed, fold in itertools.product(self.experiments, self.seeds, self.folds):
+            here = [j for j in self.jobs if (j.experiment, j.seed, j.fold) == (experiment, seed, fold)]
             done = [j for j in here if j.problem is None]
+            cell = f"{experiment} seed {seed}" + ("" if fold is None else f" fold {fold}")
             if not here:
-                problems.append(f"missing: {experiment} seed {seed} (no job folder: the sweep never got to it)")
+                problems.append(f"missing: {cell} (no job folder: the sweep never got to it)")
             for job in here:
                 if job.problem is not None:
-                    problems.append(f"failed: {experiment} seed {seed} in {job.folder}: {job.problem}")
+                    problems.append(f"failed: {cell} in {job.folder}: {job.problem}")
             if len(done) > 1:
                 folders = ", ".join(str(j.folder) for j in done)
-                problems.append(f"duplicate: {experiment} seed {seed} completed {len(done)} times ({folders})")
+                problems.append(f"duplicate: {cell} completed {len(done)} times ({folders})")
         return problems
 
     @property
     def ignored(self) -> list[Job]:
-        """Jobs outside the expected grid (another experiment or seed, or not identifiable): not in the table."""
-        return [j for j in self.jobs if j.experiment not in self.experiments or j.seed not in self.seeds]
+        """Jobs outside the expected grid (another experiment, seed or fold, or not identifiable): not in the table."""
+        return [j for j in self.jobs if not self.expected(j)]
 
 
 def read_job(folder: Path) -> Job:
@@ -130,7 +128,19 @@ def read_job(folder: Path) -> Job:
     else:
         problem = _results_problem(results)
     experiment, seed = _identify(run, results)
-    return Job(run.path, experiment, seed, results if problem is None else None, problem)
+    fold = results.get("fold") if isinstance(results, dict) else (_saved_grid(run, folds=True) or [None])[0]
+    return Job(run.path, experiment, seed, results if problem is None else None, problem, fold=fold)
+
+
+def _saved_grid(run: RunFolder, folds: bool = False) -> Any:
+    """:func:`_grid` of the job's ``.hydra/overrides.yaml``; ``None`` without one, or not what Hydra writes."""
+    try:
+        lines = yaml.safe_load(run.overrides.read_text())
+        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+            return _grid(lines, folds=folds)
+    except (OSError, ValueError, yaml.YAMLError, HydraException):
+        pass
+    return None
 
 
 def _results_problem(results: Any) -> str | None:
@@ -141,6 +151,8 @@ def _results_problem(results: Any) -> str | None:
         return f"{RESULTS} says status {status!r}, not 'completed'"
     for key, *_ in METRICS:
         value = results.get(key)
+        if key == "test/acc" and value is None and results.get("test_after_fit") is False:
+            continue  # a validation-only run
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             return f"{RESULTS} has no numeric {key!r} (got {value!r})"
     if not isinstance(results.get("history"), list):
@@ -148,13 +160,16 @@ def _results_problem(results: Any) -> str | None:
     return None
 
 
-def _grid(overrides: list[str]) -> tuple[list[str], list[int]]:
-    """The experiments and seeds that Hydra overrides select, conf/train.yaml's defaults for those not given."""
-    values = {"experiment": [DEFAULT_EXPERIMENTS[0]], "seed": [str(TRAIN_DEFAULT_SEED)]}
+def _grid(overrides: list[str], folds: bool = False) -> tuple[list[str], list[int]] | list[int | None]:
+    """The experiments and seeds that Hydra overrides select, conf/train.yaml's defaults for those not given; with
+    ``folds``, the folds they select instead (``data.fold=0,...,K-1``; ``[None]``: no k-fold validation)."""
+    values = {"experiment": [DEFAULT_EXPERIMENTS[0]], "seed": [str(TRAIN_DEFAULT_SEED)], "data.fold": ["null"]}
     for override in OverridesParser.create().parse_overrides(overrides):
         if override.key_or_group in values and not override.is_delete():
             sweep = override.is_sweep_override()
             values[override.key_or_group] = list(override.sweep_string_iterator()) if sweep else [str(override.value())]
+    if folds:
+        return [None if fold == "null" else int(fold) for fold in values["data.fold"]]
     return values["experiment"], [int(seed) for seed in values["seed"]]
 
 
@@ -165,13 +180,9 @@ def _identify(run: RunFolder, results: Any) -> tuple[str | None, int | None]:
     name = run.job_name()
     if name is not None:
         return name
-    try:
-        lines = yaml.safe_load(run.overrides.read_text())
-        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
-            experiments, seeds = _grid(lines)
-            return (experiments[0], seeds[0]) if len(experiments) == len(seeds) == 1 else (None, None)
-    except (OSError, ValueError, yaml.YAMLError, HydraException):
-        pass
+    grid = _saved_grid(run)
+    if grid is not None and len(grid[0]) == len(grid[1]) == 1:
+        return grid[0][0], grid[1][0]
     return None, None  # no overrides.yaml, or not what Hydra writes: the job cannot be identified
 
 
@@ -209,31 +220,14 @@ def load_sweep(sweep_dir: Path, experiments: Sequence[str] | None = None, seeds:
     """Read every job of a sweep; the expected grid is what is passed, else what the sweep was launched with."""
     jobs = find_jobs(Path(sweep_dir))
     grid_experiments, grid_seeds = expected_grid(Path(sweep_dir))
-    return Sweep(Path(sweep_dir), list(experiments or grid_experiments), list(seeds or grid_seeds), jobs)
-
-
-def summarize(values: Sequence[float]) -> Stat:
-    """Mean and sample standard deviation; the std needs at least two values."""
-    n = len(values)
-    if n == 0:
-        return Stat(None, None, 0)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return Stat(mean, std, n)
+    experiments, seeds = list(experiments or grid_experiments), list(seeds or grid_seeds)
+    return Sweep(Path(sweep_dir), experiments, seeds, jobs, _grid(_multirun_task(sweep_dir) or [], folds=True))
 
 
 def experiment_stats(sweep: Sweep, experiment: str) -> dict[str, Stat]:
-    """Every metric of the table over the completed seeds of one experiment."""
+    """Every metric of the table over the completed seeds (and folds) of one experiment."""
     jobs = sweep.completed(experiment)
-    return {key: summarize([float(j.results[key]) for j in jobs]) for key, *_ in METRICS}
-
-
-def gap(a: Stat, b: Stat) -> Stat:
-    """Difference of means ``a - b`` with its standard error, sqrt(s_a^2/n_a + s_b^2/n_b) (independent runs)."""
-    if a.mean is None or b.mean is None:
-        return Stat(None, None, 0)
-    se = math.sqrt(a.std**2 / a.n + b.std**2 / b.n) if a.std is not None and b.std is not None else None
-    return Stat(a.mean - b.mean, se, min(a.n, b.n))
+    return {key: summarize([float(j.results[key]) for j in jobs if j.results[key] is not None]) for key, *_ in METRICS}
 
 
 def gap_stats(sweep: Sweep) -> dict[str, dict[str, Stat]]:
@@ -268,11 +262,13 @@ def _fmt(stat: Stat, decimals: int, signed: bool = False) -> str:
 
 def to_markdown(sweep: Sweep) -> str:
     """The results table, the gaps, what ± means, and every job that is missing or failed."""
-    heading = "| experiment | seeds | " + " | ".join(title for _, title, _, _ in METRICS) + " |"
+    folded = sweep.folds != [None]
+    heading = f"| experiment | {'runs' if folded else 'seeds'} | " + " | ".join(t for _, t, _, _ in METRICS) + " |"
     lines = [heading, "|---|---:|" + "---:|" * len(METRICS)]
     for experiment in sweep.experiments:
         stats = experiment_stats(sweep, experiment)
-        cells = [f"{stats[METRICS[0][0]].n}/{len(sweep.seeds)}", *(_fmt(stats[k], d) for k, _, _, d in METRICS)]
+        runs = len(sweep.completed(experiment))
+        cells = [f"{runs}/{len(sweep.seeds) * len(sweep.folds)}", *(_fmt(stats[k], d) for k, _, _, d in METRICS)]
         lines.append(f"| {experiment} | " + " | ".join(cells) + " |")
     if gaps := gap_stats(sweep):
         titles = " | ".join(title for key, title, _, _ in METRICS if key in GAP_METRICS)
@@ -285,6 +281,11 @@ def to_markdown(sweep: Sweep) -> str:
         "difference of the two means ± its standard error, √(s₁²/n₁ + s₂²/n₂). Test accuracy is that of the "
         "best-on-validation checkpoint; epochs and fit seconds are per run.",
     ]
+    if folded:
+        lines.append(
+            f"Folds {', '.join(str(f) for f in sweep.folds)} of k-fold validation: each row is over seeds × folds "
+            "(runs), and its best val acc, the mean over folds, is what selects a configuration."
+        )
     if backbones := sorted({str(j.results.get("backbone")) for e in sweep.experiments for j in sweep.completed(e)}):
         lines.append(f"Backbone: {', '.join(backbones)}.")
     if problems := sweep.problems:
@@ -306,7 +307,7 @@ def to_csv(sweep: Sweep) -> str:
     rows = [("experiment", e, experiment_stats(sweep, e)) for e in sweep.experiments]
     for kind, name, stats in rows + [("gap", name, stats) for name, stats in gap_stats(sweep).items()]:
         cells = [_num(getattr(stats[key], x)) if key in stats else "" for key, *_ in METRICS for x in MS]
-        writer.writerow([kind, name, next(iter(stats.values())).n, len(sweep.seeds), *cells])
+        writer.writerow([kind, name, stats["val/acc"].n, len(sweep.seeds) * len(sweep.folds), *cells])
     return out.getvalue()
 
 

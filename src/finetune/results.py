@@ -81,7 +81,10 @@ def run_results(
         "weights": None if cfg.model.weights is None else str(cfg.model.weights),
         "freeze": cfg.model.freeze,
         "seed": cfg.seed,
+        "folds": cfg.data.get("folds"),
+        "fold": cfg.data.get("fold"),
         "val/acc": fitted["val/acc"],
+        "test_after_fit": bool(cfg.get("test_after_fit", True)),  # false: validation only (k-fold, searches)
         "test/acc": to_number(test_metrics.get("test/acc")),
         "test/loss": to_number(test_metrics.get("test/loss")),
         **{key: report.get(key) for key in TEST_REPORT_KEYS},

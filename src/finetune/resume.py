@@ -74,7 +74,8 @@ class ClaimRunFolder(HydraCallback):
     """Hydra callback: claim the run folder (or refuse) before Hydra writes ``.hydra/`` and the log into it.
 
     A multirun checks its sweep folder instead: a reused ``hydra.sweep.dir`` whose job folders hold runs is
-    refused before any job starts; each job then claims its own folder when it starts.
+    refused before any job starts (except a search continuing its study there); each job then claims its own
+    folder when it starts.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -90,6 +91,8 @@ class ClaimRunFolder(HydraCallback):
             return
         HydraConfig.instance().set_config(config)
         sweep = Path(config.hydra.sweep.dir)
+        if _continues_a_search(config, sweep):
+            return  # hparams_search: the study goes on in its folder; new trials get new job folders
         taken = (
             sorted(p.name for p in sweep.iterdir() if p.is_dir() and RunFolder(p).holds_a_run())
             if sweep.is_dir()
@@ -100,6 +103,12 @@ class ClaimRunFolder(HydraCallback):
                 f"Error: sweep folder {str(sweep)!r} already holds runs ({', '.join(taken[:5])}); a multirun never "
                 "writes into an earlier sweep. Leave hydra.sweep.dir unset so that every multirun gets a new folder."
             )
+
+
+def _continues_a_search(config: DictConfig, sweep: Path) -> bool:
+    """A search (``hparams_search=``) whose study database is in ``sweep``: running it again continues the study."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    return target.startswith("hydra_plugins.finetune_optuna_sweeper.") and (sweep / "optuna.db").is_file()
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -202,13 +211,14 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
             into.append(f"{label}: {then!r} in the checkpoint, {now!r} now")
 
     saved_model = checkpoint.get("hyper_parameters", {})
-    for key in ("backbone", "num_classes", "freeze", "head_lr_mult"):
+    recipe = ("backbone", "num_classes", "freeze", "head_lr_mult", "unfreeze_at_epoch", "ema_decay", "cache_features")
+    for key in recipe:
         if key in saved_model:
             compare(f"model.{key}", saved_model[key], model.hparams.get(key), errors)
     saved_data = checkpoint.get("datamodule_hyper_parameters", {})
     if "root" in saved_data:
         compare("data.root", str(Path(saved_data["root"]).resolve()), str(Path(datamodule.root).resolve()), errors)
-    for key in ("val_fraction", "split_seed", "skip_corrupt"):
+    for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
     for key in ("batch_size", "image_size"):

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
 from finetune.module import check_number
+from finetune.schedules import check_unfreeze_epoch
 
 
 def _config_dir() -> str:
@@ -136,11 +137,15 @@ def assemble(
 ) -> Run:
     """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one.
 
-    With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features.
+    With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features
+    (while it is frozen: see ``model.unfreeze_at_epoch``).
     """
     check_trainer_settings(cfg.trainer)  # before the data is fetched or checked: a wrong setting fails at once
+    unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
+    if isinstance(unfreeze, int) and unfreeze and not cfg.trainer.get("fast_dev_run"):
+        check_unfreeze_epoch(unfreeze, cfg.trainer.get("max_epochs"))  # checked again when fitting, for any trainer
     images = build_datamodule(cfg)
     if model is None:
         model = build_model(cfg, images.num_classes)
-    datamodule = FeatureCacheDataModule(images, model) if model.input_mode == "features" else images
+    datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     return Run(images=images, datamodule=datamodule, model=model, trainer=build_trainer(cfg, extra_callbacks))

@@ -1,7 +1,7 @@
 """The LightningDataModule: one class for the d2l hot dog set and any ``train/<class>/``, ``test/<class>/`` folder.
 
-A validation split is carved from train, stratified by class and seeded; the test split is touched only by
-``trainer.test``.
+A validation split is carved from train, stratified by class and seeded (a held-out fraction, or fold ``fold`` of
+``folds`` stratified folds); the test split is touched only by ``trainer.test``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from finetune.data.device_augment import AUGMENT_ON, RESAMPLING, DeviceAugment, 
 from finetune.data.download import download_and_extract
 from finetune.data.folders import (
     find_corrupt_images,
+    fold_split,
     is_image_file,
     load_rgb,
     preview,
@@ -56,6 +57,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``num_workers="auto"``: the cores available to the process, shared among the devices of this machine.
     ``augment_on="device"``: the train loader yields padded uint8 batches and the random crop, flip and
     normalisation run on the model's device after the transfer (:mod:`finetune.data.device_augment`).
+    ``folds=K, fold=i``: validate on fold ``i`` of ``K`` stratified folds of train (seeded by ``split_seed``) and
+    train on the other ``K - 1``, instead of holding out ``val_fraction``; test is untouched.
 
     The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
     feature cache turns it off on an existing DataModule.
@@ -79,6 +82,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = None,
         augment_on: str = "loader",
         device_resampling: str = "auto",
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -88,6 +93,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.train_eval_set: Dataset | None = None
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
@@ -148,8 +154,36 @@ class ImageFolderDataModule(pl.LightningDataModule):
                     "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
                     "original size."
                 )
+        self._check_folds()
         if hp.cache == "disk" and hp.cache_dir is None:
             raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
+
+    def _check_folds(self) -> None:
+        folds, fold = self.hparams.folds, self.hparams.fold
+        if folds is None:
+            if fold is not None:
+                raise ValueError(f"data.fold={fold} needs data.folds=K (the number of folds), which is null.")
+            return
+        _check_int("folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise ValueError(
+                f"data.fold must be an integer in [0, {folds}) with data.folds={folds} (the fold that validates), "
+                f"got {fold!r}. Sweep every fold: data.fold={','.join(str(i) for i in range(folds))}."
+            )
+
+    def _split(self, targets: list[int], classes: list[str]) -> tuple[list[int], list[int]]:
+        """(train, val) indices of the train folder: fold ``fold`` of ``folds``, or ``val_fraction`` held out."""
+        hp = self.hparams
+        if hp.folds is None:
+            return stratified_split(targets, hp.val_fraction, hp.split_seed)
+        sizes = {name: targets.count(index) for index, name in enumerate(classes)}
+        smallest = min(sizes, key=sizes.get)
+        if sizes[smallest] < hp.folds:
+            raise ValueError(
+                f"data.folds={hp.folds} is larger than the smallest class ({smallest!r}: {sizes[smallest]} training "
+                f"images): some folds would validate without that class. Use data.folds <= {sizes[smallest]}."
+            )
+        return fold_split(targets, hp.folds, hp.fold, hp.split_seed)
 
     @property
     def root(self) -> Path:
@@ -202,9 +236,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
             plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = augmented.classes
-            train_idx, val_idx = stratified_split(augmented.targets, hp.val_fraction, hp.split_seed)
+            train_idx, val_idx = self._split(augmented.targets, augmented.classes)
             self._check_split(augmented, train_idx, val_idx)
             self.train_set = Subset(augmented, train_idx)
+            self.train_eval_set = Subset(plain, train_idx)  # the training images through the eval transform
             self.val_set = Subset(plain, val_idx)
             if hp.cache != "none":
                 self.train_set = self._cached(self.train_set, "train", augmented=self.augment)

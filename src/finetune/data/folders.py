@@ -1,4 +1,5 @@
-"""The image folder on disk: find the images, load them as 8-bit RGB, check that they load, split train into val."""
+"""The image folder on disk: find the images, load them as 8-bit RGB, check that they load, split train into val
+(a held-out fraction, or one of K stratified folds)."""
 
 from __future__ import annotations
 
@@ -148,6 +149,37 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
         val += indices[:n_val]
         train += indices[n_val:]
     return sorted(train), sorted(val)
+
+
+def stratified_folds(targets: Sequence[int], folds: int, seed: int) -> list[list[int]]:
+    """Deal the indices into ``folds`` disjoint folds covering them all, each class spread as evenly as it can be.
+
+    Each class is shuffled (seeded) and dealt round-robin, starting where the previous class stopped, so fold
+    sizes differ by at most one overall and each class's counts per fold differ by at most one.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}.")
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    rng = random.Random(seed)
+    dealt: list[list[int]] = [[] for _ in range(folds)]
+    start = 0
+    for target in sorted(by_class):
+        indices = by_class[target]
+        rng.shuffle(indices)
+        for position, index in enumerate(indices):
+            dealt[(start + position) % folds].append(index)
+        start = (start + len(indices)) % folds
+    return [sorted(fold) for fold in dealt]
+
+
+def fold_split(targets: Sequence[int], folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices for fold ``fold`` of :func:`stratified_folds`: val is that fold, train the others."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in [0, {folds}), got {fold}.")
+    dealt = stratified_folds(targets, folds, seed)
+    return sorted(i for k, part in enumerate(dealt) if k != fold for i in part), dealt[fold]
 
 
 def preview(items: Sequence[str], limit: int = 5, sep: str = ", ") -> str:

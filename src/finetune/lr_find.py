@@ -1,0 +1,185 @@
+"""Learning-rate range test: ``python -m finetune.lr_find [train overrides] [lr_find.num_training=100 ...]``.
+
+Trains the configured run for ``lr_find.num_training`` steps while the learning rate grows exponentially from
+``lr_find.min_lr`` to ``lr_find.max_lr``, and suggests the rate where the (smoothed) loss falls fastest. Every
+parameter group moves together at its own ``lr_scale``: the head stays at ``model.head_lr_mult`` times the backbone
+at every step. (Lightning's ``Tuner.lr_find`` gives every group one rate, and its callback writes that rate into
+every group, so a head that trains at 10x would be tested at 1x.) The rate it suggests is ``optimizer.lr``, the
+backbone's: it prints the override to paste, and writes ``lr_find.json`` and ``lr_find.png`` (matplotlib, the
+optional ``figures`` extra) into its folder, ``logs/lr_find/<date>_<time>_<experiment>/``.
+
+What it tests is the phase that trains every group: ``model.unfreeze_at_epoch`` and ``model.ema_decay`` are turned
+off, the scheduler is left out and nothing is validated or checkpointed. Under DDP the loss is averaged over the
+processes, so every process stops at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune import distributed
+from finetune.quiet import quiet_known_warnings
+from finetune.results import write_json_atomic
+from finetune.run import CONFIG_DIR, assemble
+
+log = logging.getLogger(__name__)
+FIGURE_NEEDS = "lr_find.png needs matplotlib: pip install 'finetune[figures]'"
+
+
+class RangeTest(pl.Callback):
+    """Sets every group's ``lr`` to ``base(step) * lr_scale`` before each step and records the loss.
+
+    ``base`` grows exponentially from ``min_lr`` (step 0) to ``max_lr`` (step ``num_training - 1``); the test stops
+    early once the smoothed loss exceeds ``early_stop_threshold`` times its lowest value (or is not finite).
+    ``steps`` holds, per optimizer step, the base rate, every group's rate as the optimizer used it, and the loss.
+    """
+
+    def __init__(
+        self, min_lr: float, max_lr: float, num_training: int, early_stop_threshold: float | None, beta: float = 0.98
+    ) -> None:
+        if not 0 < min_lr < max_lr:
+            raise ValueError(f"lr_find.min_lr must be > 0 and below lr_find.max_lr, got {min_lr} and {max_lr}.")
+        if num_training < 2:
+            raise ValueError(f"lr_find.num_training must be at least 2 steps, got {num_training}.")
+        self.min_lr, self.max_lr, self.num_training = min_lr, max_lr, num_training
+        self.early_stop_threshold, self.beta = early_stop_threshold, beta
+        self.steps: list[dict[str, Any]] = []
+        self._average = 0.0
+        self._best: float | None = None
+
+    def base_lr(self, step: int) -> float:
+        return self.min_lr * (self.max_lr / self.min_lr) ** (step / (self.num_training - 1))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        base = self.base_lr(trainer.global_step)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = base * group.get("lr_scale", 1.0)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        groups = {str(g.get("name", i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        self.steps.append({"step": trainer.global_step, "lr": self.base_lr(trainer.global_step), "groups": groups})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
+        if not self.steps or "loss" in self.steps[-1]:
+            return  # an accumulation batch: no step was taken
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = float(trainer.strategy.reduce(loss.detach(), reduce_op="mean"))  # the same on every process
+        n = len(self.steps)
+        self._average = self.beta * self._average + (1 - self.beta) * loss
+        smoothed = self._average / (1 - self.beta**n)
+        self.steps[-1].update(loss=loss, smoothed=smoothed)
+        diverged = not math.isfinite(smoothed) or (
+            self.early_stop_threshold is not None
+            and self._best is not None
+            and smoothed > self.early_stop_threshold * self._best
+        )
+        if math.isfinite(smoothed):
+            self._best = smoothed if self._best is None else min(self._best, smoothed)
+        if diverged or n >= self.num_training:
+            trainer.should_stop = True
+
+    def suggestion(self, skip_begin: int = 10, skip_end: int = 1) -> float | None:
+        """The base rate where the smoothed loss falls fastest against log(lr) (as Lightning's, on the smoothed
+        loss); ``None`` with fewer than 2 usable points."""
+        points = [s for s in self.steps if "smoothed" in s][skip_begin : -skip_end or None]
+        points = [s for s in points if math.isfinite(s["smoothed"])]
+        if len(points) < 2:
+            return None
+        logs = [math.log(s["lr"]) for s in points]
+        losses = [s["smoothed"] for s in points]
+        slopes = []
+        for i in range(len(points)):
+            lo, hi = max(i - 1, 0), min(i + 1, len(points) - 1)
+            slopes.append((losses[hi] - losses[lo]) / (logs[hi] - logs[lo]))
+        return points[min(range(len(points)), key=slopes.__getitem__)]["lr"]
+
+
+def range_test_config(cfg: DictConfig) -> DictConfig:
+    """The train config with what a range test must not have: schedules, scheduler, validation, checkpoints."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        model = cfg.model
+        if model.get("unfreeze_at_epoch"):
+            log.info(
+                "lr_find: model.unfreeze_at_epoch=%s left out: the test trains every group", model.unfreeze_at_epoch
+            )
+            model.unfreeze_at_epoch = 0
+            model.cache_features = bool(model.get("cache_features")) and model.get("freeze") == "backbone"
+        model.ema_decay = None
+        cfg.scheduler = None
+        cfg.callbacks = None
+        cfg.logger = None
+        cfg.trainer.max_epochs = -1
+        cfg.trainer.max_steps = cfg.lr_find.num_training
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+    return cfg
+
+
+def lr_find(cfg: DictConfig) -> dict[str, Any]:
+    """Run the range test of ``cfg``; write ``lr_find.json`` (and ``lr_find.png``) into ``cfg.paths.output_dir``."""
+    quiet_known_warnings()
+    pl.seed_everything(cfg.seed, workers=True)
+    settings = cfg.lr_find
+    test = RangeTest(settings.min_lr, settings.max_lr, settings.num_training, settings.early_stop_threshold)
+    run = assemble(range_test_config(cfg), [test])
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    suggested = test.suggestion()
+    result = {
+        "suggested_lr": suggested,
+        "override": None if suggested is None else f"optimizer.lr={suggested:.3g}",
+        "head_lr_mult": cfg.model.head_lr_mult,
+        "settings": OmegaConf.to_container(settings),
+        "steps": test.steps,
+    }
+    if run.trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        write_json_atomic(out / "lr_find.json", result)
+        figure = plot(test, suggested, out / "lr_find.png")
+        if suggested is None:
+            print(f"lr_find: no suggestion ({len(test.steps)} steps): raise lr_find.num_training or the data size")
+        else:
+            print(f"Suggested learning rate (the backbone's; the head at {cfg.model.head_lr_mult}x):")
+            print(f"  {result['override']}")
+        print(f"  {figure or FIGURE_NEEDS} ({out / 'lr_find.json'} holds every step)")
+    return result
+
+
+def plot(test: RangeTest, suggested: float | None, path: Path) -> Path | None:
+    """Loss against the backbone's rate (log scale), the suggestion marked; ``None`` without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    points = [s for s in test.steps if "loss" in s]
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot([s["lr"] for s in points], [s["loss"] for s in points], alpha=0.3, label="loss")
+    ax.plot([s["lr"] for s in points], [s["smoothed"] for s in points], label="smoothed")
+    if suggested is not None:
+        ax.axvline(suggested, color="C3", linestyle="--", label=f"suggested optimizer.lr={suggested:.3g}")
+    ax.set(xscale="log", xlabel="optimizer.lr (backbone; every group at its lr_scale)", ylabel="training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
+def main(cfg: DictConfig) -> None:
+    distributed.ENTRY_MODULE = __spec__.name  # DDP ranks 1.. run this module, not finetune.train
+    with distributed.job_scope():
+        lr_find(cfg)
+
+
+if __name__ == "__main__":
+    main()

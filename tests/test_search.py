@@ -1,0 +1,165 @@
+"""hparams_search=...: an Optuna study through Hydra's sweeper interface, validation only, continued by a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+optuna = pytest.importorskip("optuna")
+
+from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import OptunaSweeper, SearchError  # noqa: E402
+
+
+def test_the_search_space_comes_from_params_and_the_command_line():
+    sweeper = OptunaSweeper(params={"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"}, folds=3)
+    space, fixed = sweeper.split_arguments(
+        ["model.head_lr_mult=choice(1,10)", "trainer.max_epochs=range(2,8,2)", "seed=1"]
+    )
+    assert space == {
+        "optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "model.head_lr_mult": optuna.distributions.CategoricalDistribution([1, 10]),
+        "trainer.max_epochs": optuna.distributions.IntDistribution(2, 6, step=2),
+    }
+    assert fixed == ["seed=1"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["test_after_fit=true"], "never compute a test metric"),
+        (["test_after_fit=true,false"], "never compute a test metric"),
+        (["data.fold=1"], "data.fold is set by hydra.sweeper.folds=3"),
+        (["seed=1"], "nothing to search"),
+    ],
+)
+def test_a_search_that_would_test_or_clash_with_its_folds_is_refused(arguments, message):
+    params = {} if arguments == ["seed=1"] else {"optimizer.lr": "interval(0.001, 0.1)"}
+    with pytest.raises(SearchError, match=message):
+        OptunaSweeper(params=params, folds=3).split_arguments(arguments)
+
+
+def test_bad_sweeper_settings_name_the_setting():
+    with pytest.raises(SearchError, match="hydra.sweeper.folds must be null or an integer >= 2"):
+        OptunaSweeper(folds=1)
+    with pytest.raises(SearchError, match="hydra.sweeper.direction must be maximize or minimize"):
+        OptunaSweeper(direction="up")
+
+
+def _search(tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "finetune.train", "-m", "hparams_search=finetune",
+        "data=folder", f"data.root={data}", "data.image_size=32", "data.resize_size=36", "data.batch_size=4",
+        "data.num_workers=0", "model.weights=null", "model.backbone=mobilenet_v3_small", "trainer.accelerator=cpu",
+        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.num_sanity_val_steps=0", "hydra.sweeper.folds=2", "hydra.sweeper.study_name=tiny",
+        f"paths.log_dir={tmp_path / 'logs'}", *extra,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_a_search_runs_resumes_and_never_tests(tmp_path, tiny_folder):
+    first = _search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "logs" / "searches" / "tiny"
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 3
+
+    second = _search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=5")  # the same command, continued
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5  # the continued study drew new points
+
+    jobs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(jobs) == sum(len([k for k in t.user_attrs if k.startswith("job_")]) for t in trials)
+    assert [int(p.name.split("_")[0]) for p in jobs] == list(range(len(jobs)))  # numbered on, none reused
+    values = {}
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        assert results["status"] == "completed" and results["test_after_fit"] is False
+        assert results["test/acc"] is None and results["test/loss"] is None  # never tested
+        assert not any(
+            c.startswith("test/") for c in (job / "csv" / "metrics.csv").read_text().split("\n")[0].split(",")
+        )
+        assert results["folds"] == 2 and results["fold"] in (0, 1)
+        values[int(job.name.split("_")[0])] = results["val/acc"]
+    for trial in ran:  # a trial's value is the mean of its folds' best val/acc
+        folds = [values[trial.user_attrs[f"job_{fold}"]] for fold in (0, 1)]
+        assert trial.value == pytest.approx(sum(folds) / 2)
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["trials"] == 5 and best["best_value"] == pytest.approx(study.best_value)
+    assert not any(o.startswith(("hparams_search=", "test_after_fit=", "hydra.")) for o in best["overrides"])
+
+    refused = _search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=6", "test_after_fit=true")
+    assert refused.returncode != 0 and "never compute a test metric" in refused.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 5  # nothing ran
+
+
+class FakeJob:
+    def __init__(self, value, working_dir: str) -> None:
+        self._value, self.working_dir = value, working_dir
+
+    @property
+    def return_value(self):
+        if isinstance(self._value, Exception):
+            raise self._value
+        return self._value
+
+
+class FakeLauncher:
+    """Returns, for each job, the value ``score(overrides)``; records what was launched."""
+
+    def __init__(self, score) -> None:
+        self.score, self.launched = score, []
+
+    def launch(self, batch, initial_job_idx):
+        self.launched += [(initial_job_idx + i, list(job)) for i, job in enumerate(batch)]
+        return [FakeJob(self.score(job), f"job{initial_job_idx + i}") for i, job in enumerate(batch)]
+
+
+def _fold_search(score, trials: int = 4):
+    sweeper = OptunaSweeper(params={"optimizer.lr": "interval(0.001, 0.1)"}, folds=3, n_trials=trials)
+    sweeper.launcher = FakeLauncher(score)
+    sweeper.check_no_test = sweeper.validate_batch_is_legal = lambda batch: None  # no Hydra app here
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    space, fixed = sweeper.split_arguments(["seed=0"])
+    for _ in range(trials):
+        sweeper.run_trials(study, [study.ask(space)], fixed)
+    return study, sweeper.launcher.launched
+
+
+def test_a_trial_is_the_mean_over_its_folds_and_a_hopeless_one_is_pruned_after_a_fold():
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.6, 0.6, 0.1, 0.2, 0.8, 0.9, 0.5])  # in launch order
+
+    study, launched = _fold_search(lambda job: next(scores))
+    states = [t.state for t in study.trials]
+    assert [t.value for t in study.trials[:2]] == [pytest.approx(0.8), pytest.approx(0.6)]
+    assert states[2] == optuna.trial.TrialState.PRUNED  # 0.1 after fold 0, below the median of 0.9 and 0.6
+    folds_of = [[o for o in job if o.startswith("data.fold=")][0] for _, job in launched]
+    assert folds_of[:7] == ["data.fold=0", "data.fold=1", "data.fold=2"] * 2 + ["data.fold=0"]
+    assert [number for number, _ in launched] == list(range(len(launched)))  # job folders numbered on
+    assert all("data.folds=3" in job and "seed=0" in job for _, job in launched)
+
+
+def test_a_failed_job_fails_its_trial_and_the_search_goes_on():
+    values = iter([0.9, RuntimeError("out of memory"), 0.8, 0.8, 0.8, 0.8])
+    study, launched = _fold_search(lambda job: next(values), trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert len(launched) == 2 + 3  # the failed trial stops at its failing fold
