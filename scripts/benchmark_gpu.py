@@ -124,7 +124,7 @@ def common_overrides(args, backbone: str, output_dir: Path) -> list[str]:
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "~callbacks.model_checkpoint",
-        "~logger",
+        "logger=[]",
         f"seed={args.seed}",
         f"paths.output_dir={output_dir}",
         f"paths.log_dir={output_dir}/logs",
