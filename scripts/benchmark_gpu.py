@@ -118,7 +118,7 @@ def common_overrides(args, backbone: str, output_dir: Path) -> list[str]:
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={args.precision}",
         "trainer.devices=1",
-        "trainer.max_epochs=-1",
+        "trainer.max_epochs=1000",  # an upper bound: the timing callback stops the run
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false",

@@ -15,11 +15,13 @@ from .conftest import REPO
 
 optuna = pytest.importorskip("optuna")
 
-from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import OptunaSweeper, SearchError  # noqa: E402
+# Hydra's plugin scan re-executes this module in place (exec_module on the module in sys.modules), which makes new
+# classes: look them up at call time, through the module, never bind them at import.
+import hydra_plugins.finetune_optuna_sweeper.optuna_sweeper as plugin  # noqa: E402
 
 
 def test_the_search_space_comes_from_params_and_the_command_line():
-    sweeper = OptunaSweeper(params={"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"}, folds=3)
+    sweeper = plugin.OptunaSweeper(params={"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"}, folds=3)
     space, fixed = sweeper.split_arguments(
         ["model.head_lr_mult=choice(1,10)", "trainer.max_epochs=range(2,8,2)", "seed=1"]
     )
@@ -42,15 +44,15 @@ def test_the_search_space_comes_from_params_and_the_command_line():
 )
 def test_a_search_that_would_test_or_clash_with_its_folds_is_refused(arguments, message):
     params = {} if arguments == ["seed=1"] else {"optimizer.lr": "interval(0.001, 0.1)"}
-    with pytest.raises(SearchError, match=message):
-        OptunaSweeper(params=params, folds=3).split_arguments(arguments)
+    with pytest.raises(plugin.SearchError, match=message):
+        plugin.OptunaSweeper(params=params, folds=3).split_arguments(arguments)
 
 
 def test_bad_sweeper_settings_name_the_setting():
-    with pytest.raises(SearchError, match="hydra.sweeper.folds must be null or an integer >= 2"):
-        OptunaSweeper(folds=1)
-    with pytest.raises(SearchError, match="hydra.sweeper.direction must be maximize or minimize"):
-        OptunaSweeper(direction="up")
+    with pytest.raises(plugin.SearchError, match="hydra.sweeper.folds must be null or an integer >= 2"):
+        plugin.OptunaSweeper(folds=1)
+    with pytest.raises(plugin.SearchError, match="hydra.sweeper.direction must be maximize or minimize"):
+        plugin.OptunaSweeper(direction="up")
 
 
 def _search(tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -135,7 +137,7 @@ class FakeLauncher:
 
 
 def _fold_search(score, trials: int = 4):
-    sweeper = OptunaSweeper(params={"optimizer.lr": "interval(0.001, 0.1)"}, folds=3, n_trials=trials)
+    sweeper = plugin.OptunaSweeper(params={"optimizer.lr": "interval(0.001, 0.1)"}, folds=3, n_trials=trials)
     sweeper.launcher = FakeLauncher(score)
     sweeper.check_no_test = sweeper.validate_batch_is_legal = lambda batch: None  # no Hydra app here
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
