@@ -125,3 +125,6 @@ def test_a_timm_checkpoint_stores_its_preprocessing_and_predict_matches_evaluate
     for entry in evaluated["test/top_losses"]:
         row = rows[entry["path"]]
         assert row["label"] == entry["predicted"] and row["score"] == pytest.approx(entry["probability"], abs=1e-5)
+    # A new crop given to evaluate keeps timm's crop fraction (the checkpoint's backbone), and its normalisation.
+    bigger = evaluate(eval_config(results["best_checkpoint"], tiny_folder, tmp / "eval40", "data.image_size=40"))
+    assert (bigger["image_size"], bigger["resize_size"]) == (40, math.floor(40 / expected["crop_pct"])) == (40, 42)

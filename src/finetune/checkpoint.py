@@ -157,8 +157,8 @@ class Preprocessing:
             stored = {k: data[k] for k in ("mean", "std", "interpolation") if data.get(k) is not None}
             found = cls.of(int(data["image_size"]), data.get("resize_size"), **stored)
             log.warning(
-                "%s predates stored preprocessing: using its data settings (image_size=%d, resize_size=%d) and "
-                "ImageNet normalisation.",
+                "%s predates stored preprocessing: using its data settings (image_size=%d, resize_size=%d) and its "
+                "normalisation (ImageNet's, bilinear, unless recorded).",
                 path,
                 found.image_size,
                 found.resize_size,

@@ -61,8 +61,9 @@ def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_pa
     """Set ``cfg.data``'s eval preprocessing (sizes, mean, std, interpolation) to the checkpoint's, except those given
     on the command line.
 
-    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the book's ratio of the
-    new crop), not the checkpoint's, which may be smaller than the new crop.
+    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the backbone's crop
+    fraction of the new crop, see ``finetune.run.backbone_preprocessing``), not the checkpoint's, which may be smaller
+    than the new crop.
     """
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
     given = {o.lstrip("+~").split("=", 1)[0] for o in command_line_overrides()}

@@ -51,24 +51,25 @@ class Run:
     trainer: pl.Trainer
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+def build_datamodule(cfg: DictConfig, backbone: str | None = None) -> pl.LightningDataModule:
     """The image DataModule, with its data fetched (the head's size depends on the class folders).
 
-    With a ``model``, the null ``data.image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation`` are the
-    backbone's pretrained preprocessing (:func:`finetune.backbones.preprocessing`).
+    With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
+    ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
+    (:func:`finetune.backbones.preprocessing`).
     """
-    datamodule = instantiate(cfg.data, **backbone_preprocessing(cfg), _convert_="all")
+    datamodule = instantiate(cfg.data, **backbone_preprocessing(cfg, backbone), _convert_="all")
     datamodule.prepare_data()
     return datamodule
 
 
-def backbone_preprocessing(cfg: DictConfig) -> dict[str, Any]:
+def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:
     """The ``data.*`` settings left null that the backbone's pretrained config fills; explicit values win.
 
     A given ``data.image_size`` with a null ``data.resize_size`` keeps the backbone's crop fraction: the book's
     256/224 ratio for torchvision backbones (the datamodule's null), ``floor(image_size / crop_pct)`` for timm.
     """
-    backbone = OmegaConf.select(cfg, "model.backbone", default=None)
+    backbone = backbone or OmegaConf.select(cfg, "model.backbone", default=None)
     if not backbone:
         return {}
     expected = preprocessing(str(backbone))
@@ -172,7 +173,7 @@ def assemble(
     unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
     if isinstance(unfreeze, int) and unfreeze and not cfg.trainer.get("fast_dev_run"):
         check_unfreeze_epoch(unfreeze, cfg.trainer.get("max_epochs"))  # checked again when fitting, for any trainer
-    images = build_datamodule(cfg)
+    images = build_datamodule(cfg, model.hparams.get("backbone") if model is not None else None)
     if model is None:
         model = build_model(cfg, images.num_classes)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
