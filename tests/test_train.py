@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import instantiate
 
 from finetune.evaluate import evaluate
+from finetune.run import backbone_preprocessing
 from finetune.train import train
 
 from .conftest import assert_counted_accuracy, compose_config, count_correct, run_cli, tiny_overrides, without
@@ -44,8 +45,9 @@ def test_pretrained_weights_reach_finetune_and_frozen_but_not_scratch(tmp_path):
 def test_default_config_is_finetune_on_hotdog_with_resnet18(tmp_path):
     cfg = compose_config([f"paths.output_dir={tmp_path}"])
     assert (cfg.name, cfg.model.backbone, cfg.model.weights) == ("finetune", "resnet18", "imagenet")
-    assert cfg.data.root.endswith("hotdog") and cfg.data.image_size == 224
-    assert instantiate(cfg.data).resize_size == 256  # data.resize_size=null: the book's 256/224 ratio
+    assert cfg.data.root.endswith("hotdog") and cfg.data.image_size is None  # null: the backbone's
+    images = instantiate(cfg.data, **backbone_preprocessing(cfg))
+    assert (images.hparams.image_size, images.resize_size) == (224, 256)  # resnet18's: the book's 224 of 256
 
 
 @pytest.mark.parametrize("experiment", ["finetune", "scratch", "frozen"])

@@ -113,9 +113,12 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     @classmethod
-    def of(cls, image_size: int, resize_size: int | None = None) -> Preprocessing:
-        """What ``finetune.data.eval_transform(image_size, resize_size)`` does, read from the transform itself."""
-        return cls.of_transform(eval_transform(image_size, resize_size))
+    def of(cls, image_size: int, resize_size: int | None = None, **normalisation: Any) -> Preprocessing:
+        """What ``finetune.data.eval_transform(image_size, resize_size, ...)`` does, read from the transform itself.
+
+        ``normalisation``: ``mean``, ``std``, ``interpolation`` (the book's ImageNet ones and bilinear if absent).
+        """
+        return cls.of_transform(eval_transform(image_size, resize_size, **normalisation))
 
     @classmethod
     def of_transform(cls, transform: v2.Compose) -> Preprocessing:
@@ -151,10 +154,11 @@ class Preprocessing:
             return cls.from_dict(checkpoint[PREPROCESSING])
         data = checkpoint.get("datamodule_hyper_parameters") or {}
         if data.get("image_size"):
-            found = cls.of(int(data["image_size"]), data.get("resize_size"))
+            stored = {k: data[k] for k in ("mean", "std", "interpolation") if data.get(k) is not None}
+            found = cls.of(int(data["image_size"]), data.get("resize_size"), **stored)
             log.warning(
-                "%s predates stored preprocessing: using its data settings (image_size=%d, resize_size=%d) and "
-                "ImageNet normalisation.",
+                "%s predates stored preprocessing: using its data settings (image_size=%d, resize_size=%d) and its "
+                "normalisation (ImageNet's, bilinear, unless recorded).",
                 path,
                 found.image_size,
                 found.resize_size,
@@ -170,7 +174,10 @@ class Preprocessing:
 
     def transform(self) -> v2.Compose:
         """The eval transform that reproduces this preprocessing (refused when this version cannot)."""
-        transform = eval_transform(self.image_size, self.resize_size)
+        try:
+            transform = eval_transform(self.image_size, self.resize_size, self.mean, self.std, self.interpolation)
+        except ValueError as err:  # e.g. an interpolation this version does not know
+            raise CheckpointError(f"The checkpoint's preprocessing {self} cannot be reproduced: {err}") from err
         actual = Preprocessing.of_transform(transform)
         if not _same(actual, self):
             raise CheckpointError(
@@ -204,10 +211,15 @@ def describe_data(datamodule: Any) -> dict[str, Any] | None:
     """``{"classes": [...], "preprocessing": {...}}`` of an image datamodule (or the one a feature cache wraps)."""
     images = getattr(datamodule, "images", datamodule)
     classes = list(getattr(images, "classes", None) or [])
-    image_size = getattr(images, "image_size", None) or (getattr(images, "hparams", None) or {}).get("image_size")
-    if not classes or not image_size:
+    if callable(getattr(images, "eval_transform", None)):  # the transform val/test actually used
+        preprocessing = Preprocessing.of_transform(images.eval_transform())
+    else:
+        image_size = getattr(images, "image_size", None) or (getattr(images, "hparams", None) or {}).get("image_size")
+        if not image_size:
+            return None
+        preprocessing = Preprocessing.of(int(image_size), getattr(images, "resize_size", None))
+    if not classes:
         return None
-    preprocessing = Preprocessing.of(int(image_size), getattr(images, "resize_size", None))
     return {CLASSES: classes, PREPROCESSING: preprocessing.to_dict()}
 
 

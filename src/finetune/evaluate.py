@@ -2,7 +2,8 @@
 
 The model (backbone, head size, freezing) comes from the checkpoint, and so do the class names and the eval
 preprocessing: a folder whose classes differ from the checkpoint's is refused, and the checkpoint's image and resize
-sizes are used unless ``data.image_size`` / ``data.resize_size`` are given on the command line. The data comes from
+sizes, normalisation and interpolation are used unless ``data.image_size`` / ``data.resize_size`` / ``data.mean`` /
+``data.std`` / ``data.interpolation`` are given on the command line. The data comes from
 the config, so pass the ``data=...`` overrides of the run. Writes ``eval_results.json`` (with the test report's
 ``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png`` in the evaluation's folder.
 """
@@ -26,7 +27,7 @@ from finetune.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-GEOMETRY_KEYS = ("image_size", "resize_size")
+GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -57,15 +58,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path) -> None:
-    """Set ``cfg.data``'s image and resize sizes to the checkpoint's, except those given on the command line.
+    """Set ``cfg.data``'s eval preprocessing (sizes, mean, std, interpolation) to the checkpoint's, except those given
+    on the command line.
 
-    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the book's ratio of the
-    new crop), not the checkpoint's, which may be smaller than the new crop.
+    A new ``data.image_size`` without ``data.resize_size`` keeps the config's resize (null: the backbone's crop
+    fraction of the new crop, see ``finetune.run.backbone_preprocessing``), not the checkpoint's, which may be smaller
+    than the new crop.
     """
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
     given = {o.lstrip("+~").split("=", 1)[0] for o in command_line_overrides()}
     for key in GEOMETRY_KEYS:
         stored = getattr(preprocessing, key)
+        stored = list(stored) if isinstance(stored, tuple) else stored
         if f"data.{key}" in given or (key == "resize_size" and "data.image_size" in given):
             if cfg.data.get(key) != stored:
                 log.warning("data.%s=%s, not the checkpoint's %s.", key, cfg.data[key], stored)

@@ -7,6 +7,7 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
+from finetune.backbones import is_timm, preprocessing
 from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
 from finetune.module import check_number
@@ -49,11 +51,38 @@ class Run:
     trainer: pl.Trainer
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """The image DataModule, with its data fetched (the head's size depends on the class folders)."""
-    datamodule = instantiate(cfg.data, _convert_="all")
+def build_datamodule(cfg: DictConfig, backbone: str | None = None) -> pl.LightningDataModule:
+    """The image DataModule, with its data fetched (the head's size depends on the class folders).
+
+    With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
+    ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
+    (:func:`finetune.backbones.preprocessing`).
+    """
+    datamodule = instantiate(cfg.data, **backbone_preprocessing(cfg, backbone), _convert_="all")
     datamodule.prepare_data()
     return datamodule
+
+
+def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:
+    """The ``data.*`` settings left null that the backbone's pretrained config fills; explicit values win.
+
+    A given ``data.image_size`` with a null ``data.resize_size`` keeps the backbone's crop fraction: the book's
+    256/224 ratio for torchvision backbones (the datamodule's null), ``floor(image_size / crop_pct)`` for timm.
+    """
+    backbone = backbone or OmegaConf.select(cfg, "model.backbone", default=None)
+    if not backbone:
+        return {}
+    expected = preprocessing(str(backbone))
+    data = cfg.data
+    filled = {k: list(expected[k]) for k in ("mean", "std") if data.get(k) is None}
+    if data.get("interpolation") is None:
+        filled["interpolation"] = expected["interpolation"]
+    if data.get("image_size") is None:
+        filled["image_size"] = expected["image_size"]
+    if data.get("resize_size") is None and is_timm(str(backbone)):
+        image_size = filled.get("image_size", data.get("image_size"))
+        filled["resize_size"] = math.floor(image_size / expected["crop_pct"]) if isinstance(image_size, int) else None
+    return filled
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
@@ -144,7 +173,7 @@ def assemble(
     unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
     if isinstance(unfreeze, int) and unfreeze and not cfg.trainer.get("fast_dev_run"):
         check_unfreeze_epoch(unfreeze, cfg.trainer.get("max_epochs"))  # checked again when fitting, for any trainer
-    images = build_datamodule(cfg)
+    images = build_datamodule(cfg, model.hparams.get("backbone") if model is not None else None)
     if model is None:
         model = build_model(cfg, images.num_classes)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images

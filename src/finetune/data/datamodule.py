@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,10 +20,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
-from finetune.data.device_augment import AUGMENT_ON, RESAMPLING, DeviceAugment, RawBatch, pad_collate
+from finetune.data.device_augment import (
+    AUGMENT_ON,
+    RESAMPLING,
+    DeviceAugment,
+    RawBatch,
+    pad_collate,
+    say_where_augmentation_runs,
+)
 from finetune.data.download import download_and_extract
 from finetune.data.folders import (
-    find_corrupt_images,
+    check_split,
+    corrupt_images,
     fold_split,
     is_image_file,
     load_rgb,
@@ -33,7 +41,10 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
+from finetune.data.settings import check_channels, check_int, check_interpolation
 from finetune.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     book_resize_size,
     eval_geometry,
     eval_transform,
@@ -59,6 +70,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     normalisation run on the model's device after the transfer (:mod:`finetune.data.device_augment`).
     ``folds=K, fold=i``: validate on fold ``i`` of ``K`` stratified folds of train (seeded by ``split_seed``) and
     train on the other ``K - 1``, instead of holding out ``val_fraction``; test is untouched.
+    ``mean``, ``std``, ``interpolation``: the normalisation and resampling of every transform (``None``: ImageNet's,
+    bilinear; ``finetune.run.build_datamodule`` fills them from the backbone's pretrained config).
 
     The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
     feature cache turns it off on an existing DataModule.
@@ -72,8 +85,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         num_workers: int | str = AUTO,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        image_size: int = 224,
+        image_size: int | None = 224,
         resize_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
         skip_corrupt: bool = False,
         verify_images: bool = True,
         augment: bool = True,
@@ -86,7 +102,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         fold: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        image_size = 224 if image_size is None else image_size  # None: what build_datamodule did not fill
+        mean = list(IMAGENET_MEAN if mean is None else mean)
+        std = list(IMAGENET_STD if std is None else std)
+        interpolation = interpolation or "bilinear"
+        self.save_hyperparameters()  # the values in effect, so a checkpoint records them
         self._check_settings()
         self.augment = augment
         self.classes: list[str] = []
@@ -101,18 +121,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _check_settings(self) -> None:
         """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader or a run."""
         hp = self.hparams
-        _check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+        check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
         if hp.resize_size is not None:
-            _check_int("resize_size", hp.resize_size, 1, "the square resize before the centre crop, or null")
+            check_int("resize_size", hp.resize_size, 1, "the square resize before the centre crop, or null")
             if hp.resize_size < hp.image_size:
                 raise ValueError(
                     f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
                     "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
                     f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
                 )
-        _check_int("batch_size", hp.batch_size, 1, "images per device and step")
+        check_channels("mean", hp.mean, positive=False)
+        check_channels("std", hp.std, positive=True)
+        check_interpolation(hp.interpolation)
+        check_int("batch_size", hp.batch_size, 1, "images per device and step")
         if hp.num_workers != AUTO:
-            _check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
+            check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
         if hp.augment_on not in AUGMENT_ON:
             raise ValueError(
                 f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
@@ -123,7 +146,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
                 "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
             )
-        _check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
+        check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
         if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
             raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
         if not 0.0 < hp.val_fraction < 1.0:
@@ -147,7 +170,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if hp.cache not in CACHE_MODES:
             raise ValueError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
         if hp.cache_short_side is not None:
-            _check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
+            check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
             if hp.cache_short_side < hp.image_size:
                 raise ValueError(
                     f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
@@ -164,7 +187,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             if fold is not None:
                 raise ValueError(f"data.fold={fold} needs data.folds=K (the number of folds), which is null.")
             return
-        _check_int("folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
+        check_int("folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
             raise ValueError(
                 f"data.fold must be an integer in [0, {folds}) with data.folds={folds} (the fold that validates), "
@@ -224,10 +247,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "train/<class>/ and test/<class>/ image folders (for example data.root=/data/hotdog)."
             )
 
+    def eval_transform(self) -> v2.Compose:
+        """The val/test transform (what checkpoints record, so that predict and export reproduce it)."""
+        hp = self.hparams
+        return eval_transform(hp.image_size, self.resize_size, hp.mean, hp.std, hp.interpolation)
+
+    def train_transform(self) -> v2.Compose:
+        hp = self.hparams
+        return train_transform(hp.image_size, hp.mean, hp.std, hp.interpolation)
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        eval_tf = eval_transform(hp.image_size, self.resize_size)
-        train_tf = train_transform(hp.image_size) if self.augment else eval_tf
+        eval_tf = self.eval_transform()
+        train_tf = self.train_transform() if self.augment else eval_tf
         if self.augments_on_device:
             train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
         if stage in ("fit", "validate", None) and self.train_set is None:
@@ -237,7 +269,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = augmented.classes
             train_idx, val_idx = self._split(augmented.targets, augmented.classes)
-            self._check_split(augmented, train_idx, val_idx)
+            check_split(augmented, train_idx, val_idx, hp.val_fraction)
             self.train_set = Subset(augmented, train_idx)
             self.train_eval_set = Subset(plain, train_idx)  # the training images through the eval transform
             self.val_set = Subset(plain, val_idx)
@@ -245,33 +277,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
                 self.val_set = self._cached(self.val_set, "val", augmented=False)
             if self.augments_on_device and self.device_augment is None:
-                self.device_augment = DeviceAugment(hp.image_size, resampling=hp.device_resampling)
-                self._say_where_augmentation_runs()
+                self.device_augment = DeviceAugment(hp.image_size, hp.mean, hp.std, resampling=hp.device_resampling)
+                say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
             self.test_set = ImageFolder(self._split_dir("test"), eval_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = self.test_set.classes
             if hp.cache != "none":
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
-
-    def _check_split(self, folder: ImageFolder, train_idx: list[int], val_idx: list[int]) -> None:
-        """Every class needs training images to learn from and validation images to select the checkpoint by."""
-        counts = {name: [0, 0] for name in folder.classes}
-        for side, indices in enumerate((train_idx, val_idx)):
-            for index in indices:
-                counts[folder.classes[folder.targets[index]]][side] += 1
-        short = [
-            f"class {name!r}: {n_train} train, {n_val} val"
-            for name, (n_train, n_val) in counts.items()
-            if not (n_train and n_val)
-        ]
-        if short:
-            raise ValueError(
-                f"data.val_fraction={self.hparams.val_fraction} leaves {len(short)} class(es) without training or "
-                f"validation images ({preview(short, limit=10, sep='; ')}): each class gives "
-                "round(val_fraction * n) of its n training images to val, and the validation split selects the "
-                "checkpoint that is tested. Change data.val_fraction, or add images to those classes."
-            )
 
     def train_dataloader(self) -> DataLoader:
         collate = pad_collate if self.augments_on_device else None
@@ -324,19 +337,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.device_augment is not None and "device_augment" in state_dict:
             self.device_augment.load_state_dict(state_dict["device_augment"])
 
-    def _say_where_augmentation_runs(self) -> None:
-        if self.trainer is not None and self.trainer.strategy.root_device.type == "cpu":
-            log.warning(
-                "data.augment_on=device without an accelerator: the random crop, flip and normalisation of training "
-                "batches run on the CPU, in the training process (data.augment_on=loader runs them in the loader "
-                "workers)."
-            )
-        if self.hparams.cache == "none":
-            log.info(
-                "data.augment_on=device with data.cache=none: the loader workers still decode every training image "
-                "every epoch; data.cache=memory decodes each once."
-            )
-
     def _cached(self, dataset: ImageFolder | Subset, name: str, augmented: bool) -> CachedImageDataset:
         """The same samples, decoded once: whole (or shrunk) for the random crop, or through the eval geometry."""
         hp = self.hparams
@@ -344,9 +344,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         samples = folder.samples if indices is None else [folder.samples[i] for i in indices]
         if augmented:
             prepare = ShrinkShorterSide(hp.cache_short_side)
-            transform = None if self.augments_on_device else train_transform(hp.image_size)
+            transform = None if self.augments_on_device else self.train_transform()
         else:
-            prepare, transform = eval_geometry(hp.image_size, self.resize_size), to_normalized_tensor()
+            prepare = eval_geometry(hp.image_size, self.resize_size, hp.interpolation)
+            transform = to_normalized_tensor(hp.mean, hp.std)
         images = build_cache(
             [path for path, _ in samples], prepare, hp.cache, name, hp.cache_dir, num_workers=self.num_workers
         )
@@ -384,30 +385,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _usable_images(self, split: str):
         """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
-        by_class = self._scan()[split]
         if split not in self._corrupt:
-            paths = [path for images in by_class.values() for path in images]
-            corrupt = find_corrupt_images(paths) if self.hparams.verify_images else {}
-            if corrupt:
-                listing = preview([f"{path} ({reason})" for path, reason in sorted(corrupt.items())], limit=10)
-                if not self.hparams.skip_corrupt:
-                    raise ValueError(
-                        f"{len(corrupt)} corrupt or truncated image(s) in {str(self.root / split)!r}: {listing}. "
-                        "Replace or delete them, or pass data.skip_corrupt=true to train without them."
-                    )
-                emptied = [name for name, images in by_class.items() if all(path in corrupt for path in images)]
-                if emptied:
-                    raise ValueError(f"Every image of class(es) {emptied} in {str(self.root / split)!r} is corrupt.")
-                log.warning(
-                    "Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing
-                )
-            self._corrupt[split] = corrupt
+            hp, by_class = self.hparams, self._scan()[split]
+            self._corrupt[split] = corrupt_images(self.root / split, by_class, hp.verify_images, hp.skip_corrupt)
         corrupt = self._corrupt[split]
         return lambda path: is_image_file(path) and path not in corrupt
-
-
-def _check_int(key: str, value: object, minimum: int | None, meaning: str) -> None:
-    """``data.<key>`` must be a whole number (not a bool or a float), at least ``minimum`` when one is given."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ValueError(f"data.{key} must be {bound} ({meaning}), got {value!r}.")

@@ -25,6 +25,7 @@ The same code runs on a CPU (tests, and CPU users whose loader workers cannot ke
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -35,6 +36,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as the loader path uses them
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -233,3 +236,18 @@ class DeviceAugment:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.batches = int(state["seed"]), int(state["batches"])
+
+
+def say_where_augmentation_runs(trainer, cache: str) -> None:
+    """Warn when data.augment_on=device has no accelerator to run on, and say what data.cache=none still costs."""
+    if trainer is not None and trainer.strategy.root_device.type == "cpu":
+        log.warning(
+            "data.augment_on=device without an accelerator: the random crop, flip and normalisation of training "
+            "batches run on the CPU, in the training process (data.augment_on=loader runs them in the loader "
+            "workers)."
+        )
+    if cache == "none":
+        log.info(
+            "data.augment_on=device with data.cache=none: the loader workers still decode every training image "
+            "every epoch; data.cache=memory decodes each once."
+        )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.progress import track
+
+log = logging.getLogger(__name__)
 
 # 16-bit grayscale, as PNG decodes it ("I" in Pillow versions before 10.x, "I;16" after).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -123,6 +126,47 @@ def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dic
             track(pool.map(_image_problem, paths), total=len(paths), description="Checking images", unit="images")
         )
     return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason}
+
+
+def corrupt_images(split_dir: Path, by_class: dict[str, list[str]], verify: bool, skip: bool) -> dict[str, str]:
+    """``{path: reason}`` of the split's images that do not decode (none unchecked with ``verify=False``).
+
+    Raises naming them, unless ``skip`` (``data.skip_corrupt``): then warns, and raises only for an emptied class.
+    """
+    paths = [path for images in by_class.values() for path in images]
+    corrupt = find_corrupt_images(paths) if verify else {}
+    if corrupt:
+        listing = preview([f"{path} ({reason})" for path, reason in sorted(corrupt.items())], limit=10)
+        if not skip:
+            raise ValueError(
+                f"{len(corrupt)} corrupt or truncated image(s) in {str(split_dir)!r}: {listing}. "
+                "Replace or delete them, or pass data.skip_corrupt=true to train without them."
+            )
+        emptied = [name for name, images in by_class.items() if all(path in corrupt for path in images)]
+        if emptied:
+            raise ValueError(f"Every image of class(es) {emptied} in {str(split_dir)!r} is corrupt.")
+        log.warning("Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing)
+    return corrupt
+
+
+def check_split(folder, train_idx: list[int], val_idx: list[int], val_fraction: float) -> None:
+    """Every class needs training images to learn from and validation images to select the checkpoint by."""
+    counts = {name: [0, 0] for name in folder.classes}
+    for side, indices in enumerate((train_idx, val_idx)):
+        for index in indices:
+            counts[folder.classes[folder.targets[index]]][side] += 1
+    short = [
+        f"class {name!r}: {n_train} train, {n_val} val"
+        for name, (n_train, n_val) in counts.items()
+        if not (n_train and n_val)
+    ]
+    if short:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} leaves {len(short)} class(es) without training or "
+            f"validation images ({preview(short, limit=10, sep='; ')}): each class gives "
+            "round(val_fraction * n) of its n training images to val, and the validation split selects the "
+            "checkpoint that is tested. Change data.val_fraction, or add images to those classes."
+        )
 
 
 def _image_problem(path: str) -> str | None:

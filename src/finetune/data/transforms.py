@@ -1,12 +1,19 @@
-"""The book's image transforms: random-crop augmentation for training, square resize + centre crop for evaluation."""
+"""The book's image transforms: random-crop augmentation for training, square resize + centre crop for evaluation.
+
+Each takes the normalisation (``mean``, ``std``) and resampling (``interpolation``) of the backbone's pretrained
+weights; the defaults are the book's (ImageNet mean/std, bilinear), which torchvision backbones expect.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def book_resize_size(image_size: int) -> int:
@@ -14,25 +21,42 @@ def book_resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def train_transform(image_size: int = 224) -> v2.Compose:
-    """The book's training augmentation: random resized crop, horizontal flip, ImageNet normalisation."""
+def interpolation_mode(interpolation: str) -> InterpolationMode:
+    """``"bilinear"`` | ``"bicubic"`` | ``"nearest"`` -> torchvision's ``InterpolationMode``."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {interpolation!r}: choose one of {INTERPOLATIONS}.")
+    return InterpolationMode(interpolation)
+
+
+def train_transform(
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> v2.Compose:
+    """The book's training augmentation: random resized crop, horizontal flip, normalisation."""
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomResizedCrop(image_size, interpolation=interpolation_mode(interpolation), antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *to_normalized_tensor(mean, std).transforms,
         ]
     )
 
 
-def eval_transform(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
+def eval_transform(
+    image_size: int = 224,
+    resize_size: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> v2.Compose:
     """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop."""
-    return v2.Compose([*eval_geometry(image_size, resize_size).transforms, *to_normalized_tensor().transforms])
+    geometry = eval_geometry(image_size, resize_size, interpolation)
+    return v2.Compose([*geometry.transforms, *to_normalized_tensor(mean, std).transforms])
 
 
-def eval_geometry(image_size: int = 224, resize_size: int | None = None) -> v2.Compose:
+def eval_geometry(image_size: int = 224, resize_size: int | None = None, interpolation: str = "bilinear") -> v2.Compose:
     """The deterministic, pixel-changing part of :func:`eval_transform` (what the image cache stores).
 
     ``resize_size=None`` keeps the book's ratio (:func:`book_resize_size`), so a larger crop is not cut out of a
@@ -40,9 +64,10 @@ def eval_geometry(image_size: int = 224, resize_size: int | None = None) -> v2.C
     """
     if resize_size is None:
         resize_size = book_resize_size(image_size)
-    return v2.Compose([v2.Resize([resize_size, resize_size], antialias=True), v2.CenterCrop(image_size)])
+    resize = v2.Resize([resize_size, resize_size], interpolation=interpolation_mode(interpolation), antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(image_size)])
 
 
-def to_normalized_tensor() -> v2.Compose:
-    """uint8 image (PIL or tensor) -> float tensor in [0, 1] -> ImageNet-normalised."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def to_normalized_tensor(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+    """uint8 image (PIL or tensor) -> float tensor in [0, 1] -> normalised with ``mean`` and ``std``."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
