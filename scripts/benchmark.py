@@ -53,10 +53,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -66,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.backbones import find_head, load_backbone_weights  # noqa: E402
-from finetune.run import CONFIG_DIR, assemble, build_datamodule  # noqa: E402
+from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data" / "hotdog-kaggle"
@@ -180,15 +176,6 @@ class PeakMemory:
 
 
 # --- template -----------------------------------------------------------------------------------------------
-def compose_template(overrides: list[str]) -> DictConfig:
-    """Compose ``conf/train.yaml`` as ``python -m finetune.train`` would (Hydra's node set for interpolations)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def common_overrides(args, output_dir: Path) -> list[str]:
@@ -241,7 +228,7 @@ def run_template(args, variant_overrides: list[str], workdir: Path) -> dict:
         "trainer.limit_val_batches=0",
         "test_after_fit=false",
     ]
-    cfg = compose_template(overrides)
+    cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     timer = WindowTimer(args.warmup, args.batches)
     run = assemble(cfg, [timer])
@@ -345,7 +332,7 @@ def run_loading(args, workdir: Path) -> dict[str, list[dict]]:
                 result = loader_throughput(plain_train_loader(args))
             else:
                 cache = name.partition("cache=")[2] or "none"
-                cfg = compose_template(["experiment=finetune", *common_overrides(args, workdir), f"data.cache={cache}"])
+                cfg = compose_config(["experiment=finetune", *common_overrides(args, workdir), f"data.cache={cache}"])
                 datamodule = build_datamodule(cfg)
                 built = time.perf_counter()
                 datamodule.setup("fit")
@@ -375,7 +362,7 @@ def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
     overrides = ["experiment=frozen", *common_overrides(args, workdir)]
     overrides += [f"model.cache_features={str(cache_features).lower()}", "data.augment=false"]
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
-    cfg = compose_template(overrides)
+    cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     timer = EpochTimer()
     run = assemble(cfg, [timer])
@@ -537,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
             print("data loading alone (also builds the disk cache) ...", flush=True)
             report["loading"] = run_loading(args, workdir / "loading")
         else:  # the cached variants read the disk cache: build it outside their timed runs
-            cfg = compose_template(["experiment=finetune", *common_overrides(args, workdir), "data.cache=disk"])
+            cfg = compose_config(["experiment=finetune", *common_overrides(args, workdir), "data.cache=disk"])
             build_datamodule(cfg).setup("fit")
 
         for repeat in range(args.repeats):

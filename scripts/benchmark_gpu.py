@@ -52,10 +52,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 from PIL import Image
 from torch.utils.data import ConcatDataset, Subset
 
@@ -63,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.data.device_augment import RawBatch  # noqa: E402
-from finetune.run import CONFIG_DIR, assemble, build_datamodule  # noqa: E402
+from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
 FAST = ["model.channels_last=true"]
 CACHED = ["data.cache=memory"]
@@ -93,14 +89,6 @@ class RowTimeout(Exception):
 
 
 # --- composing and timing ----------------------------------------------------------------------------------------
-def compose_template(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def common_overrides(args, backbone: str, output_dir: Path) -> list[str]:
@@ -219,7 +207,7 @@ def time_limit(seconds: float):
 def run_row(args, backbone: str, name: str, workdir: Path) -> dict:
     overrides, synthetic, _ = ROWS[name]
     output_dir = workdir / f"{backbone}-{name.replace(' ', '_')}"
-    cfg = compose_template(common_overrides(args, backbone, output_dir) + overrides)
+    cfg = compose_config(common_overrides(args, backbone, output_dir) + overrides)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     timer = WindowTimer(args.warmup, args.timed)
     started = time.perf_counter()
@@ -247,7 +235,7 @@ def run_row(args, backbone: str, name: str, workdir: Path) -> dict:
 
 # --- loaders alone -----------------------------------------------------------------------------------------------
 def loader_rate(args, name: str, workdir: Path) -> dict:
-    cfg = compose_template(common_overrides(args, "resnet18", workdir / "loaders") + LOADERS[name])
+    cfg = compose_config(common_overrides(args, "resnet18", workdir / "loaders") + LOADERS[name])
     datamodule = build_datamodule(cfg)
     started = time.perf_counter()
     datamodule.setup("fit")

@@ -15,9 +15,10 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from PIL import Image
+
+from finetune.run import compose_config  # noqa: F401 - the tests compose through conftest
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -77,15 +78,6 @@ def compose_with_hydra(overrides: list[str], config_name: str = "train") -> Dict
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides, return_hydra_config=True)
-
-
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose like ``python -m finetune.train`` would, with Hydra's own config set for interpolations."""
-    cfg = compose_with_hydra(overrides, config_name)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # the run itself never sees Hydra's node, as under @hydra.main
-    return cfg
 
 
 def needs_shared(*paths: Path):

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import is_timm, preprocessing
@@ -178,3 +181,18 @@ def assemble(
         model = build_model(cfg, images.num_classes)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     return Run(images=images, datamodule=datamodule, model=model, trainer=build_trainer(cfg, extra_callbacks))
+
+
+def compose_config(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+    """The config ``python -m finetune.<config_name> OVERRIDES`` runs with, for scripts and tests that build runs.
+
+    Hydra's own node is set for interpolations such as ``${hydra:runtime.choices.experiment}`` and then removed, as
+    under ``@hydra.main``; no run folder is made.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
