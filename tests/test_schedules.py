@@ -229,3 +229,29 @@ def test_the_model_brings_its_schedules_and_keeps_two_groups_even_at_head_lr_mul
     assert model.configure_callbacks()[0] is model.configure_callbacks()[0]  # one object across fit and test
     plain = FineTuneModule(2, backbone="mobilenet_v3_small", weights=None, head_lr_mult=1)
     assert [g["name"] for g in plain.parameter_groups()] == ["all"] and plain.configure_callbacks() == []
+
+
+def test_a_checkpoint_written_during_validation_still_keeps_the_trained_weights_apart():
+    model = FineTuneModule(2, backbone="mobilenet_v3_small", weights=None, ema_decay=0.5)
+    ema = model.weight_average
+    ema.setup(None, model, "fit")
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    ema.average.update_parameters(model.net)  # first update: the average is a copy
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    ema.average.update_parameters(model.net)
+    trained = {f"net.{k}": v.clone() for k, v in model.net.state_dict().items()}
+    averaged = {f"net.{k}": v.clone() for k, v in ema.average.module.state_dict().items()}
+    assert not _same(trained, averaged)
+    for swapped in (False, True):  # at an epoch end, and mid-validation (the average swapped in)
+        if swapped:
+            ema.swap_in(model)
+        checkpoint = {"state_dict": dict(model.state_dict())}
+        ema.write_average(checkpoint)
+        assert _same(checkpoint["state_dict"], averaged), swapped
+        assert _same(checkpoint["ema"]["trained_state_dict"], trained), swapped
+    ema.swap_out(model)
+    assert _same({f"net.{k}": v for k, v in model.net.state_dict().items()}, trained)

@@ -179,11 +179,14 @@ class WeightAverage(pl.Callback):
 
     def write_average(self, checkpoint: dict[str, Any], prefix: str = "net.") -> None:
         """Make ``checkpoint["state_dict"]`` the average, keeping the trained weights in ``checkpoint["ema"]``."""
-        if not self.updates or self._live is not None:
-            return  # nothing averaged yet, or saved mid-validation with the average in place already
+        if not self.updates:
+            return  # nothing averaged yet: the weights are the average
         weights = checkpoint["state_dict"]
+        trained = dict(weights)
+        if self._live is not None:  # saved during validation (a stop signal): the average is in the module now
+            trained.update({prefix + k: v.clone() for k, v in self._live.items()})
         averaged = {prefix + k: v for k, v in self.average.module.state_dict().items()}
-        checkpoint["ema"] = {"decay": self.decay, "updates": self.updates, "trained_state_dict": dict(weights)}
+        checkpoint["ema"] = {"decay": self.decay, "updates": self.updates, "trained_state_dict": trained}
         weights.update({k: v.detach().to(weights[k].device).clone() for k, v in averaged.items()})
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
