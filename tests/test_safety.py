@@ -168,3 +168,20 @@ def test_two_runs_started_at_once_into_one_folder_one_runs_and_the_other_refuses
     assert "already holds a run" in refused
     winner = next(p for p in processes if p.returncode == 0)
     assert f"seed={(1, 2)[processes.index(winner)]}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("optimizer=adamw", r"optimizer: 'torch.optim.sgd.SGD' in the checkpoint, 'torch.optim.adamw.AdamW' now"),
+        ("scheduler=cosine", r"scheduler \(count\): 0 in the checkpoint, 1 now"),
+        ("experiment=frozen", r"model.freeze: 'none' in the checkpoint, 'backbone' now"),
+    ],
+)
+def test_resuming_into_a_different_setup_says_what_differs(tmp_path, tiny_folder, change, message):
+    first = ["trainer.max_epochs=1", "trainer.limit_train_batches=1"] + tiny_overrides(tiny_folder, tmp_path / "a")
+    train(compose_config(first))
+    last = RunFolder(tmp_path / "a").last_checkpoint
+    again = [f"ckpt_path={last}", "trainer.max_epochs=2"] + tiny_overrides(tiny_folder, tmp_path / "b") + [change]
+    with pytest.raises(ValueError, match=rf"Cannot resume '{last}': it was saved by a different setup \(.*{message}"):
+        train(compose_config(again))

@@ -235,6 +235,9 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     saved_optimizer = checkpoint.get("optimizer_class")  # absent in checkpoints of earlier versions
     if saved_optimizer and hasattr(model, "optimizer_class"):
         compare("optimizer", saved_optimizer, model.optimizer_class(), errors)
+    schedulers_then = len(checkpoint.get("lr_schedulers") or [])
+    schedulers_now = int(getattr(model, "scheduler_factory", None) is not None)
+    compare("scheduler (count)", schedulers_then, schedulers_now, errors)
     if errors:
         raise ValueError(
             f"Cannot resume {str(checkpoint_path)!r}: it was saved by a different setup ("
