@@ -14,6 +14,9 @@ import pytest
 
 from .conftest import REPO
 
+# Every experiment config, as the help lists them (a new one must show up there).
+EXPERIMENTS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+
 pytestmark = pytest.mark.slow
 
 # What a checkout holds that a build must not see (or that is large): top-level run folders, build leftovers.
@@ -84,7 +87,7 @@ def test_console_scripts_compose_help_and_run_from_another_folder(installed, tmp
     assert "backbone: resnet50" in job and "sha1: fba480ffa8aa7e0febbb511d181409f899b9baa5" in job
     assert "tensorboard:" in job and "csv:" in job
     help_text = _run([train, "--help"], tmp_path, env).stdout
-    assert "experiment: finetune, frozen, scratch" in help_text and "debug=fdr" in help_text
+    assert f"experiment: {EXPERIMENTS}" in help_text and "debug=fdr" in help_text
     evaluate = _run([installed["bin"] / "finetune-eval", "--cfg", "job", "ckpt_path=x.ckpt"], tmp_path, env).stdout
     assert "ckpt_path: x.ckpt" in evaluate and "name: eval" in evaluate
 

@@ -19,6 +19,9 @@ from finetune.train import train
 
 from .conftest import REPO, compose_config, tiny_overrides
 
+# Every experiment config, as the help lists them (a new one must show up there).
+EXPERIMENTS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+
 
 def _callbacks(overrides: list[str]) -> list[str]:
     return sorted(compose_config(overrides).get("callbacks") or {})
@@ -131,7 +134,7 @@ def test_help_lists_groups_experiments_and_overrides():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "Usage: python -m finetune.train" in text
-    assert "experiment: finetune, frozen, scratch" in text
+    assert f"experiment: {EXPERIMENTS}" in text
     assert "logger: csv, mlflow, tensorboard, wandb" in text
     assert "callbacks: default, early_stopping, lr_monitor, rich" in text
     assert "debug: default, fdr, limit, overfit, profiler" in text
