@@ -119,7 +119,7 @@ OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
 
 
 def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
-    """The optimizer config's settings (a ``_partial_`` factory's keywords), checked before any optimizer is built.
+    """The optimizer config's settings (``cfg.optimizer``, resolved), checked before any optimizer is built.
 
     Settings the factory does not pass are left to the optimizer's own defaults.
     """
