@@ -31,6 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
+from finetune.overrides import quote
 from finetune.report import (
     DEFAULT_EXPERIMENTS,
     DEFAULT_SEEDS,
@@ -67,20 +68,11 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
 
 
 def hydra_value(text: str) -> str:
-    """``text`` as one Hydra override value: quoted (and escaped) unless it is plain, since a comma means a sweep."""
-    # In Hydra's quoted strings \' is a quote, and only backslashes just before a quote or the end are doubled.
-    value = text if re.fullmatch(r"[\w./:~+@%-]+", text) else "'" + re.sub(r"(\\*)('|$)", _escape, text) + "'"
+    """``text`` as one Hydra override value (:func:`finetune.overrides.quote`), or a :class:`CompareError`."""
     try:
-        same = OverridesParser.create().parse_override(f"key={value}").value() == text
-    except HydraException:
-        same = False
-    if not same or "${" in text:  # ${...} would be resolved as an interpolation
-        raise CompareError(f"{text!r} cannot be passed to Hydra as one plain value; pick a plainer path.")
-    return value
-
-
-def _escape(match: re.Match[str]) -> str:
-    return match[1] * 2 + ("\\'" if match[2] else "")
+        return quote(text)
+    except ValueError as error:
+        raise CompareError(f"{error}; pick a plainer path.") from error
 
 
 def sweep_command(

@@ -37,6 +37,8 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.overrides import override_keys, quote
+
 log = logging.getLogger(__name__)
 
 ENTRY_MODULE = "finetune.train"
@@ -61,10 +63,12 @@ def rank_command(local_rank: int) -> tuple[list[str], str]:
             command.append(f"--config-path={location}")
         elif source.provider == "command-line":
             command.append(f"--config-dir={location}")
-    command += [o for o in hydra_cfg.overrides.hydra if not _key(o).startswith(_SWEEP_KEYS + _OWN_KEYS)]
+    command += [
+        o for o in hydra_cfg.overrides.hydra if not override_keys([o]).pop().startswith(_SWEEP_KEYS + _OWN_KEYS)
+    ]
     command += list(hydra_cfg.overrides.task)
     command += [
-        f"hydra.run.dir={_quote(_output_dir(hydra_cfg))}",  # the job's folder, never a new one
+        f"hydra.run.dir={quote(_output_dir(hydra_cfg))}",  # the job's folder, never a new one
         f"hydra.job.name=train_ddp_process_{local_rank}",  # the rank's log: <output_dir>/train_ddp_process_N.log
         "hydra.output_subdir=null",  # rank 0 already wrote .hydra/
         f"hydra.job.chdir={'true' if hydra_cfg.job.chdir else 'false'}",
@@ -115,15 +119,6 @@ def _output_dir(hydra_cfg: DictConfig) -> str:
     # Set once Hydra runs a job; a config from hydra.compose has none, so fall back to Lightning's choice.
     output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", throw_on_missing=False)
     return str(output_dir) if output_dir else str(hydra_cfg.run.dir)
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _quote(value: str) -> str:
-    """A Hydra override value that stays one string (spaces, commas, quotes)."""
-    return "'" + value.replace("'", "\\'") + "'"
 
 
 class StopRequested(SystemExit):

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from finetune.checkpoint import CLASSES, Preprocessing, load_for_inference
 from finetune.metrics import write_test_report
+from finetune.overrides import override_keys
 from finetune.quiet import quiet_known_warnings
 from finetune.results import command_line_overrides, to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
@@ -66,7 +67,7 @@ def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_pa
     than the new crop.
     """
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
-    given = {o.lstrip("+~").split("=", 1)[0] for o in command_line_overrides()}
+    given = override_keys(command_line_overrides())
     for key in GEOMETRY_KEYS:
         stored = getattr(preprocessing, key)
         stored = list(stored) if isinstance(stored, tuple) else stored
