@@ -254,3 +254,30 @@ def test_rank_observer_leaves_rank_0_alone_when_the_ranks_finish():
         assert not observer.is_alive() and main.poll() is None
     finally:
         main.kill()
+
+
+def _agree_in_a_side_group(rank: int, port: int, signals: list[int], results) -> None:
+    import torch.distributed as dist
+
+    from finetune.distributed import agree_on_signal
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        side = dist.new_group(backend="gloo")  # what signal_group makes when the training backend is not gloo
+        results[rank] = (agree_on_signal(signals[rank], side), agree_on_signal(0, side))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_largest_signal_in_a_side_group_of_cpu_tensors():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_agree_in_a_side_group, args=(port, [signal.SIGINT, signal.SIGTERM], results), nprocs=2, join=True)
+    assert dict(results) == {0: (signal.SIGTERM, 0), 1: (signal.SIGTERM, 0)}

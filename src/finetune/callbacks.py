@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
 from pytorch_lightning.trainer.states import TrainerFn
 
-from finetune.distributed import StopRequested, agree_on_signal
+from finetune.distributed import StopRequested, agree_on_signal, signal_group
 from finetune.results import write_json_atomic
 from finetune.run_folder import RunFolder
 
@@ -121,11 +121,13 @@ class SignalStop(pl.Callback):
 
     def __init__(self) -> None:
         self.signum = 0
+        self._group: Any = None  # where the ranks agree (signal_group): created once, by every rank
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning (re)installs its handlers through the trainer's private signal connector when a stage starts.
         if trainer.world_size > 1 and not isinstance(trainer._signal_connector, _NotingSignalConnector):
             trainer._signal_connector = _NotingSignalConnector(trainer, self)
+            self._group = signal_group(getattr(trainer.strategy, "_timeout", None))
 
     def note(self, signum: int, frame: Any = None) -> None:
         """The signal handler: remember the signal, nothing else (no collective, no I/O but one log line)."""
@@ -143,7 +145,7 @@ class SignalStop(pl.Callback):
     def _stop_if_signalled(self, trainer: pl.Trainer) -> None:
         if not isinstance(trainer._signal_connector, _NotingSignalConnector):
             return
-        signum = agree_on_signal(self.signum, trainer.strategy.root_device)
+        signum = agree_on_signal(self.signum, self._group)
         if signum:
             log.warning("Stopping every rank: a rank received %s", signal.Signals(signum).name)
             raise StopRequested(signum)

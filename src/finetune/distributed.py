@@ -133,13 +133,24 @@ class StopRequested(SystemExit):
         self.signum = signum
 
 
-def agree_on_signal(signum: int, device: torch.device) -> int:
+def signal_group(timeout: datetime.timedelta | None) -> dist.ProcessGroup | None:
+    """The process group for :func:`agree_on_signal`: the default one under gloo, else a gloo group of all ranks.
+
+    The flag is a CPU tensor, so agreeing costs no device synchronisation in the training loop (an all-reduce on
+    the GPU and ``.item()`` would stall the CUDA stream every batch). A collective: every rank calls it once.
+    """
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def agree_on_signal(signum: int, group: dist.ProcessGroup | None = None) -> int:
     """The largest signal number that any rank has received (0: none), the same on every rank.
 
     A collective: every rank must call it at the same point of the loop (the end of a training batch).
     """
-    flag = torch.tensor([signum], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([signum], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
 
 
