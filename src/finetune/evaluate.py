@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from finetune.checkpoint import CLASSES, Preprocessing, load_for_inference
 from finetune.metrics import write_test_report
 from finetune.overrides import override_keys
-from finetune.quiet import quiet_known_warnings
 from finetune.results import command_line_overrides, to_number, write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
@@ -32,7 +31,6 @@ GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)

@@ -25,7 +25,6 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune import distributed
-from finetune.quiet import quiet_known_warnings
 from finetune.results import write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 
@@ -126,7 +125,6 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
 
 def lr_find(cfg: DictConfig) -> dict[str, Any]:
     """Run the range test of ``cfg``; write ``lr_find.json`` (and ``lr_find.png``) into ``cfg.paths.output_dir``."""
-    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     settings = cfg.lr_find
     test = RangeTest(settings.min_lr, settings.max_lr, settings.num_training, settings.early_stop_threshold)

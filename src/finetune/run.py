@@ -25,6 +25,7 @@ from finetune.backbones import is_timm, preprocessing
 from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
 from finetune.module import check_number
+from finetune.quiet import quiet_known_warnings
 from finetune.schedules import check_unfreeze_epoch
 
 
@@ -155,6 +156,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
     check_trainer_settings(cfg.trainer)
+    quiet_known_warnings()  # every entry point builds its Trainer here: the filters are in place before Lightning talks
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.

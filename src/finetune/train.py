@@ -26,7 +26,6 @@ from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, Sign
 from finetune.distributed import StopRequested, job_scope, lost_ranks
 from finetune.loggers import log_config, log_results
 from finetune.metrics import write_test_report
-from finetune.quiet import quiet_known_warnings
 from finetune.results import fit_record, run_results, summary, write_json_atomic
 from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.run import CONFIG_DIR, assemble
@@ -42,7 +41,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rank: every process then exits with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``,
     with the error (under DDP naming a rank that died, when rank 0 can tell).
     """
-    quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
