@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -92,14 +91,6 @@ def _first_line(err: BaseException) -> str:
     """The first sentence of an error message (torch's go on for lines)."""
     lines = str(err).strip().splitlines()
     return lines[0].split(". ")[0][:200] if lines else type(err).__name__
-
-
-def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from finetune.checkpoint import Preprocessing, class_names, load_for_inference, sha256_of
+from finetune.checkpoint import Preprocessing, class_names, load_for_inference
+from finetune.data import file_digest
 from finetune.results import write_json_atomic
 from finetune.run import CONFIG_DIR
 from finetune.run_folder import EXPORTED_MODELS, RunFolder
@@ -185,7 +186,7 @@ def sidecar_record(
         ),
         "backbone": backbone,
         "checkpoint": str(ckpt_path.resolve()),
-        "checkpoint_sha256": sha256_of(ckpt_path),
+        "checkpoint_sha256": file_digest(ckpt_path, "sha256"),
         "torch_version": torch.__version__,
     }
 

@@ -8,7 +8,7 @@
 """
 
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.download import download_and_extract, sha1_of
+from finetune.data.download import download_and_extract, file_digest
 from finetune.data.folders import find_corrupt_images, is_image_file, load_rgb, scan_image_folder, stratified_split
 from finetune.data.transforms import (
     IMAGENET_MEAN,
@@ -32,7 +32,7 @@ __all__ = [
     "is_image_file",
     "load_rgb",
     "scan_image_folder",
-    "sha1_of",
+    "file_digest",
     "stratified_split",
     "to_normalized_tensor",
     "train_transform",

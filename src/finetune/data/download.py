@@ -19,9 +19,9 @@ from finetune.progress import copy_with_progress
 log = logging.getLogger(__name__)
 
 
-def sha1_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    """The file's sha1, read in chunks (archives can be larger than memory)."""
-    digest = hashlib.sha1()
+def file_digest(path: str | Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
+    """The file's hex digest (``"sha1"``, ``"sha256"``, ...), read in chunks: files can outgrow memory."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as file:
         while chunk := file.read(chunk_size):
             digest.update(chunk)
@@ -43,7 +43,7 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    if archive.exists() and sha1_of(archive) != sha1:
+    if archive.exists() and file_digest(archive, "sha1") != sha1:
         log.warning("Existing %s does not match sha1 %s (partial or corrupt); downloading it again.", archive, sha1)
         archive.unlink()
     if not archive.exists():
@@ -84,7 +84,7 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
             "test/<class>/). Pretrained weights need the same care offline: model.weights=PATH to a local "
             "state_dict, or a pre-filled $TORCH_HOME/hub/checkpoints (see docs/configuration.md, 'Working offline')."
         ) from err
-    actual = sha1_of(part)
+    actual = file_digest(part, "sha1")
     if actual != sha1:
         size = part.stat().st_size
         part.unlink()
