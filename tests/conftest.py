@@ -121,22 +121,25 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def cli_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "finetune.train", *args]
+def cli_command(args: list[str], module: str = "finetune.train") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
-def run_cli(args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m finetune.train ARGS`` from the repository root; with ``check``, a failure shows its output."""
-    done = subprocess.run(cli_command(args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    args: list[str], timeout: float = 600, check: bool = True, module: str = "finetune.train"
+) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repository root; with ``check``, a failure shows its output."""
+    command = cli_command(args, module)
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
 
-def start_cli(args: list[str], **popen_kwargs) -> subprocess.Popen:
-    """``python -m finetune.train ARGS`` started in the background, stdout and stderr together as text."""
+def start_cli(args: list[str], module: str = "finetune.train", **popen_kwargs) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` started in the background, stdout and stderr together as text."""
     popen_kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen_kwargs}
-    return subprocess.Popen(cli_command(args), cwd=REPO, env=cli_env(), **popen_kwargs)
+    return subprocess.Popen(cli_command(args, module), cwd=REPO, env=cli_env(), **popen_kwargs)
 
 
 def without(overrides: list[str], *prefixes: str) -> list[str]:

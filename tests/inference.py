@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from finetune.data import eval_transform
 from finetune.module import FineTuneModule
 from finetune.train import train
 
-from .conftest import REPO, compose_config, make_image_folder, tiny_overrides
+from .conftest import compose_config, make_image_folder, run_cli, tiny_overrides
 
 IMAGE_SIZE, RESIZE_SIZE = 32, 36
 _TRAINED: dict[str, dict] = {}
@@ -116,14 +115,8 @@ def hand_built_checkpoint(path: Path, classes: list[str], images: list[Path], lo
 
 # --- processes, files -----------------------------------------------------------------------------------------
 def run_module(module: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository, this checkout's sources first."""
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
-    }
-    command = [sys.executable, "-m", module, *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    """``python -m MODULE ARGS`` from the repository, this checkout's sources first (outcome not checked)."""
+    return run_cli(args, timeout=timeout, check=False, module=module)
 
 
 def png_size(path: Path) -> tuple[int, int]:

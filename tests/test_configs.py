@@ -3,10 +3,7 @@ out-of-range model, optimizer or trainer setting stops the run with a message na
 
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from hydra.utils import get_class
@@ -15,7 +12,7 @@ from omegaconf import OmegaConf
 from finetune.run import build_model, check_optimizer_settings, check_trainer_settings
 from finetune.train import train
 
-from .conftest import REPO, compose_config, tiny_overrides
+from .conftest import REPO, compose_config, run_cli, tiny_overrides
 
 EXPERIMENTS = ("finetune", "scratch", "frozen")
 OPTIMIZERS = ("sgd", "adamw")
@@ -229,9 +226,7 @@ def test_the_issues_command_prints_adamws_own_settings(tmp_path):
     """The trust issue's reproduction: `optimizer=adamw --cfg job` gave lr 6.4e-3 and weight decay 7.8e-6."""
     printed = {}
     for experiment in EXPERIMENTS:
-        command = [sys.executable, "-m", "finetune.train", "optimizer=adamw", f"experiment={experiment}"]
-        command += ["--cfg", "job", "--resolve", "--package", "optimizer"]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}  # this checkout's code and conf/, not an installed one
-        out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+        args = ["optimizer=adamw", f"experiment={experiment}", "--cfg", "job", "--resolve", "--package", "optimizer"]
+        out = run_cli(args).stdout  # this checkout's code and conf/, not an installed one
         printed[experiment] = {k: v for k, v in re.findall(r"^(lr|weight_decay): (\S+)$", out, flags=re.M)}
     assert printed == {e: {"lr": "0.0001", "weight_decay": "0.05"} for e in EXPERIMENTS}

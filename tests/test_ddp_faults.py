@@ -26,7 +26,7 @@ import torch
 
 from finetune.distributed import RankObserver
 
-from .conftest import REPO, make_image_folder, tiny_overrides
+from .conftest import make_image_folder, start_cli, tiny_overrides
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux (prctl, waitid)")
 
@@ -127,18 +127,10 @@ def start_ddp(tmp_path, data):
             f"+callbacks.progress.folder={progress}",
             *extra,
         ]
-        env = {
-            **os.environ,
-            "PYTHONWARNINGS": "ignore",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
-        }
         console = tmp_path / "console.txt"
         with console.open("w") as out:  # a file, not a pipe that nobody reads while the ranks run
-            process = subprocess.Popen(
-                [sys.executable, "-m", "finetune.train", *overrides],
-                cwd=REPO,
-                env=env,
+            process = start_cli(
+                overrides,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, which rank 1 joins: one killpg ends both

@@ -1,9 +1,6 @@
 """Callback presets (+callbacks=...), debug=... presets and the application's --help: each composes and runs."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 from pytorch_lightning.callbacks import (
@@ -17,7 +14,7 @@ from pytorch_lightning.callbacks import (
 from finetune.run import build_trainer
 from finetune.train import train
 
-from .conftest import REPO, compose_config, tiny_overrides
+from .conftest import REPO, compose_config, run_cli, tiny_overrides
 
 # Every experiment config, as the help lists them (a new one must show up there).
 EXPERIMENTS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
@@ -123,15 +120,7 @@ def test_debug_presets_run(tmp_path, tiny_folder, preset):
 
 @pytest.mark.slow
 def test_help_lists_groups_experiments_and_overrides():
-    out = subprocess.run(
-        [sys.executable, "-m", "finetune.train", "--help"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_cli(["--help"], timeout=300)
     text = out.stdout
     assert "Usage: python -m finetune.train" in text
     assert f"experiment: {EXPERIMENTS}" in text

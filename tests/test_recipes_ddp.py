@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from .conftest import REPO, make_image_folder
+from .conftest import make_image_folder, run_cli
 
 DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
@@ -27,14 +24,6 @@ class RankWeights(pl.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         weights = {name: p.detach().clone() for name, p in pl_module.net.named_parameters()}
         torch.save(weights, self.folder / f"epoch{trainer.current_epoch}_rank{trainer.global_rank}.pt")
-
-
-def run_module(module: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
-    command = [sys.executable, "-m", module, *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +53,10 @@ def common(data: Path, log_dir: Path) -> list[str]:
 def test_after_the_unfreeze_every_rank_trains_the_same_backbone(tmp_path, data):
     """Cached-feature epochs (the backbone outside the graph), then image epochs, EMA on: DDP must sync it all."""
     weights = tmp_path / "weights"
-    run_module(
-        "finetune.train",
-        [
+    run_cli(
+        module="finetune.train",
+        timeout=900,
+        args=[
             *DDP,
             "model.unfreeze_at_epoch=1",
             "model.cache_features=true",
@@ -93,9 +83,10 @@ def test_after_the_unfreeze_every_rank_trains_the_same_backbone(tmp_path, data):
 
 @pytest.mark.slow
 def test_lr_find_under_ddp_keeps_the_ratio_and_writes_one_result(tmp_path, data):
-    done = run_module(
-        "finetune.lr_find",
-        [*DDP, "lr_find.num_training=14", "lr_find.early_stop_threshold=null"] + common(data, tmp_path),
+    done = run_cli(
+        module="finetune.lr_find",
+        timeout=900,
+        args=[*DDP, "lr_find.num_training=14", "lr_find.early_stop_threshold=null"] + common(data, tmp_path),
     )
     (folder,) = (tmp_path / "lr_find").iterdir()
     result = json.loads((folder / "lr_find.json").read_text())

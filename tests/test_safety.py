@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from finetune.evaluate import evaluate
 from finetune.resume import find_checkpoint, with_run_overrides
 from finetune.run_folder import RunFolder
 from finetune.train import train
 
-from .conftest import REPO, compose_config, tiny_overrides
+from .conftest import compose_config, run_cli, start_cli, tiny_overrides, without
 
 
 class Payload:
@@ -115,14 +114,6 @@ def test_a_folder_is_claimed_by_exactly_one_of_many_concurrent_claims(tmp_path):
     assert sorted(outcomes) == ["claimed"] + ["refused"] * 15
 
 
-def _cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "finetune.train", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-
-
 def _fingerprint(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
@@ -130,19 +121,19 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 
 def _cli_overrides(tiny_folder: Path, run_dir: Path) -> list[str]:
-    overrides = [o for o in tiny_overrides(tiny_folder, run_dir) if not o.startswith("paths.")]
-    return overrides + ["trainer.fast_dev_run=true", f"hydra.run.dir={run_dir}"]
+    return without(tiny_overrides(tiny_folder, run_dir), "paths.") + [
+        "trainer.fast_dev_run=true",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.slow
 def test_a_refused_rerun_leaves_the_earlier_folder_byte_identical(tmp_path, tiny_folder):
     run_dir = tmp_path / "run"
-    first = subprocess.run(_cli(_cli_overrides(tiny_folder, run_dir)), env=_env(), capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-2000:]
+    run_cli(_cli_overrides(tiny_folder, run_dir))
     before = _fingerprint(run_dir)
     assert {".hydra/overrides.yaml", "results.json", ".claim"} <= set(before)
-    again = _cli(_cli_overrides(tiny_folder, run_dir) + ["seed=7"])
-    second = subprocess.run(again, env=_env(), capture_output=True, text=True, timeout=600)
+    second = run_cli(_cli_overrides(tiny_folder, run_dir) + ["seed=7"], check=False)
     assert second.returncode == 1
     assert f"Output folder '{run_dir}' already holds a run" in second.stderr
     assert _fingerprint(run_dir) == before
@@ -152,14 +143,7 @@ def test_a_refused_rerun_leaves_the_earlier_folder_byte_identical(tmp_path, tiny
 def test_two_runs_started_at_once_into_one_folder_one_runs_and_the_other_refuses(tmp_path, tiny_folder):
     run_dir = tmp_path / "run"
     processes = [
-        subprocess.Popen(
-            _cli(_cli_overrides(tiny_folder, run_dir) + [f"seed={seed}"]),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in (1, 2)
+        start_cli(_cli_overrides(tiny_folder, run_dir) + [f"seed={seed}"], stderr=subprocess.PIPE) for seed in (1, 2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
     codes = sorted(p.returncode for p in processes)
@@ -185,3 +169,14 @@ def test_resuming_into_a_different_setup_says_what_differs(tmp_path, tiny_folder
     again = [f"ckpt_path={last}", "trainer.max_epochs=2"] + tiny_overrides(tiny_folder, tmp_path / "b") + [change]
     with pytest.raises(ValueError, match=rf"Cannot resume '{last}': it was saved by a different setup \(.*{message}"):
         train(compose_config(again))
+
+
+def test_evaluate_never_writes_into_a_training_runs_folder(tmp_path, tiny_folder):
+    run = tmp_path / "run"
+    train(compose_config(["trainer.max_epochs=1", "trainer.limit_train_batches=1"] + tiny_overrides(tiny_folder, run)))
+    before = _fingerprint(run)
+    overrides = without(tiny_overrides(tiny_folder, run), "model.", "trainer.max_epochs")
+    cfg = compose_config([f"ckpt_path={RunFolder(run).last_checkpoint}"] + overrides, config_name="eval")
+    with pytest.raises(FileExistsError, match=rf"Output folder '{run}' already holds a run"):
+        evaluate(cfg)
+    assert _fingerprint(run) == before

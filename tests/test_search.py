@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -56,20 +54,15 @@ def test_bad_sweeper_settings_name_the_setting():
 
 
 def _search(tmp_path: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "finetune.train", "-m", "hparams_search=finetune",
+    overrides = [
+        "-m", "hparams_search=finetune",
         "data=folder", f"data.root={data}", "data.image_size=32", "data.resize_size=36", "data.batch_size=4",
         "data.num_workers=0", "model.weights=null", "model.backbone=mobilenet_v3_small", "trainer.accelerator=cpu",
         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.num_sanity_val_steps=0", "hydra.sweeper.folds=2", "hydra.sweeper.study_name=tiny",
         f"paths.log_dir={tmp_path / 'logs'}", *extra,
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
-    }
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    return run_cli(overrides, timeout=1200, check=False)
 
 
 @pytest.mark.slow

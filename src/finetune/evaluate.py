@@ -22,6 +22,7 @@ from finetune.checkpoint import CLASSES, Preprocessing, load_for_inference
 from finetune.metrics import write_test_report
 from finetune.overrides import override_keys
 from finetune.results import command_line_overrides, to_number, write_json_atomic
+from finetune.resume import claim_run_folder
 from finetune.run import CONFIG_DIR, assemble
 from finetune.run_folder import RunFolder
 
@@ -32,6 +33,7 @@ GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
+    claim_run_folder(cfg.paths.output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
