@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import signal
@@ -41,7 +42,6 @@ from finetune.overrides import override_keys, quote
 
 log = logging.getLogger(__name__)
 
-ENTRY_MODULE = "finetune.train"
 # What Lightning's launcher sets in the launching process for its children; a later job must not inherit them.
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Hydra overrides that describe the sweep (or that rank_command sets itself), never a single rank's run.
@@ -53,10 +53,11 @@ _PARENT_PID = os.getppid()
 _observer_grace_s = 1800.0
 
 
-def rank_command(local_rank: int) -> tuple[list[str], str]:
-    """The command and working directory that start DDP rank ``local_rank`` of the current Hydra job."""
+def rank_command(local_rank: int, entry_module: str = "finetune.train") -> tuple[list[str], str]:
+    """The command and working directory that start DDP rank ``local_rank`` of the current Hydra job
+    (``python -m entry_module``: the entry point that rank 0 runs)."""
     hydra_cfg = HydraConfig.get()
-    command = [sys.executable, "-m", ENTRY_MODULE, f"--config-name={hydra_cfg.job.config_name}"]
+    command = [sys.executable, "-m", entry_module, f"--config-name={hydra_cfg.job.config_name}"]
     for source in hydra_cfg.runtime.config_sources:
         location = source.path if source.schema == "file" else f"{source.schema}://{source.path}"
         if source.provider == "main":
@@ -76,18 +77,19 @@ def rank_command(local_rank: int) -> tuple[list[str], str]:
     return command, hydra_cfg.runtime.cwd
 
 
-def install() -> bool:
-    """Make Lightning's subprocess launcher start extra ranks with :func:`rank_command` and watch them with
-    :class:`RankObserver`; False if it cannot."""
+def install(entry_module: str = "finetune.train") -> bool:
+    """Make Lightning's subprocess launcher start extra ranks with :func:`rank_command` (running ``entry_module``)
+    and watch them with :class:`RankObserver`; False if it cannot."""
+    command = functools.partial(rank_command, entry_module=entry_module)
     from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
     from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
 
     for module in (pl_launcher, fabric_launcher):  # the Trainer's, and Fabric's for scripts that use it
         if hasattr(module, "_hydra_subprocess_cmd"):
-            module._hydra_subprocess_cmd = rank_command
+            module._hydra_subprocess_cmd = command
         if hasattr(module, "_launch_process_observer"):
             module._launch_process_observer = _launch_rank_observer
-    patched = getattr(pl_launcher, "_hydra_subprocess_cmd", None) is rank_command
+    patched = getattr(pl_launcher, "_hydra_subprocess_cmd", None) is command
     if not patched:
         log.warning(
             "This Lightning version has no _hydra_subprocess_cmd to replace: trainer.strategy=ddp inside a Hydra "
@@ -97,9 +99,9 @@ def install() -> bool:
 
 
 @contextlib.contextmanager
-def job_scope() -> Iterator[None]:
+def job_scope(entry_module: str = "finetune.train") -> Iterator[None]:
     """One Hydra job's DDP lifetime: ranks started from the job itself, and nothing left behind for the next job."""
-    install()
+    install(entry_module)
     saved = {name: os.environ.get(name) for name in LAUNCHER_ENV}
     try:
         yield

@@ -174,8 +174,7 @@ def plot(test: RangeTest, suggested: float | None, path: Path) -> Path | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
 def main(cfg: DictConfig) -> None:
-    distributed.ENTRY_MODULE = __spec__.name  # DDP ranks 1.. run this module, not finetune.train
-    with distributed.job_scope():
+    with distributed.job_scope(__spec__.name):  # DDP ranks 1.. run this module, not finetune.train
         lr_find(cfg)
 
 
