@@ -1,6 +1,7 @@
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -139,6 +140,11 @@ def test_train_and_test_classes_must_match(tmp_path):
         ({"skip_corrupt": 1}, r"data.skip_corrupt must be true or false, got 1\."),
         ({"download": {"url": "http://x/a.zip"}}, r"data.download must be null or a mapping with a url and .*sha1"),
         ({"cache_short_side": 0}, r"data.cache_short_side must be an integer >= 1 .*got 0\."),
+        ({"crop_scale": [0, 1]}, r"data.crop_scale must be \[min, max\] with 0 < min <= max <= 1 .*got \[0, 1\]\."),
+        ({"crop_scale": [0.5, 0.2]}, r"data.crop_scale must be \[min, max\] .*got \[0.5, 0.2\]\."),
+        ({"crop_scale": [0.5, 1.5]}, r"data.crop_scale must be \[min, max\] .*got \[0.5, 1.5\]\."),
+        ({"crop_scale": [0.5]}, r"data.crop_scale must be \[min, max\] .*got \[0.5\]\."),
+        ({"crop_scale": "0.5"}, r"data.crop_scale must be \[min, max\] .*got '0.5'\."),
     ],
 )
 def test_out_of_range_values_are_rejected_by_their_config_name(tmp_path: Path, kwargs, message):
@@ -155,6 +161,43 @@ def test_resize_defaults_to_the_book_ratio_so_a_large_crop_gets_no_black_border(
     out = eval_transform(384, dm.resize_size)(white)
     assert out.shape == (3, 384, 384)
     assert torch.allclose(out[0].min(), torch.tensor((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]), atol=1e-3)
+
+
+def _halves_image(root: Path) -> Path:
+    """A square training image whose left half is red and right half blue, in both classes of a folder."""
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, :32, 0] = 255
+    pixels[:, 32:, 2] = 255
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_crop_scale_sets_the_area_of_the_training_crop(tmp_path):
+    """crop_scale=[1, 1] crops the whole (square) photo, so both halves show; the book's range often cuts one off."""
+    root = _halves_image(tmp_path / "data")
+
+    def red_fractions(crop_scale) -> list[float]:
+        torch.manual_seed(0)
+        dm = ImageFolderDataModule(root, num_workers=0, image_size=16, crop_scale=crop_scale, val_fraction=0.2)
+        dm.setup("fit")
+        unnormalised = [
+            dm.train_set[i % len(dm.train_set)][0][0] * IMAGENET_STD[0] + IMAGENET_MEAN[0] for i in range(40)
+        ]
+        return [float((red > 0.5).float().mean()) for red in unnormalised]
+
+    whole = red_fractions([1.0, 1.0])
+    assert all(abs(fraction - 0.5) <= 1 / 16 for fraction in whole)  # half the columns red, up to the boundary
+    book = red_fractions([0.08, 1.0])
+    assert sum(fraction in (0.0, 1.0) for fraction in book) >= 5  # crops inside one half
+    dm = ImageFolderDataModule(
+        root, num_workers=0, image_size=16, crop_scale=[0.35, 1], augment_on="device", val_fraction=0.2
+    )
+    dm.setup("fit")
+    assert dm.device_augment.scale == (0.35, 1) and dm.hparams.crop_scale == [0.35, 1]
 
 
 def test_a_class_without_validation_images_names_val_fraction_and_the_counts(tmp_path):

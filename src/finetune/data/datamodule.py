@@ -41,8 +41,9 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.settings import check_channels, check_int, check_interpolation
+from finetune.data.settings import check_channels, check_crop_scale, check_int, check_interpolation
 from finetune.data.transforms import (
+    CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     book_resize_size,
@@ -70,6 +71,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     normalisation run on the model's device after the transfer (:mod:`finetune.data.device_augment`).
     ``folds=K, fold=i``: validate on fold ``i`` of ``K`` stratified folds of train (seeded by ``split_seed``) and
     train on the other ``K - 1``, instead of holding out ``val_fraction``; test is untouched.
+    ``crop_scale``: the area range of the training random crop (the book's ``(0.08, 1.0)``).
     ``mean``, ``std``, ``interpolation``: the normalisation and resampling of every transform (``None``: ImageNet's,
     bilinear; ``finetune.run.build_datamodule`` fills them from the backbone's pretrained config).
 
@@ -100,12 +102,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         device_resampling: str = "auto",
         folds: int | None = None,
         fold: int | None = None,
+        crop_scale: Sequence[float] = CROP_SCALE,
     ) -> None:
         super().__init__()
         image_size = 224 if image_size is None else image_size  # None: what build_datamodule did not fill
         mean = list(IMAGENET_MEAN if mean is None else mean)
         std = list(IMAGENET_STD if std is None else std)
         interpolation = interpolation or "bilinear"
+        if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
+            crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
         self.save_hyperparameters()  # the values in effect, so a checkpoint records them
         self._check_settings()
         self.augment = augment
@@ -133,6 +138,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         check_channels("mean", hp.mean, positive=False)
         check_channels("std", hp.std, positive=True)
         check_interpolation(hp.interpolation)
+        check_crop_scale(hp.crop_scale)
         check_int("batch_size", hp.batch_size, 1, "images per device and step")
         if hp.num_workers != AUTO:
             check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
@@ -254,7 +260,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
-        return train_transform(hp.image_size, hp.mean, hp.std, hp.interpolation)
+        return train_transform(hp.image_size, hp.mean, hp.std, hp.interpolation, hp.crop_scale)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -277,7 +283,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
                 self.val_set = self._cached(self.val_set, "val", augmented=False)
             if self.augments_on_device and self.device_augment is None:
-                self.device_augment = DeviceAugment(hp.image_size, hp.mean, hp.std, resampling=hp.device_resampling)
+                self.device_augment = DeviceAugment(
+                    hp.image_size, hp.mean, hp.std, scale=tuple(hp.crop_scale), resampling=hp.device_resampling
+                )
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")

@@ -35,11 +35,10 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
-from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as the loader path uses them
 CROP_RATIO = (3 / 4, 4 / 3)
 AUGMENT_ON = ("loader", "device")
 RESAMPLING = ("auto", "roi_align", "per_sample")

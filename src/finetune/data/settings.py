@@ -33,3 +33,17 @@ def check_interpolation(value: object) -> None:
             f"Unknown data.interpolation={value!r}: choose one of {INTERPOLATIONS}, or null for the backbone's "
             "pretrained resampling (bilinear for torchvision backbones, often bicubic for timm)."
         )
+
+
+def check_crop_scale(value: object) -> None:
+    """``data.crop_scale``: the random crop's area range ``[min, max]``, fractions of the image, 0 < min <= max <= 1."""
+    numbers = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+    if not numbers or not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(
+            f"data.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a fraction of "
+            f"the image), got {value!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of each photo."
+        )
