@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
 
-from .conftest import run_cli
+from .conftest import CONF_DIR, compose_with_hydra, run_cli
 
 optuna = pytest.importorskip("optuna")
 
@@ -158,3 +159,23 @@ def test_a_failed_job_fails_its_trial_and_the_search_goes_on():
     study, launched = _fold_search(lambda job: next(values), trials=2)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert len(launched) == 2 + 3  # the failed trial stops at its failing fold
+
+
+SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_every_search_config_is_validation_only_and_persists_its_study(name):
+    cfg = compose_with_hydra([f"hparams_search={name}"])
+    HydraConfig.instance().set_config(cfg)  # for ${name} in a study name
+    assert cfg.test_after_fit is False
+    assert cfg.hydra.sweeper.folds >= 2 and cfg.hydra.sweeper.params
+    assert cfg.hydra.sweep.dir.endswith(f"searches/{cfg.hydra.sweeper.study_name}")
+    plugin.OptunaSweeper(**{k: v for k, v in cfg.hydra.sweeper.items() if k != "_target_"}).split_arguments([])
+
+
+def test_the_probe_search_trains_only_the_head_on_cached_features():
+    cfg = compose_with_hydra(["hparams_search=probe"])
+    assert cfg.hydra.runtime.choices.experiment == "frozen"
+    assert cfg.model.freeze == "backbone" and cfg.model.cache_features is True and cfg.data.augment is False
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs"}
