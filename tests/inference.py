@@ -23,16 +23,19 @@ IMAGE_SIZE, RESIZE_SIZE = 32, 36
 _TRAINED: dict[str, dict] = {}
 
 
-def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_features: bool = False) -> dict:
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, cache_features: bool = False, eval_resize: str = "square"
+) -> dict:
     """A 2-epoch run on a tiny cat/dog folder (once per session): its results, plus ``root`` (the data).
 
     The learning rate is low enough that the probabilities stay away from 0 and 1 (so comparisons mean something).
     """
-    key = "frozen" if cache_features else "finetune"
+    key = ("frozen" if cache_features else "finetune") + ("" if eval_resize == "square" else f"_{eval_resize}")
     if key not in _TRAINED:
         root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
         out = tmp_path_factory.mktemp(f"run_{key}")
         extra = ["experiment=frozen", "model.cache_features=true", "data.augment=false"] if cache_features else []
+        extra.append(f"data.eval_resize={eval_resize}")
         overrides = ["trainer.max_epochs=2", "optimizer.lr=0.002", "model.head_lr_mult=1", *extra]
         results = train(compose_config(overrides + tiny_overrides(root, out)))
         assert results["status"] == "completed", results.get("error")

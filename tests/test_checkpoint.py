@@ -36,6 +36,7 @@ def test_every_checkpoint_stores_class_names_and_eval_preprocessing(run):
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
             "interpolation": "bilinear",
+            "eval_resize": "square",
         }
 
 

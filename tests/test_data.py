@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.checkpoint import Preprocessing
 from finetune.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -220,3 +221,32 @@ def test_a_class_without_training_images_is_refused(tmp_path):
     dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.9, image_size=32)
     with pytest.raises(ValueError, match=r"data.val_fraction=0.9 leaves .*class 'cat': 0 train, 1 val"):
         dm.setup("fit")
+
+
+def test_shorter_side_keeps_the_aspect_ratio_that_square_squashes():
+    """A 2:1 photo whose red channel is its x coordinate: square keeps nearly all columns (squashed), shorter_side
+    keeps the middle half of them at their own proportions."""
+    columns = np.linspace(0, 255, 80).astype(np.uint8)
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[..., 0] = columns
+    photo = Image.fromarray(pixels)
+
+    def red_range(transform) -> float:
+        red = transform(photo)[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        return float(red.max() - red.min())
+
+    square = red_range(eval_transform(32, 36))
+    kept = red_range(eval_transform(32, 36, eval_resize="shorter_side"))
+    assert square > 0.85  # 32 of 36 squashed columns: ~89% of the photo's width
+    assert 0.38 < kept < 0.50  # 32 of 72 columns: 44% of its width
+    with pytest.raises(ValueError, match=r"data.eval_resize must be one of square, shorter_side .*got 'crop'"):
+        ImageFolderDataModule(Path("."), eval_resize="crop")
+
+
+def test_the_checkpoint_preprocessing_records_the_resize_mode():
+    kept = Preprocessing.of(32, 36, eval_resize="shorter_side")
+    assert kept.eval_resize == "shorter_side" and Preprocessing.of(32, 36).eval_resize == "square"
+    assert Preprocessing.from_dict(kept.to_dict()) == kept
+    assert Preprocessing.of_transform(kept.transform()) == kept
+    old = {k: v for k, v in Preprocessing.of(32, 36).to_dict().items() if k != "eval_resize"}
+    assert Preprocessing.from_dict(old).eval_resize == "square"  # checkpoints from before the choice

@@ -134,6 +134,21 @@ exec(compile(open(snippet).read(), snippet, "exec"))
 
 @pytest.mark.slow
 def test_the_readme_snippet_reproduces_the_probabilities_without_this_package(run, onnx_model, tmp_path):
+    snippet_matches_predict(run, onnx_model, tmp_path)
+
+
+def test_the_sidecar_and_the_snippet_keep_the_aspect_ratio_when_the_run_did(tmp_path_factory, tmp_path):
+    needs_onnx()
+    run = trained_run(tmp_path_factory, eval_resize="shorter_side")
+    model = export(export_config(run["best_checkpoint"], tmp_path / "onnx", "format=onnx"))
+    sidecar = json.loads(model.with_name(model.name + ".json").read_text())
+    assert sidecar["eval_resize"] == "shorter_side"
+    assert "resize the shorter side to 36, keeping the aspect ratio" in sidecar["input"]["preprocessing"]
+    snippet_matches_predict(run, model, tmp_path)
+
+
+def snippet_matches_predict(run: dict, onnx_model: Path, tmp_path: Path) -> None:
+    """README's consumer snippet, run without this package, gives predict's labels and probabilities."""
     snippet = tmp_path / "use_onnx.py"
     snippet.write_text(readme_snippet())
     paths, _ = real_images(run)

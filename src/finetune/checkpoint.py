@@ -95,19 +95,22 @@ def _first_line(err: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The eval transform: square ``Resize`` to ``resize_size``, ``CenterCrop`` to ``image_size``, [0, 1], normalise."""
+    """The eval transform: ``Resize`` to ``resize_size`` (square, or the shorter side: ``eval_resize``),
+    ``CenterCrop`` to ``image_size``, [0, 1], normalise."""
 
     image_size: int
     resize_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    eval_resize: str = "square"  # checkpoints from before the choice existed were all square
 
     @classmethod
     def of(cls, image_size: int, resize_size: int | None = None, **normalisation: Any) -> Preprocessing:
         """What ``finetune.data.eval_transform(image_size, resize_size, ...)`` does, read from the transform itself.
 
-        ``normalisation``: ``mean``, ``std``, ``interpolation`` (the book's ImageNet ones and bilinear if absent).
+        ``normalisation``: ``mean``, ``std``, ``interpolation``, ``eval_resize`` (the book's ImageNet ones, bilinear
+        and square if absent).
         """
         return cls.of_transform(eval_transform(image_size, resize_size, **normalisation))
 
@@ -117,6 +120,7 @@ class Preprocessing:
         for step in transform.transforms:
             if isinstance(step, v2.Resize):
                 found["resize_size"] = int(step.size[0])
+                found["eval_resize"] = "square" if len(step.size) == 2 else "shorter_side"
                 found["interpolation"] = str(getattr(step.interpolation, "value", step.interpolation))
             elif isinstance(step, v2.CenterCrop):
                 found["image_size"] = int(step.size[0])
@@ -136,6 +140,7 @@ class Preprocessing:
             mean=tuple(float(m) for m in values["mean"]),
             std=tuple(float(s) for s in values["std"]),
             interpolation=str(values.get("interpolation", "bilinear")),
+            eval_resize=str(values.get("eval_resize", "square")),
         )
 
     @classmethod
@@ -145,7 +150,7 @@ class Preprocessing:
             return cls.from_dict(checkpoint[PREPROCESSING])
         data = checkpoint.get("datamodule_hyper_parameters") or {}
         if data.get("image_size"):
-            stored = {k: data[k] for k in ("mean", "std", "interpolation") if data.get(k) is not None}
+            stored = {k: data[k] for k in ("mean", "std", "interpolation", "eval_resize") if data.get(k) is not None}
             found = cls.of(int(data["image_size"]), data.get("resize_size"), **stored)
             log.warning(
                 "%s predates stored preprocessing: using its data settings (image_size=%d, resize_size=%d) and its "
@@ -166,7 +171,9 @@ class Preprocessing:
     def transform(self) -> v2.Compose:
         """The eval transform that reproduces this preprocessing (refused when this version cannot)."""
         try:
-            transform = eval_transform(self.image_size, self.resize_size, self.mean, self.std, self.interpolation)
+            transform = eval_transform(
+                self.image_size, self.resize_size, self.mean, self.std, self.interpolation, self.eval_resize
+            )
         except ValueError as err:  # e.g. an interpolation this version does not know
             raise CheckpointError(f"The checkpoint's preprocessing {self} cannot be reproduced: {err}") from err
         actual = Preprocessing.of_transform(transform)
@@ -180,7 +187,8 @@ class Preprocessing:
 
 def _same(a: Preprocessing, b: Preprocessing) -> bool:
     close = all(abs(x - y) < 1e-6 for x, y in zip(a.mean + a.std, b.mean + b.std, strict=True))
-    return close and (a.image_size, a.resize_size, a.interpolation) == (b.image_size, b.resize_size, b.interpolation)
+    geometry = ("image_size", "resize_size", "interpolation", "eval_resize")
+    return close and all(getattr(a, key) == getattr(b, key) for key in geometry)
 
 
 def class_names(checkpoint: dict[str, Any], num_classes: int, path: str | Path = "checkpoint") -> list[str]:

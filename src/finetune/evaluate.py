@@ -28,7 +28,7 @@ from finetune.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation")
+GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation", "eval_resize")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -164,6 +164,7 @@ def sidecar_record(
         "image_size": size,
         "resize_size": preprocessing.resize_size,
         "interpolation": preprocessing.interpolation,
+        "eval_resize": preprocessing.eval_resize,
         "mean": list(preprocessing.mean),
         "std": list(preprocessing.std),
         "input": {
@@ -173,8 +174,8 @@ def sidecar_record(
             "channels": "RGB",
             "shape": ["batch", 3, size, size],
             "preprocessing": (
-                f"RGB image -> resize to {preprocessing.resize_size}x{preprocessing.resize_size} "
-                f"({preprocessing.interpolation}) -> centre crop {size}x{size} -> float32 in [0, 1] "
+                f"RGB image -> {_resize_words(preprocessing)} ({preprocessing.interpolation}) "
+                f"-> centre crop {size}x{size} -> float32 in [0, 1] "
                 "-> (x - mean) / std per channel"
             ),
         },
@@ -198,3 +199,10 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _resize_words(preprocessing: Preprocessing) -> str:
+    size = preprocessing.resize_size
+    if preprocessing.eval_resize == "square":
+        return f"resize to {size}x{size}"
+    return f"resize the shorter side to {size}, keeping the aspect ratio"

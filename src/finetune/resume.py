@@ -221,7 +221,7 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
-    for key in ("batch_size", "image_size"):
+    for key in ("batch_size", "image_size", "crop_scale", "eval_resize"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
     if "image_size" in saved_data:  # the resize in effect: data.resize_size=null means the book's ratio of the crop

@@ -41,9 +41,17 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.settings import check_channels, check_crop_scale, check_int, check_interpolation
+from finetune.data.settings import (
+    EVAL_RESIZE_MEANING,
+    check_channels,
+    check_choice,
+    check_crop_scale,
+    check_int,
+    check_interpolation,
+)
 from finetune.data.transforms import (
     CROP_SCALE,
+    EVAL_RESIZES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     book_resize_size,
@@ -72,6 +80,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``folds=K, fold=i``: validate on fold ``i`` of ``K`` stratified folds of train (seeded by ``split_seed``) and
     train on the other ``K - 1``, instead of holding out ``val_fraction``; test is untouched.
     ``crop_scale``: the area range of the training random crop (the book's ``(0.08, 1.0)``).
+    ``eval_resize``: ``"square"`` (the book's: both sides to ``resize_size``) or ``"shorter_side"`` (the aspect kept,
+    torchvision's ImageNet evaluation) before the centre crop of val/test images.
     ``mean``, ``std``, ``interpolation``: the normalisation and resampling of every transform (``None``: ImageNet's,
     bilinear; ``finetune.run.build_datamodule`` fills them from the backbone's pretrained config).
 
@@ -103,6 +113,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         folds: int | None = None,
         fold: int | None = None,
         crop_scale: Sequence[float] = CROP_SCALE,
+        eval_resize: str = "square",
     ) -> None:
         super().__init__()
         image_size = 224 if image_size is None else image_size  # None: what build_datamodule did not fill
@@ -139,6 +150,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         check_channels("std", hp.std, positive=True)
         check_interpolation(hp.interpolation)
         check_crop_scale(hp.crop_scale)
+        check_choice("eval_resize", hp.eval_resize, EVAL_RESIZES, EVAL_RESIZE_MEANING)
         check_int("batch_size", hp.batch_size, 1, "images per device and step")
         if hp.num_workers != AUTO:
             check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
@@ -256,7 +268,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def eval_transform(self) -> v2.Compose:
         """The val/test transform (what checkpoints record, so that predict and export reproduce it)."""
         hp = self.hparams
-        return eval_transform(hp.image_size, self.resize_size, hp.mean, hp.std, hp.interpolation)
+        return eval_transform(hp.image_size, self.resize_size, hp.mean, hp.std, hp.interpolation, hp.eval_resize)
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
@@ -354,7 +366,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             prepare = ShrinkShorterSide(hp.cache_short_side)
             transform = None if self.augments_on_device else self.train_transform()
         else:
-            prepare = eval_geometry(hp.image_size, self.resize_size, hp.interpolation)
+            prepare = eval_geometry(hp.image_size, self.resize_size, hp.interpolation, hp.eval_resize)
             transform = to_normalized_tensor(hp.mean, hp.std)
         images = build_cache(
             [path for path, _ in samples], prepare, hp.cache, name, hp.cache_dir, num_workers=self.num_workers

@@ -47,3 +47,14 @@ def check_crop_scale(value: object) -> None:
             f"data.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a fraction of "
             f"the image), got {value!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of each photo."
         )
+
+
+EVAL_RESIZE_MEANING = (
+    "square squashes each photo to resize_size x resize_size, the book's; shorter_side keeps its aspect ratio, "
+    "torchvision's ImageNet evaluation"
+)
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...], meaning: str) -> None:
+    if value not in choices:
+        raise ValueError(f"data.{key} must be one of {', '.join(choices)} ({meaning}), got {value!r}.")

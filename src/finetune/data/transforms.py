@@ -15,6 +15,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range, the book's augmentation
+EVAL_RESIZES = ("square", "shorter_side")  # the book's squash to a square / torchvision's aspect-keeping resize
 
 
 def book_resize_size(image_size: int) -> int:
@@ -61,13 +62,25 @@ def eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
+    eval_resize: str = "square",
 ) -> v2.Compose:
-    """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop."""
-    geometry = eval_geometry(image_size, resize_size, interpolation)
+    """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop.
+
+    ``eval_resize="shorter_side"`` resizes the shorter side to ``resize_size`` and keeps the aspect ratio instead
+    (torchvision's ImageNet evaluation): the square resize squashes every non-square photo, so the squash itself
+    becomes a feature, and where the photos' shapes differ by class (they do on the Kaggle hot dog set) a model can
+    read the label from the shape.
+    """
+    geometry = eval_geometry(image_size, resize_size, interpolation, eval_resize)
     return v2.Compose([*geometry.transforms, *to_normalized_tensor(mean, std).transforms])
 
 
-def eval_geometry(image_size: int = 224, resize_size: int | None = None, interpolation: str = "bilinear") -> v2.Compose:
+def eval_geometry(
+    image_size: int = 224,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+    eval_resize: str = "square",
+) -> v2.Compose:
     """The deterministic, pixel-changing part of :func:`eval_transform` (what the image cache stores).
 
     ``resize_size=None`` keeps the book's ratio (:func:`book_resize_size`), so a larger crop is not cut out of a
@@ -75,7 +88,10 @@ def eval_geometry(image_size: int = 224, resize_size: int | None = None, interpo
     """
     if resize_size is None:
         resize_size = book_resize_size(image_size)
-    resize = v2.Resize([resize_size, resize_size], interpolation=interpolation_mode(interpolation), antialias=True)
+    if eval_resize not in EVAL_RESIZES:
+        raise ValueError(f"Unknown eval_resize {eval_resize!r}: choose one of {EVAL_RESIZES}.")
+    size = [resize_size, resize_size] if eval_resize == "square" else resize_size
+    resize = v2.Resize(size, interpolation=interpolation_mode(interpolation), antialias=True)
     return v2.Compose([resize, v2.CenterCrop(image_size)])
 
 
