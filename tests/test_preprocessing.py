@@ -18,7 +18,7 @@ from finetune.run import build_datamodule
 from finetune.train import train
 
 from .conftest import compose_config, tiny_overrides
-from .inference import eval_config, predict_config
+from .inference import eval_config, predict_config, trained_run
 
 
 def _datamodule(tiny_folder, *overrides: str) -> ImageFolderDataModule:
@@ -128,3 +128,19 @@ def test_a_timm_checkpoint_stores_its_preprocessing_and_predict_matches_evaluate
     # A new crop given to evaluate keeps timm's crop fraction (the checkpoint's backbone), and its normalisation.
     bigger = evaluate(eval_config(results["best_checkpoint"], tiny_folder, tmp / "eval40", "data.image_size=40"))
     assert (bigger["image_size"], bigger["resize_size"]) == (40, math.floor(40 / expected["crop_pct"])) == (40, 42)
+
+
+def test_an_aspect_keeping_checkpoint_is_evaluated_and_predicted_the_way_it_was_trained(tmp_path_factory):
+    run = trained_run(tmp_path_factory, eval_resize="shorter_side")
+    assert load_checkpoint(run["best_checkpoint"])[PREPROCESSING]["eval_resize"] == "shorter_side"
+    tmp = tmp_path_factory.mktemp("shorter_use")
+    evaluated = evaluate(eval_config(run["best_checkpoint"], run["root"], tmp / "eval"))
+    assert evaluated["eval_resize"] == "shorter_side"  # from the checkpoint, not the config's default
+    rows = {r["path"]: r for r in predict(predict_config(run["best_checkpoint"], run["root"] / "test", tmp))}
+    assert evaluated["test/top_losses"]
+    for entry in evaluated["test/top_losses"]:
+        row = rows[entry["path"]]
+        assert row["label"] == entry["predicted"] and row["score"] == pytest.approx(entry["probability"], abs=1e-5)
+    squashed = evaluate(eval_config(run["best_checkpoint"], run["root"], tmp / "square", "data.eval_resize=square"))
+    assert squashed["eval_resize"] == "square"  # an explicit override wins, with a warning
+    assert squashed["test/loss"] != pytest.approx(evaluated["test/loss"], abs=1e-6)  # and does change the pixels

@@ -47,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "classes": run.images.classes,
         "image_size": run.images.hparams.image_size,
         "resize_size": run.images.resize_size,
+        "eval_resize": run.images.hparams.eval_resize,
         "test/acc": to_number(metrics.get("test/acc")),
         "test/loss": to_number(metrics.get("test/loss")),
         **write_test_report(model, run.images, Path(cfg.paths.output_dir), trainer.is_global_zero),
