@@ -18,7 +18,7 @@ from finetune.data import eval_transform
 from finetune.export import export
 from finetune.predict import predict
 
-from .conftest import REPO, compose_config
+from .conftest import REPO, compose_config, run_cli
 from .inference import predict_config, trained_run
 
 TOLERANCE = 1e-4
@@ -145,6 +145,17 @@ def test_the_sidecar_and_the_snippet_keep_the_aspect_ratio_when_the_run_did(tmp_
     assert sidecar["eval_resize"] == "shorter_side"
     assert "resize the shorter side to 36, keeping the aspect ratio" in sidecar["input"]["preprocessing"]
     snippet_matches_predict(run, model, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_export_command_writes_the_model_and_its_sidecar(run, tmp_path):
+    """``python -m finetune.export`` as README runs it: the module executed as a script, not imported."""
+    out = tmp_path / "cli"
+    args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"paths.output_dir={out}"]
+    run_cli(args, module="finetune.export")
+    sidecar = json.loads((out / "model.torchscript.pt.json").read_text())
+    assert sidecar["input"]["preprocessing"].startswith("RGB image -> resize to 36x36 (bilinear) -> centre crop 32x32")
+    assert torch.jit.load(out / "model.torchscript.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
 def snippet_matches_predict(run: dict, onnx_model: Path, tmp_path: Path) -> None:

@@ -146,6 +146,14 @@ def check_parity(exported: nn.Module, path: Path, fmt: str, image_size: int) -> 
     return worst
 
 
+def _resize_words(preprocessing: Preprocessing) -> str:
+    """The sidecar's words for the resize before the centre crop."""
+    size = preprocessing.resize_size
+    if preprocessing.eval_resize == "square":
+        return f"resize to {size}x{size}"
+    return f"resize the shorter side to {size}, keeping the aspect ratio"
+
+
 def sidecar_record(
     fmt: str,
     output: Path,
@@ -199,10 +207,3 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _resize_words(preprocessing: Preprocessing) -> str:
-    size = preprocessing.resize_size
-    if preprocessing.eval_resize == "square":
-        return f"resize to {size}x{size}"
-    return f"resize the shorter side to {size}, keeping the aspect ratio"
