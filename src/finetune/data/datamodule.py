@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -19,10 +18,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from finetune.data.cache import CACHE_MODES, CachedImageDataset, ShrinkShorterSide, build_cache
+from finetune.data.cache import CachedImageDataset, ShrinkShorterSide, build_cache
 from finetune.data.device_augment import (
-    AUGMENT_ON,
-    RESAMPLING,
     DeviceAugment,
     RawBatch,
     pad_collate,
@@ -41,17 +38,9 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.settings import (
-    EVAL_RESIZE_MEANING,
-    check_channels,
-    check_choice,
-    check_crop_scale,
-    check_int,
-    check_interpolation,
-)
+from finetune.data.settings import check_data_settings
 from finetune.data.transforms import (
     CROP_SCALE,
-    EVAL_RESIZES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     book_resize_size,
@@ -123,7 +112,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
             crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
         self.save_hyperparameters()  # the values in effect, so a checkpoint records them
-        self._check_settings()
+        check_data_settings(self.hparams)
         self.augment = augment
         self.classes: list[str] = []
         self.train_set: Dataset | None = None
@@ -133,84 +122,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
-
-    def _check_settings(self) -> None:
-        """Refuse a bad setting now, by its config name, rather than as a failure deep inside a loader or a run."""
-        hp = self.hparams
-        check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
-        if hp.resize_size is not None:
-            check_int("resize_size", hp.resize_size, 1, "the square resize before the centre crop, or null")
-            if hp.resize_size < hp.image_size:
-                raise ValueError(
-                    f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
-                    "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
-                    f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
-                )
-        check_channels("mean", hp.mean, positive=False)
-        check_channels("std", hp.std, positive=True)
-        check_interpolation(hp.interpolation)
-        check_crop_scale(hp.crop_scale)
-        check_choice("eval_resize", hp.eval_resize, EVAL_RESIZES, EVAL_RESIZE_MEANING)
-        check_int("batch_size", hp.batch_size, 1, "images per device and step")
-        if hp.num_workers != AUTO:
-            check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
-        if hp.augment_on not in AUGMENT_ON:
-            raise ValueError(
-                f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
-                "the loader workers; device: on the model's device, after the transfer)."
-            )
-        if hp.device_resampling not in RESAMPLING:
-            raise ValueError(
-                f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
-                "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
-            )
-        check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
-        if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
-            raise ValueError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
-        if not 0.0 < hp.val_fraction < 1.0:
-            raise ValueError(
-                f"data.val_fraction must be strictly between 0 and 1, got {hp.val_fraction}: the validation split, "
-                "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
-                "empty nor all of train. The book-sized default is data.val_fraction=0.1."
-            )
-        for key in ("skip_corrupt", "verify_images", "augment"):
-            if not isinstance(hp[key], bool):
-                raise ValueError(f"data.{key} must be true or false, got {hp[key]!r}.")
-        if hp.download is not None and not (
-            isinstance(hp.download, Mapping)
-            and isinstance(hp.download.get("url"), str)
-            and re.fullmatch(r"[0-9a-fA-F]{40}", str(hp.download.get("sha1")))
-        ):
-            raise ValueError(
-                f"data.download must be null or a mapping with a url and the archive's sha1 (40 hex digits), got "
-                f"{hp.download!r}. Use data=folder data.download=null for a folder that is already on disk."
-            )
-        if hp.cache not in CACHE_MODES:
-            raise ValueError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
-        if hp.cache_short_side is not None:
-            check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
-            if hp.cache_short_side < hp.image_size:
-                raise ValueError(
-                    f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
-                    "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
-                    "original size."
-                )
-        self._check_folds()
-        if hp.cache == "disk" and hp.cache_dir is None:
-            raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
-
-    def _check_folds(self) -> None:
-        folds, fold = self.hparams.folds, self.hparams.fold
-        if folds is None:
-            if fold is not None:
-                raise ValueError(f"data.fold={fold} needs data.folds=K (the number of folds), which is null.")
-            return
-        check_int("folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
-        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
-            raise ValueError(
-                f"data.fold must be an integer in [0, {folds}) with data.folds={folds} (the fold that validates), "
-                f"got {fold!r}. Sweep every fold: data.fold={','.join(str(i) for i in range(folds))}."
-            )
 
     def _split(self, targets: list[int], classes: list[str]) -> tuple[list[int], list[int]]:
         """(train, val) indices of the train folder: fold ``fold`` of ``folds``, or ``val_fraction`` held out."""
