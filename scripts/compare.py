@@ -31,7 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from finetune.overrides import quote
+from finetune.harness.overrides import quote
 from finetune.report import (
     DEFAULT_EXPERIMENTS,
     DEFAULT_SEEDS,
@@ -68,7 +68,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
 
 
 def hydra_value(text: str) -> str:
-    """``text`` as one Hydra override value (:func:`finetune.overrides.quote`), or a :class:`CompareError`."""
+    """``text`` as one Hydra override value (:func:`finetune.harness.overrides.quote`), or a :class:`CompareError`."""
     try:
         return quote(text)
     except ValueError as error:

@@ -4,8 +4,8 @@
     python scripts/gpu_check.py --cpu-smoke        # the same plumbing on a CPU: tiny generated images, 8 steps
 
 Every configuration is a ``python -m finetune.train`` run (experiment=finetune, the template's own entry point,
-Hydra and all) with Trainer/model overrides and the ``finetune.callbacks.Throughput`` callback. One table row per
-configuration: images/s end to end (data loading included, validation and the first epoch excluded), images/s of
+Hydra and all) with Trainer/model overrides and the ``finetune.harness.throughput.Throughput`` callback. One table row
+per configuration: images/s end to end (data loading included, validation and the first epoch excluded), images/s of
 the training step alone (forward + backward + optimizer, device synchronised), the last train loss, the last
 val/acc, and test/acc + test/loss of the final weights (no checkpoints are written, to stay fast). A configuration
 that fails or times out is reported as FAILED with its error, and the others still run; the exit code is 1 then.
@@ -74,7 +74,7 @@ def common_overrides(args: argparse.Namespace, data_root: Path, weights: str) ->
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "~callbacks.model_checkpoint",
-        "+callbacks.throughput._target_=finetune.callbacks.Throughput",
+        "+callbacks=throughput",
     ]
     if args.cpu_smoke:
         overrides += ["data.image_size=32", "data.resize_size=36", "data.val_fraction=0.2"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.checkpoint import CLASSES, PREPROCESSING, Preprocessing
 from finetune.data import eval_transform
+from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.module import FineTuneModule
 from finetune.train import train
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.run_folder import RunFolder
+from finetune.harness.run_folder import RunFolder
 
 EXPERIMENTS = ("finetune", "scratch", "frozen")
 # Hand-picked numbers whose means and sample stds are easy to check by hand.

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpoint import CLASSES, PREPROCESSING, CheckpointError, Preprocessing, load_checkpoint
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.evaluate import evaluate
+from finetune.harness.checkpoint import CheckpointError, load_checkpoint
 from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
@@ -47,7 +48,7 @@ def test_a_cached_features_checkpoint_stores_them_too(tmp_path_factory):
     assert checkpoint[CLASSES] == ["cat", "dog"] and checkpoint[PREPROCESSING]["image_size"] == 32
 
 
-def test_preprocessing_is_read_from_the_eval_transform():
+def test_preprocessing_fills_the_books_values_and_reads_older_checkpoints():
     assert Preprocessing.of(224) == Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     assert Preprocessing.of(32, 40).resize_size == 40
     older = {"datamodule_hyper_parameters": {"image_size": 64, "resize_size": 70}}

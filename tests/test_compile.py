@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from finetune.evaluate import evaluate
+from finetune.harness.guards import compile_network
 from finetune.module import FineTuneModule
 from finetune.run import assemble
 from finetune.train import train
@@ -114,7 +115,8 @@ def test_compile_failing_at_the_first_step_falls_back_once(tmp_path, tiny_folder
 def test_a_real_error_in_the_network_is_not_taken_for_a_compile_failure(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
-    model = FineTuneModule(num_classes=2, weights=None, compile=True)
+    model = FineTuneModule(num_classes=2, weights=None)
+    assert compile_network(model) and model.compiled
     with pytest.raises(Exception, match="channels|size|shape|Expected"):
         model(torch.randn(2, 5, 32, 32))  # 5 channels: wrong for the first convolution, compiled or not
     torch._dynamo.reset()

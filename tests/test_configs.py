@@ -9,7 +9,8 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from finetune.run import build_model, check_optimizer_settings, check_trainer_settings
+from finetune.harness.settings import check_optimizer_settings, check_trainer_settings
+from finetune.run import build_model
 from finetune.train import train
 
 from .conftest import REPO, compose_config, run_cli, tiny_overrides

@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.checkpoint import Preprocessing
 from finetune.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,6 +14,8 @@ from finetune.data import (
     stratified_split,
     train_transform,
 )
+from finetune.data.preprocessing import Preprocessing
+from finetune.harness.settings import check_data_settings
 
 from .conftest import make_image_folder
 
@@ -150,7 +151,7 @@ def test_train_and_test_classes_must_match(tmp_path):
 )
 def test_out_of_range_values_are_rejected_by_their_config_name(tmp_path: Path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ImageFolderDataModule(tmp_path, **kwargs)
+        check_data_settings({"root": tmp_path, **kwargs})
 
 
 def test_resize_defaults_to_the_book_ratio_so_a_large_crop_gets_no_black_border(tmp_path):
@@ -240,13 +241,15 @@ def test_shorter_side_keeps_the_aspect_ratio_that_square_squashes():
     assert square > 0.85  # 32 of 36 squashed columns: ~89% of the photo's width
     assert 0.38 < kept < 0.50  # 32 of 72 columns: 44% of its width
     with pytest.raises(ValueError, match=r"data.eval_resize must be one of square, shorter_side .*got 'crop'"):
-        ImageFolderDataModule(Path("."), eval_resize="crop")
+        check_data_settings({"root": ".", "eval_resize": "crop"})
 
 
 def test_the_checkpoint_preprocessing_records_the_resize_mode():
     kept = Preprocessing.of(32, 36, eval_resize="shorter_side")
     assert kept.eval_resize == "shorter_side" and Preprocessing.of(32, 36).eval_resize == "square"
     assert Preprocessing.from_dict(kept.to_dict()) == kept
-    assert Preprocessing.of_transform(kept.transform()) == kept
+    resize, crop = kept.transform().transforms[:2]  # the transform is built from the record
+    assert list(resize.size) == [36] and list(crop.size) == [32, 32]  # one number: the shorter side goes to 36
+    assert list(Preprocessing.of(32, 36).transform().transforms[0].size) == [36, 36]
     old = {k: v for k, v in Preprocessing.of(32, 36).to_dict().items() if k != "eval_resize"}
     assert Preprocessing.from_dict(old).eval_resize == "square"  # checkpoints from before the choice

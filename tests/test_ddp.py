@@ -29,7 +29,7 @@ from omegaconf import read_write
 from PIL import Image
 
 from finetune.data import train_transform
-from finetune.distributed import rank_command
+from finetune.harness.distributed import rank_command
 from finetune.train import train
 
 from .conftest import REPO, compose_config, compose_with_hydra, run_cli

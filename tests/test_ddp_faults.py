@@ -24,7 +24,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from finetune.distributed import RankObserver
+from finetune.harness.distributed import RankObserver
 
 from .conftest import make_image_folder, start_cli, tiny_overrides
 
@@ -251,7 +251,7 @@ def test_rank_observer_leaves_rank_0_alone_when_the_ranks_finish():
 def _agree_in_a_side_group(rank: int, port: int, signals: list[int], results) -> None:
     import torch.distributed as dist
 
-    from finetune.distributed import agree_on_signal
+    from finetune.harness.distributed import agree_on_signal
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.checkpoint import load_for_inference
 from finetune.data import eval_transform
 from finetune.export import export
+from finetune.harness.checkpoint import load_for_inference
 from finetune.predict import predict
 
 from .conftest import REPO, compose_config, run_cli

@@ -5,10 +5,11 @@ import logging
 
 import pytest
 import torch
-from hydra.errors import InstantiationException
 
 from finetune.backbones import build_backbone, dropouts_before_head, random_layers_inside_backbone
+from finetune.errors import SettingError
 from finetune.evaluate import evaluate
+from finetune.harness.settings import check_model_settings
 from finetune.module import FineTuneModule
 from finetune.train import train
 
@@ -75,9 +76,9 @@ def test_cached_features_drop_augmentation_with_a_warning_and_the_checkpoint_eva
 
 def test_cache_features_needs_a_frozen_backbone(tmp_path, tiny_folder):
     with pytest.raises(ValueError, match="cache_features=true needs model.freeze=backbone"):
-        FineTuneModule(num_classes=2, backbone="resnet18", weights=None, cache_features=True)
+        check_model_settings({"freeze": "none", "cache_features": True})
     cfg = compose_config(["experiment=finetune", "model.cache_features=true"] + tiny_overrides(tiny_folder, tmp_path))
-    with pytest.raises(InstantiationException, match="cache_features=true needs model.freeze=backbone"):
+    with pytest.raises(SettingError, match="cache_features=true needs model.freeze=backbone"):
         train(cfg)
 
 

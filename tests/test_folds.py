@@ -10,6 +10,7 @@ import pytest
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.folders import fold_split, stratified_folds
+from finetune.harness.settings import check_data_settings
 from finetune.report import load_sweep, to_markdown
 
 from .conftest import make_image_folder
@@ -69,7 +70,8 @@ def test_each_fold_validates_on_its_part_of_train_and_leaves_test_alone(folder):
 )
 def test_bad_fold_settings_name_the_setting(folder, settings, message):
     with pytest.raises(ValueError, match=message):
-        _module(folder, **settings)
+        check_data_settings({"root": folder, **settings})  # what every run checks before it builds anything
+        _module(folder, **settings)  # the split itself: a class smaller than the number of folds
 
 
 def test_the_report_averages_each_experiment_over_its_folds(tmp_path):

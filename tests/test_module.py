@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from finetune.data import ImageFolderDataModule
+from finetune.harness.settings import check_model_settings
 from finetune.module import FineTuneModule
 
 
@@ -57,9 +58,9 @@ def test_cosine_scheduler_keeps_the_lr_ratio():
 
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="Unknown freeze mode 'layers'.*none.*backbone"):
-        _module(freeze="layers")
+        check_model_settings({"freeze": "layers"})
     with pytest.raises(ValueError, match="head_lr_mult must be > 0"):
-        _module(head_lr_mult=0)
+        check_model_settings({"head_lr_mult": 0})
 
 
 def test_predict_step_returns_class_probabilities():

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from finetune.checkpoint import CLASSES, PREPROCESSING, CheckpointError
+from finetune.data.preprocessing import CLASSES, PREPROCESSING
 from finetune.evaluate import evaluate
+from finetune.harness.checkpoint import CheckpointError
 from finetune.predict import predict
 
 from .inference import eval_config, evil_checkpoint, predict_config, run_module, trained_run

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from finetune.harness.run_folder import RunFolder
 from finetune.report import (
     FigureUnavailable,
     ReportError,
@@ -23,7 +24,6 @@ from finetune.report import (
     to_markdown,
     write_report,
 )
-from finetune.run_folder import RunFolder
 
 from .sweeps import make_full_sweep, results_for, write_job, write_multirun_yaml
 

@@ -9,7 +9,7 @@ import subprocess
 import torch
 import torchvision
 
-from finetune.results import environment, git_state
+from finetune.harness.results import environment, git_state
 from finetune.train import train
 
 from .conftest import compose_config, tiny_overrides

@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from finetune.resume import find_checkpoint, with_run_overrides
+from finetune.harness.resume import find_checkpoint, with_run_overrides
 from finetune.train import train
 
 from .conftest import (

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from finetune.evaluate import evaluate
-from finetune.resume import find_checkpoint, with_run_overrides
-from finetune.run_folder import RunFolder
+from finetune.harness.resume import find_checkpoint, with_run_overrides
+from finetune.harness.run_folder import RunFolder
 from finetune.train import train
 
 from .conftest import compose_config, run_cli, start_cli, tiny_overrides, without
@@ -70,7 +70,7 @@ def test_a_corrupt_interrupted_checkpoint_is_skipped_for_a_good_last_one(tmp_pat
     run.checkpoints.mkdir(parents=True)
     torch.save({"state_dict": {}}, run.last_checkpoint)
     run.interrupted_checkpoint.write_bytes(b"PK\x03\x04 truncated")
-    with caplog.at_level(logging.WARNING, logger="finetune.resume"):
+    with caplog.at_level(logging.WARNING, logger="finetune.harness.resume"):
         assert find_checkpoint(run.path) == run.last_checkpoint
     assert f"skipping {run.interrupted_checkpoint}" in caplog.text
 

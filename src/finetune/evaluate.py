@@ -18,17 +18,15 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.checkpoint import CLASSES, Preprocessing, load_for_inference
-from finetune.metrics import write_test_report
-from finetune.overrides import override_keys
-from finetune.results import command_line_overrides, to_number, write_json_atomic
-from finetune.resume import claim_run_folder
+from finetune.data.preprocessing import CLASSES, Preprocessing
+from finetune.harness.checkpoint import load_for_inference
+from finetune.harness.overrides import override_keys
+from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
+from finetune.harness.resume import claim_run_folder
+from finetune.harness.run_folder import RunFolder
 from finetune.run import CONFIG_DIR, assemble
-from finetune.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
-
-GEOMETRY_KEYS = ("image_size", "resize_size", "mean", "std", "interpolation", "eval_resize")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -69,7 +67,7 @@ def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_pa
     """
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
     given = override_keys(command_line_overrides())
-    for key in GEOMETRY_KEYS:
+    for key in Preprocessing.keys():
         stored = getattr(preprocessing, key)
         stored = list(stored) if isinstance(stored, tuple) else stored
         if f"data.{key}" in given or (key == "resize_size" and "data.image_size" in given):

@@ -21,11 +21,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from finetune.checkpoint import Preprocessing, class_names, load_for_inference
 from finetune.data import file_digest
-from finetune.results import write_json_atomic
+from finetune.data.preprocessing import Preprocessing
+from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.results import write_json_atomic
+from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.run import CONFIG_DIR
-from finetune.run_folder import EXPORTED_MODELS, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def export(cfg: DictConfig) -> Path:
     model, checkpoint = load_for_inference(ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, ckpt_path)
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
-    preprocessing.transform()  # refuses a preprocessing this version cannot describe faithfully
+    checkpoint_transform(preprocessing)  # refuses a preprocessing this version cannot build
     exported = ExportedClassifier(model.net, outputs).eval()
     output.parent.mkdir(parents=True, exist_ok=True)
     example = example_batch(preprocessing.image_size, 2)

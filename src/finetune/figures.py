@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD
-from finetune.run_folder import RunFolder
+from finetune.harness.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune import distributed
-from finetune.results import write_json_atomic
+from finetune.harness import distributed
+from finetune.harness.results import write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 
 log = logging.getLogger(__name__)

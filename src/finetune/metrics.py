@@ -3,14 +3,14 @@
 :class:`TestMetrics` holds torchmetrics objects that the module updates in ``test_step``; their states are synced
 across DDP ranks when computed, so the report counts every test image exactly once whatever the number of processes
 (the test loader shards without padding). :func:`report_record` turns the computed report into ``results.json``'s
-``test/*`` keys; :func:`write_test_report` also draws ``confusion_matrix.png`` and ``top_losses.png``.
+``test/*`` keys (``finetune.harness.results.write_test_report`` also draws ``confusion_matrix.png`` and
+``top_losses.png``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +28,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from finetune.results import TEST_REPORT_KEYS
-
+# The test report's keys in results.json (besides test/acc and test/loss).
+TEST_REPORT_KEYS = ("test/per_class", "test/confusion_matrix", "test/auroc", "test/ece", "test/top_losses")
 ECE_BINS = 15
 TOP_LOSSES = 16
 
@@ -180,20 +180,3 @@ def sample_path(dataset: Dataset | None, index: int) -> str | None:
 def _number(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def write_test_report(model: Any, images: Any, output_dir: Path, is_global_zero: bool) -> dict[str, Any]:
-    """The report keys of ``model``'s last test; on rank 0 also its two figures in ``output_dir``."""
-    from finetune.figures import write_figures
-    from finetune.run_folder import RunFolder
-
-    report = getattr(model, "test_report", None)
-    spec = getattr(model, "data_spec", None) or {}
-    classes = list(spec.get("classes") or getattr(images, "classes", None) or [])
-    if report is not None and len(classes) != report["confusion"].shape[0]:
-        classes = [f"class_{i}" for i in range(report["confusion"].shape[0])]
-    dataset = getattr(images, "test_set", None)
-    record = report_record(report, classes, dataset)
-    if report is not None and is_global_zero:
-        write_figures(report, record, classes, dataset, spec.get("preprocessing"), RunFolder(output_dir))
-    return record

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
-from finetune.checkpoint import CLASSES, PREPROCESSING, describe_data
+from finetune.data.preprocessing import CLASSES, PREPROCESSING
 from finetune.metrics import TestMetrics, batch_indices
-from finetune.schedules import BackboneUnfreeze, WeightAverage, check_ema_decay
+from finetune.schedules import BackboneUnfreeze, WeightAverage
 
 log = logging.getLogger(__name__)
 
 FREEZE_MODES = ("none", "backbone")
+# The layers with running statistics (torchvision's and timm's BatchNorm layers subclass these).
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INPUT_MODES = ("images", "features")
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -38,8 +36,8 @@ class FineTuneModule(pl.LightningModule):
     ``freeze="backbone"`` trains only the head, and keeps every BatchNorm of the frozen backbone in eval mode so its
     running statistics never move. ``cache_features`` (frozen only) sets ``input_mode="features"``: the module then
     takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
-    ``compile=True`` compiles ``net`` in place with ``torch.compile`` (its state_dict keys stay those of ``net``, so
-    checkpoints load into an uncompiled module); where compiling fails, the run says so once and runs uncompiled.
+    ``net_runner``: how ``net`` is called, where a run compiles it (``model.compile=true``, see
+    :func:`finetune.harness.guards.compile_network`); None calls it eagerly.
     ``unfreeze_at_epoch=N`` freezes the backbone (BatchNorm included) for the first N epochs of a fit, then trains
     it in its own group; with ``cache_features`` those N epochs train the head on cached features. ``ema_decay``
     validates, tests and checkpoints an EMA of the weights. Both live in :mod:`finetune.schedules`.
@@ -54,41 +52,14 @@ class FineTuneModule(pl.LightningModule):
         head_lr_mult: float = 10.0,
         channels_last: bool = False,
         cache_features: bool = False,
-        compile: bool = False,
         unfreeze_at_epoch: int = 0,
         ema_decay: float | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
-        if freeze not in FREEZE_MODES:
-            raise ValueError(
-                f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}. Use model.freeze=none "
-                "to train every layer, or model.freeze=backbone to train the head only (experiment=frozen)."
-            )
-        head_advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
-        check_number("model.head_lr_mult", head_lr_mult, "> 0", lambda x: x > 0, head_advice)
-        if isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0:
-            raise ValueError(
-                f"model.unfreeze_at_epoch must be an integer >= 0 (0: the backbone trains from the start), "
-                f"got {unfreeze_at_epoch!r}."
-            )
-        if unfreeze_at_epoch and freeze != "none":
-            raise ValueError(
-                f"model.unfreeze_at_epoch={unfreeze_at_epoch} needs model.freeze=none (got freeze={freeze!r}): "
-                "a backbone frozen for the whole run never unfreezes."
-            )
-        if cache_features and freeze != "backbone" and not unfreeze_at_epoch:
-            raise ValueError(
-                f"model.cache_features=true needs model.freeze=backbone or model.unfreeze_at_epoch > 0 (got "
-                f"freeze={freeze!r}): features can only be cached while the backbone does not train. Use "
-                "experiment=frozen or experiment=lpft, or model.cache_features=false."
-            )
-        if ema_decay is not None:
-            check_ema_decay(ema_decay)
-        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe. So does
-        # compiling: how a run executes the network, not what it is (a checkpoint loads uncompiled unless asked).
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"])
+        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
         self.net = built.model
         self.head_name = built.head_name
@@ -108,10 +79,8 @@ class FineTuneModule(pl.LightningModule):
         if freeze == "backbone":
             for param in self.backbone_parameters():
                 param.requires_grad_(False)
-        self._batch_images: int | None = None  # the last batch's size, for the out-of-memory advice
-        self.compiled = False
-        if compile:
-            self.compile_net()
+        self.net_runner: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by model.compile=true
+        self._fitting = False
 
         self.loss = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -172,10 +141,15 @@ class FineTuneModule(pl.LightningModule):
         of a fit (outside a fit, e.g. when testing, the model is the whole network)."""
         if self.freeze == "backbone":
             return True
-        trainer = self._trainer
-        if not self.unfreeze_at_epoch or trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return False
-        return trainer.current_epoch < self.unfreeze_at_epoch
+        return bool(self.unfreeze_at_epoch) and self._fitting and self.current_epoch < self.unfreeze_at_epoch
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``net`` runs compiled now (``model.compile=true``, and compiling has not failed)."""
+        return bool(getattr(self.net_runner, "compiled", False))
+
+    def teardown(self, stage: str) -> None:
+        self._fitting = False
 
     @property
     def input_mode(self) -> str:
@@ -193,50 +167,21 @@ class FineTuneModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.train(True)  # re-assert after Lightning's own mode bookkeeping
 
-    def frozen_batchnorms(self) -> list[_BatchNorm]:
+    def frozen_batchnorms(self) -> list[nn.Module]:
         head = self.net.get_submodule(self.head_name)
         head_modules = {id(m) for m in head.modules()}
-        return [m for m in self.net.modules() if isinstance(m, _BatchNorm) and id(m) not in head_modules]
+        return [m for m in self.net.modules() if isinstance(m, BATCHNORMS) and id(m) not in head_modules]
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Note the class names and eval preprocessing of the datamodule (set up before the module's hook)."""
-        spec = describe_data(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
-        if spec is not None:
-            self.data_spec = spec
-
-    # --- torch.compile ------------------------------------------------------------------------------------
-    def compile_net(self) -> bool:
-        """Compile ``net`` in place (``nn.Module.compile``: no ``_orig_mod.`` in its state_dict); False if refused."""
-        if self.input_mode == "features":
-            log.info("model.compile=true with model.cache_features=true: the backbone runs once per split, uncompiled.")
-            return False
-        try:
-            self.net.compile()
-        except Exception as err:  # noqa: BLE001 - e.g. "Dynamo is not supported on Python 3.x", or Windows
-            self._run_uncompiled(err)
-            return False
-        self.compiled = True
-        return True
-
-    def _run_uncompiled(self, err: BaseException) -> None:
-        self.net._compiled_call_impl = None  # what nn.Module.compile sets; None restores the eager forward
-        self.compiled = False
-        log.warning(
-            "model.compile=true, but torch.compile fails here (%s: %s); running uncompiled. Set model.compile=false "
-            "to silence this.",
-            type(err).__name__,
-            str(err).strip().splitlines()[0][:300] if str(err).strip() else "",
-        )
-
-    def _net(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.compiled:
-            return self.net(images)
-        try:
-            return self.net(images)
-        except torch._dynamo.exc.TorchDynamoException as err:  # compilation happens on the first calls
-            self._run_uncompiled(err)
-            return self.net(images)
+        """Note whether this is a fit, and the class names and eval preprocessing of the datamodule (set up before
+        the module's hook)."""
+        self._fitting = stage == "fit"
+        datamodule = self.trainer.datamodule
+        images = getattr(datamodule, "images", datamodule)  # the image data behind a feature cache
+        preprocessing = getattr(images, "preprocessing", None)
+        if preprocessing is not None and getattr(images, "classes", None):
+            self.data_spec = {CLASSES: list(images.classes), PREPROCESSING: preprocessing.to_dict()}
 
     # --- steps --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -267,7 +212,7 @@ class FineTuneModule(pl.LightningModule):
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self._net(images)
+        return (self.net_runner or self.net)(images)
 
     def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the head receives for ``images``: the features that ``cache_features`` stores."""
@@ -283,9 +228,7 @@ class FineTuneModule(pl.LightningModule):
 
     def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
         images, targets = batch
-        self._batch_images = len(targets)
-        with self._explain_out_of_memory():
-            logits = self(images)
+        logits = self(images)
         return self._log_step(logits, targets, stage, accuracy, mean_loss)
 
     def _log_step(self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric):
@@ -330,53 +273,9 @@ class FineTuneModule(pl.LightningModule):
             return torch.tensor(batches[batch_idx], dtype=torch.long, device=self.device)
         return torch.full((size,), -1, dtype=torch.long, device=self.device)
 
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        with self._explain_out_of_memory():
-            super().backward(loss, *args, **kwargs)
-
-    @contextlib.contextmanager
-    def _explain_out_of_memory(self):
-        """A device out-of-memory error, re-raised naming the batch size and the settings that need less memory."""
-        try:
-            yield
-        except torch.OutOfMemoryError as err:
-            if _OOM_ADVICE in str(err):
-                raise
-            raise torch.OutOfMemoryError(f"{err}\n\n{self._memory_advice()}") from err
-
-    def _memory_advice(self) -> str:
-        trainer = self._trainer
-        images = getattr(self, "_batch_images", None)
-        precision = str(trainer.precision) if trainer is not None else "?"
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        lines = [
-            f"{_OOM_ADVICE} with a batch of {images} images per device (data.batch_size), precision {precision}, "
-            f"model.channels_last={str(self.hparams.channels_last).lower()}, "
-            f"trainer.accumulate_grad_batches={accumulate}. To need less memory:",
-            "- a smaller data.batch_size, with trainer.accumulate_grad_batches raised by the same factor to keep "
-            f"the batch per optimiser step (e.g. data.batch_size={max((images or 2) // 2, 1)} "
-            f"trainer.accumulate_grad_batches={accumulate * 2});",
-        ]
-        if precision.startswith(("32", "64")):
-            lines.append("- trainer.precision=bf16-mixed (or 16-mixed): activations take half the bytes;")
-        if not self.hparams.channels_last:
-            lines.append("- model.channels_last=true (less workspace for convolutions on tensor-core GPUs);")
-        lines.append("- a smaller data.image_size, or model.freeze=backbone to train the head only.")
-        return "\n".join(lines)
-
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=-1)
-
-
-def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool], advice: str) -> None:
-    """``ValueError`` naming ``key`` and ``value`` unless ``value`` is a finite real number for which ``holds``."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (number and holds(value)):
-        raise ValueError(f"{key} must be {rule}, got {value!r}. {advice}")
-
-
-_OOM_ADVICE = "Out of device memory"
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -29,10 +29,11 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.checkpoint import Preprocessing, class_names, load_for_inference
 from finetune.data import is_image_file, load_rgb
+from finetune.data.preprocessing import Preprocessing
+from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.run_folder import RunFolder
 from finetune.run import CONFIG_DIR, build_trainer
-from finetune.run_folder import RunFolder
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model, checkpoint = load_for_inference(cfg.ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)
     preprocessing = Preprocessing.from_checkpoint(checkpoint, cfg.ckpt_path)
-    data = PredictData(ImageFiles(inputs, preprocessing.transform()), cfg.batch_size, cfg.num_workers)
+    data = PredictData(ImageFiles(inputs, checkpoint_transform(preprocessing)), cfg.batch_size, cfg.num_workers)
     trainer = build_trainer(cfg)
     outputs = trainer.predict(Predictor(model, tta), datamodule=data, return_predictions=True) or []
     results = gather(outputs, len(inputs))

@@ -1,9 +1,9 @@
 """Fine-tune vs scratch vs frozen: a sweep's ``results.json`` files -> table.md, table.csv, curves.png, comparison.md.
 
-Pure: it reads a sweep folder (Hydra's ``multirun.yaml`` and one job folder per job, laid out as ``finetune.run_folder``
-says) and writes files; launching and the command line are ``scripts/compare.py``'s. The table covers exactly an
-expected grid of experiments x seeds (x folds of a ``data.fold=0,...,K-1`` sweep: a row's mean over folds selects a
-configuration), and names every cell without a completed job instead of averaging it away."""
+Pure: it reads a sweep folder (Hydra's ``multirun.yaml`` and one job folder per job, laid out as
+``finetune.harness.run_folder`` says) and writes files; launching and the command line are ``scripts/compare.py``'s. The
+table covers exactly an expected grid of experiments x seeds (x folds of a ``data.fold=0,...,K-1`` sweep: a row's mean
+over folds selects a configuration), and names every cell without a completed job instead of averaging it away."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from finetune.run_folder import HYDRA, RESULTS, RunFolder
+from finetune.harness.run_folder import HYDRA, RESULTS, RunFolder
 from finetune.stats import Stat, gap, summarize  # also this module's public names, as before
 
 DEFAULT_EXPERIMENTS = ("finetune", "scratch", "frozen")  # conf/train.yaml's default experiment comes first

@@ -8,7 +8,7 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import is_timm, preprocessing
-from finetune.distributed import set_timeout
 from finetune.features import FeatureCacheDataModule
-from finetune.module import check_number
-from finetune.quiet import quiet_known_warnings
-from finetune.schedules import check_unfreeze_epoch
+from finetune.harness.distributed import set_timeout
+from finetune.harness.guards import OutOfMemoryAdvice, compile_network
+from finetune.harness.quiet import quiet_known_warnings
+from finetune.harness.settings import check_data_settings, check_run_settings
 
 
 def _config_dir() -> str:
@@ -62,7 +62,9 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None) -> pl.Lightni
     ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
     (:func:`finetune.backbones.preprocessing`).
     """
-    datamodule = instantiate(cfg.data, **backbone_preprocessing(cfg, backbone), _convert_="all")
+    filled = backbone_preprocessing(cfg, backbone)
+    check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled})
+    datamodule = instantiate(cfg.data, **filled, _convert_="all")
     datamodule.prepare_data()
     return datamodule
 
@@ -90,74 +92,28 @@ def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
-    check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    """The configured model, its optimizer and scheduler factories attached; ``model.compile=true`` compiles its
+    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`)."""
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    compile_net = settings.pop("compile", False)
     scheduler = cfg.get("scheduler")
-    return instantiate(
-        cfg.model,
+    model = instantiate(
+        settings,
         num_classes=num_classes,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         _convert_="all",
     )
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# optimizer.<setting>: (rule, test, what to do). Torch's own errors do not name the setting ("Invalid learning rate:
-# -0.1"), and it accepts lr=0, which trains nothing.
-OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
-    "lr": (
-        "> 0",
-        lambda x: x > 0,
-        "It is the backbone's learning rate (the head's is optimizer.lr x model.head_lr_mult): set a positive one, "
-        "or leave optimizer.lr out to get the experiment's (README: 'What each experiment sets').",
-    ),
-    "weight_decay": (">= 0", lambda x: x >= 0, "Use 0 for no weight decay."),
-    "momentum": ("in [0, 1)", lambda x: 0 <= x < 1, "Use 0 (the book's plain SGD) or e.g. 0.9."),
-}
-
-
-def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
-    """The optimizer config's settings (``cfg.optimizer``, resolved), checked before any optimizer is built.
-
-    Settings the factory does not pass are left to the optimizer's own defaults.
-    """
-    for key, (rule, holds, advice) in OPTIMIZER_RULES.items():
-        if key in settings:
-            check_number(f"optimizer.{key}", settings[key], rule, holds, advice)
-    betas = settings.get("betas", (0.9, 0.999))
-    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
-    if not (pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999].")
-
-
-def check_trainer_settings(trainer: DictConfig) -> None:
-    """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
-
-    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
-    """
-    steps = trainer.get("max_steps", -1)
-    if not (_count(steps) and (steps == -1 or steps >= 1)):
-        raise ValueError(
-            f"trainer.max_steps must be -1 (no step limit) or an integer >= 1, got {steps!r}. Leave it out to train "
-            "for trainer.max_epochs, or set the number of optimizer steps to stop after."
-        )
-    epochs = trainer.get("max_epochs")
-    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
-        raise ValueError(
-            f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
-            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
-            "limit) needs a step limit, +trainer.max_steps=N."
-        )
+    if compile_net:
+        compile_network(model)
+    return model
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
-    check_trainer_settings(cfg.trainer)
     quiet_known_warnings()  # every entry point builds its Trainer here: the filters are in place before Lightning talks
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
+    callbacks.append(OutOfMemoryAdvice())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
@@ -171,13 +127,11 @@ def assemble(
 ) -> Run:
     """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one.
 
-    With ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features
-    (while it is frozen: see ``model.unfreeze_at_epoch``).
+    Every setting is checked first (:mod:`finetune.harness.settings`), before the data is fetched. With
+    ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features (while
+    it is frozen: see ``model.unfreeze_at_epoch``).
     """
-    check_trainer_settings(cfg.trainer)  # before the data is fetched or checked: a wrong setting fails at once
-    unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
-    if isinstance(unfreeze, int) and unfreeze and not cfg.trainer.get("fast_dev_run"):
-        check_unfreeze_epoch(unfreeze, cfg.trainer.get("max_epochs"))  # checked again when fitting, for any trainer
+    check_run_settings(cfg, model_configured=model is None)
     images = build_datamodule(cfg, model.hparams.get("backbone") if model is not None else None)
     if model is None:
         model = build_model(cfg, images.num_classes)

@@ -42,25 +42,11 @@ from torch.optim.swa_utils import AveragedModel
 log = logging.getLogger(__name__)
 
 
-def check_unfreeze_epoch(epoch: int, max_epochs: int | None) -> None:
-    """``model.unfreeze_at_epoch`` must leave the backbone at least one epoch to train."""
-    if max_epochs is not None and max_epochs >= 0 and epoch >= max_epochs:
-        raise ValueError(
-            f"model.unfreeze_at_epoch={epoch} is not below trainer.max_epochs={max_epochs}: the backbone would "
-            f"never train. Use model.unfreeze_at_epoch < {max_epochs}, raise trainer.max_epochs, or "
-            "experiment=frozen to train the head only."
-        )
-
-
 class BackboneUnfreeze(pl.Callback):
     """Keeps the ``backbone`` optimizer group frozen for the first ``epoch`` epochs (see the module docstring)."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not trainer.fast_dev_run:
-            check_unfreeze_epoch(self.epoch, trainer.max_epochs)
 
     def frozen(self, trainer: pl.Trainer) -> bool:
         return trainer.current_epoch < self.epoch
@@ -102,7 +88,8 @@ def ema_multi_avg_fn(decay: float):
         n = int(num_averaged)
         rate = min(decay, (1 + n) / (10 + n))
         if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1.0 - rate)
+            for a, c in zip(averaged, current, strict=True):
+                a.lerp_(c, 1.0 - rate)
         else:  # integer buffers (BatchNorm's num_batches_tracked): the latest count
             for a, c in zip(averaged, current, strict=True):
                 a.copy_(c)
@@ -114,7 +101,6 @@ class WeightAverage(pl.Callback):
     """An EMA of ``pl_module.net`` used for validation, test and the saved checkpoints (see the module docstring)."""
 
     def __init__(self, decay: float) -> None:
-        check_ema_decay(decay)
         self.decay = decay
         self.average: AveragedModel | None = None
         self._last_step: int | None = None
@@ -194,11 +180,3 @@ class WeightAverage(pl.Callback):
         ema = checkpoint.get("ema")
         if trainer.state.fn == TrainerFn.FITTING and ema is not None:
             pl_module.load_state_dict(ema["trained_state_dict"])
-
-
-def check_ema_decay(decay: Any) -> None:
-    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay < 1.0:
-        raise ValueError(
-            f"model.ema_decay must be a number strictly between 0 and 1 (the weight of the average at each step, "
-            f"e.g. 0.999), or null for no average; got {decay!r}."
-        )

@@ -22,14 +22,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.callbacks import EpochHistory, InterruptCheckpoint, RngState, SignalStop
-from finetune.distributed import StopRequested, job_scope, lost_ranks
+from finetune.harness.checkpoints import InterruptCheckpoint
+from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
+from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
+from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
+from finetune.harness.run_folder import RunFolder
+from finetune.harness.run_state import EpochHistory, RngState
+from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
-from finetune.metrics import write_test_report
-from finetune.results import fit_record, run_results, summary, write_json_atomic
-from finetune.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.run import CONFIG_DIR, assemble
-from finetune.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -38,14 +38,11 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.settings import check_data_settings
+from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import (
     CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    book_resize_size,
-    eval_geometry,
-    eval_transform,
     to_normalized_tensor,
     train_transform,
 )
@@ -112,8 +109,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
             crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
         self.save_hyperparameters()  # the values in effect, so a checkpoint records them
-        check_data_settings(self.hparams)
         self.augment = augment
+        # The eval preprocessing, once: val/test transforms, the eval cache and checkpoints all derive from it.
+        self.preprocessing = Preprocessing.of(image_size, resize_size, mean, std, interpolation, eval_resize)
         self.classes: list[str] = []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -144,8 +142,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def resize_size(self) -> int:
         """The evaluation resize in effect: ``data.resize_size``, or the book's ratio of the crop when null."""
-        hp = self.hparams
-        return book_resize_size(hp.image_size) if hp.resize_size is None else hp.resize_size
+        return self.preprocessing.resize_size
 
     @property
     def batch_size(self) -> int:
@@ -177,9 +174,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def eval_transform(self) -> v2.Compose:
-        """The val/test transform (what checkpoints record, so that predict and export reproduce it)."""
-        hp = self.hparams
-        return eval_transform(hp.image_size, self.resize_size, hp.mean, hp.std, hp.interpolation, hp.eval_resize)
+        """The val/test transform, built from :attr:`preprocessing` (which checkpoints record)."""
+        return self.preprocessing.transform()
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
@@ -277,7 +273,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             prepare = ShrinkShorterSide(hp.cache_short_side)
             transform = None if self.augments_on_device else self.train_transform()
         else:
-            prepare = eval_geometry(hp.image_size, self.resize_size, hp.interpolation, hp.eval_resize)
+            prepare = self.preprocessing.geometry()
             transform = to_normalized_tensor(hp.mean, hp.std)
         images = build_cache(
             [path for path, _ in samples], prepare, hp.cache, name, hp.cache_dir, num_workers=self.num_workers

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-STUDY_DB = "optuna.db"  # finetune.resume lets a search continue in a sweep folder that holds one
+STUDY_DB = "optuna.db"  # finetune.harness.resume lets a search continue in a sweep folder that holds one
 JOBS_ATTR = "jobs_launched"  # study user attribute: how many job folders the study's invocations have numbered
 
 

@@ -21,9 +21,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.checkpoint import load_checkpoint
-from finetune.data import book_resize_size
-from finetune.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
+from finetune.data.preprocessing import PREPROCESSING, Preprocessing
+from finetune.harness.checkpoint import load_checkpoint
+from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,13 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
-    for key in ("batch_size", "image_size", "crop_scale", "eval_resize"):
+    for key in ("batch_size", "crop_scale"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
-    if "image_size" in saved_data:  # the resize in effect: data.resize_size=null means the book's ratio of the crop
-        then = saved_data.get("resize_size") or book_resize_size(saved_data["image_size"])
-        compare("data.resize_size", then, datamodule.resize_size, warnings)
+    if saved_data or checkpoint.get(PREPROCESSING):  # the eval preprocessing in effect, nulls filled
+        then, now = Preprocessing.from_checkpoint(checkpoint, checkpoint_path), datamodule.preprocessing
+        for key in Preprocessing.keys():
+            compare(f"data.{key}", getattr(then, key), getattr(now, key), warnings)
 
     saved_groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups", [])
     if saved_groups and hasattr(model, "parameter_groups"):

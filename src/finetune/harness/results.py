@@ -17,7 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-TEST_REPORT_KEYS = ("test/per_class", "test/confusion_matrix", "test/auroc", "test/ece", "test/top_losses")
+from finetune.figures import write_figures
+from finetune.harness.run_folder import RunFolder
+from finetune.metrics import TEST_REPORT_KEYS, report_record
 
 
 def to_number(value: Any) -> float | None:
@@ -151,3 +153,17 @@ def git_state(folder: Path) -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None  # no git program, or not readable as a repository
     return {"commit": commit, "dirty": bool(changes.strip())}
+
+
+def write_test_report(model: Any, images: Any, output_dir: Path, is_global_zero: bool) -> dict[str, Any]:
+    """The report keys of ``model``'s last test; on rank 0 also its two figures in ``output_dir``."""
+    report = getattr(model, "test_report", None)
+    spec = getattr(model, "data_spec", None) or {}
+    classes = list(spec.get("classes") or getattr(images, "classes", None) or [])
+    if report is not None and len(classes) != report["confusion"].shape[0]:
+        classes = [f"class_{i}" for i in range(report["confusion"].shape[0])]
+    dataset = getattr(images, "test_set", None)
+    record = report_record(report, classes, dataset)
+    if report is not None and is_global_zero:
+        write_figures(report, record, classes, dataset, spec.get("preprocessing"), RunFolder(output_dir))
+    return record

@@ -13,7 +13,7 @@ the job's own overrides (``hydra.overrides.task``, no sweep lists) and its outpu
 restores the launcher's environment variables, so the next job of a sequential sweep starts a fresh DDP group.
 
 Faults: :func:`agree_on_signal` is how the ranks agree to stop together after a signal reached any one of them
-(``finetune.callbacks.SignalStop``), raising :class:`StopRequested` at the same point on every rank;
+(``finetune.harness.signals.SignalStop``), raising :class:`StopRequested` at the same point on every rank;
 :func:`set_timeout` bounds every collective (``ddp_timeout_s``), so that a dead or stuck rank makes the others fail
 instead of wait; :func:`lost_ranks` names the rank that went missing, for the error message.
 """
@@ -38,7 +38,8 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.overrides import override_keys, quote
+from finetune.harness.overrides import override_keys, quote
+from finetune.harness.private import replace_rank_launcher, set_process_group_timeout
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,7 @@ def install(entry_module: str = "finetune.train") -> bool:
     """Make Lightning's subprocess launcher start extra ranks with :func:`rank_command` (running ``entry_module``)
     and watch them with :class:`RankObserver`; False if it cannot."""
     command = functools.partial(rank_command, entry_module=entry_module)
-    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
-
-    for module in (pl_launcher, fabric_launcher):  # the Trainer's, and Fabric's for scripts that use it
-        if hasattr(module, "_hydra_subprocess_cmd"):
-            module._hydra_subprocess_cmd = command
-        if hasattr(module, "_launch_process_observer"):
-            module._launch_process_observer = _launch_rank_observer
-    patched = getattr(pl_launcher, "_hydra_subprocess_cmd", None) is command
+    patched = replace_rank_launcher(command, _launch_rank_observer)
     if not patched:
         log.warning(
             "This Lightning version has no _hydra_subprocess_cmd to replace: trainer.strategy=ddp inside a Hydra "
@@ -169,9 +162,7 @@ def set_timeout(trainer: pl.Trainer, seconds: float | None) -> None:
         return
     _observer_grace_s = float(seconds)
     strategy = trainer.strategy
-    if hasattr(strategy, "_timeout"):  # DDPStrategy and its relatives (FSDP, DeepSpeed) keep it there
-        strategy._timeout = datetime.timedelta(seconds=float(seconds))
-    elif trainer.world_size > 1:
+    if not set_process_group_timeout(strategy, seconds) and trainer.world_size > 1:
         log.warning("%s has no process-group timeout to set: ddp_timeout_s is ignored", type(strategy).__name__)
 
 

@@ -1,0 +1,86 @@
+"""Checkpoints a run can be continued from: an up-to-date ``last.ckpt``, and ``interrupted.ckpt`` on a stop.
+
+- ``ResumableModelCheckpoint``: Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` after every epoch (2.6
+  only does when the best one changes) and keeps its best-so-far when a resumed run writes to a new folder
+  (Lightning forgets it when the folder changes); the earlier run's files are never deleted.
+- ``InterruptCheckpoint``: Ctrl+C, SIGTERM (Lightning stops at the end of the batch) or a crash while fitting
+  saves ``checkpoints/interrupted.ckpt``; under DDP only a stop that every rank agreed on does (``SignalStop``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+
+from finetune.harness.distributed import StopRequested
+from finetune.harness.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+class ResumableModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with an up-to-date ``last.ckpt`` and a ranking that survives a resume into a new folder.
+
+    Lightning keeps only ``best_model_path`` when the checkpoint folder changed, so the resumed run would call its
+    first epoch "best" even when the earlier run did better. Here the earlier scores stay in the ranking; files
+    outside this run's folder are never deleted (Lightning's own ``_should_remove_checkpoint`` rule).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        # Lightning 2.6 writes last.ckpt only when a top-k checkpoint is saved at the same step, so with save_top_k=1
+        # last.ckpt is a copy of the best one; resuming needs the latest epoch.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_k_models = dict(state_dict.get("best_k_models", {}))
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Saves ``checkpoints/interrupted.ckpt`` when fitting stops on an exception, once training has made progress.
+
+    A plain callback, not one of Lightning's ``Checkpoint`` kind: those take part in resolving ``ckpt_path`` and
+    make Lightning warn about a second checkpoint callback. A failure to save is logged, never raised: it must
+    not hide the error that stopped the run.
+
+    Under DDP saving is a collective (rank 0 writes, every rank waits for it), so it only happens on the
+    :class:`~finetune.harness.distributed.StopRequested` that every rank raises at the same point; after an error on
+    some ranks the others may be gone or elsewhere, and ``last.ckpt`` is the state to resume from.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.ckpt_path = str(RunFolder(Path(run_dir)).interrupted_checkpoint)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # nothing trained yet (or interrupted while testing): last.ckpt, if any, is the state to keep
+        if trainer.world_size > 1 and not isinstance(exception, StopRequested):
+            log.warning("Not saving %s: under DDP only a stop that every rank reached together can", self.ckpt_path)
+            return
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+            log.warning("Fitting stopped (%s): saved %s", type(exception).__name__, self.ckpt_path)
+        except Exception as err:  # noqa: BLE001 - keep the original exception visible
+            log.error("Could not save %s after %s: %s", self.ckpt_path, type(exception).__name__, err)

@@ -1,0 +1,303 @@
+"""Every setting checked in one place, by its config name, once per run (``finetune.run.assemble`` calls
+:func:`check_run_settings`): a bad value fails at once with what to set, not deep inside a loader or a fit, and the
+objects built from the settings trust them.
+
+Torch and Lightning accept values that train nothing (``lr=0``, ``max_epochs=0``) or fail without naming the
+setting (``Invalid learning rate: -0.1``); these rules say which ``data.*``, ``model.*``, ``optimizer.*`` or
+``trainer.*`` setting is wrong and a value that works.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.parsing import AttributeDict
+
+from finetune.data.cache import CACHE_MODES
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
+from finetune.data.loading import AUTO
+from finetune.data.transforms import EVAL_RESIZES, INTERPOLATIONS, book_resize_size
+from finetune.errors import SettingError
+from finetune.module import FREEZE_MODES
+
+
+def check_run_settings(cfg: DictConfig, model_configured: bool = True) -> None:
+    """The trainer's, model's and optimizer's settings of a composed run config, before anything is built
+    (``model_configured=False``: the model comes from a checkpoint). ``data.*`` is checked by
+    :func:`check_data_settings` once the backbone's preprocessing has filled its nulls."""
+    check_trainer_settings(cfg.trainer)
+    if model_configured:
+        check_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
+        check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
+        unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
+        if isinstance(unfreeze, int) and unfreeze and not cfg.trainer.get("fast_dev_run"):
+            check_unfreeze_epoch(unfreeze, cfg.trainer.get("max_epochs"))
+
+
+# --- numbers ------------------------------------------------------------------------------------------------------
+def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool], advice: str) -> None:
+    """``ValueError`` naming ``key`` and ``value`` unless ``value`` is a finite real number for which ``holds``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and holds(value)):
+        raise SettingError(f"{key} must be {rule}, got {value!r}. {advice}")
+
+
+# --- data.* ---------------------------------------------------------------------------------------------------------
+DATA_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(ImageFolderDataModule.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
+def check_int(key: str, value: object, minimum: int | None, meaning: str) -> None:
+    """``data.<key>`` must be a whole number (not a bool or a float), at least ``minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise SettingError(f"data.{key} must be {bound} ({meaning}), got {value!r}.")
+
+
+def check_channels(key: str, value: object, positive: bool) -> None:
+    """``data.mean`` / ``data.std``: three numbers, one per RGB channel (std > 0: it divides)."""
+    if not _numbers(value, 3) or (positive and min(value) <= 0):
+        rule = "three positive numbers" if positive else "three numbers"
+        raise SettingError(
+            f"data.{key} must be {rule} (one per RGB channel of images in [0, 1]), got {value!r}. Leave it null for "
+            "the backbone's pretrained normalisation (ImageNet's for torchvision backbones, e.g. 0.5 for timm ViTs)."
+        )
+
+
+def _numbers(value: object, count: int) -> bool:
+    """``value`` is a list or tuple of ``count`` numbers (bools are not numbers here)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def check_interpolation(value: object) -> None:
+    if value not in INTERPOLATIONS:
+        raise SettingError(
+            f"Unknown data.interpolation={value!r}: choose one of {INTERPOLATIONS}, or null for the backbone's "
+            "pretrained resampling (bilinear for torchvision backbones, often bicubic for timm)."
+        )
+
+
+def check_crop_scale(value: object) -> None:
+    """``data.crop_scale``: the random crop's area range ``[min, max]``, fractions of the image, 0 < min <= max <= 1."""
+    if not _numbers(value, 2) or not 0 < value[0] <= value[1] <= 1:
+        raise SettingError(
+            f"data.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a fraction of "
+            f"the image), got {value!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of each photo."
+        )
+
+
+EVAL_RESIZE_MEANING = (
+    "square squashes each photo to resize_size x resize_size, the book's; shorter_side keeps its aspect ratio, "
+    "torchvision's ImageNet evaluation"
+)
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...], meaning: str) -> None:
+    if value not in choices:
+        raise SettingError(f"data.{key} must be one of {', '.join(choices)} ({meaning}), got {value!r}.")
+
+
+def check_data_settings(settings: Mapping[str, Any]) -> None:
+    """``data.*``: the DataModule's arguments, those not given taking its defaults (null mean, std, interpolation
+    and image size: the backbone's, or ImageNet's, bilinear and 224)."""
+    hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k != "_target_"}})
+    hp.image_size = 224 if hp.image_size is None else hp.image_size
+    check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+    if hp.resize_size is not None:
+        check_int("resize_size", hp.resize_size, 1, "the resize before the centre crop, or null")
+        if hp.resize_size < hp.image_size:
+            raise SettingError(
+                f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
+                "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
+                f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
+            )
+    if hp.mean is not None:
+        check_channels("mean", hp.mean, positive=False)
+    if hp.std is not None:
+        check_channels("std", hp.std, positive=True)
+    if hp.interpolation is not None:
+        check_interpolation(hp.interpolation)
+    check_crop_scale(hp.crop_scale)
+    check_choice("eval_resize", hp.eval_resize, EVAL_RESIZES, EVAL_RESIZE_MEANING)
+    check_int("batch_size", hp.batch_size, 1, "images per device and step")
+    if hp.num_workers != AUTO:
+        check_int("num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
+    if hp.augment_on not in AUGMENT_ON:
+        raise SettingError(
+            f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
+            "the loader workers; device: on the model's device, after the transfer)."
+        )
+    if hp.device_resampling not in RESAMPLING:
+        raise SettingError(
+            f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
+            "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
+        )
+    check_int("split_seed", hp.split_seed, None, "the seed of the train/val split")
+    if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
+        raise SettingError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
+    if not 0.0 < hp.val_fraction < 1.0:
+        raise SettingError(
+            f"data.val_fraction must be strictly between 0 and 1, got {hp.val_fraction}: the validation split, "
+            "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
+            "empty nor all of train. The book-sized default is data.val_fraction=0.1."
+        )
+    for key in ("skip_corrupt", "verify_images", "augment"):
+        if not isinstance(hp[key], bool):
+            raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")
+    if hp.download is not None and not (
+        isinstance(hp.download, Mapping)
+        and isinstance(hp.download.get("url"), str)
+        and re.fullmatch(r"[0-9a-fA-F]{40}", str(hp.download.get("sha1")))
+    ):
+        raise SettingError(
+            f"data.download must be null or a mapping with a url and the archive's sha1 (40 hex digits), got "
+            f"{hp.download!r}. Use data=folder data.download=null for a folder that is already on disk."
+        )
+    if hp.cache not in CACHE_MODES:
+        raise SettingError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
+    if hp.cache_short_side is not None:
+        check_int("cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
+        if hp.cache_short_side < hp.image_size:
+            raise SettingError(
+                f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
+                "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
+                "original size."
+            )
+    _check_folds(hp.folds, hp.fold)
+    if hp.cache == "disk" and hp.cache_dir is None:
+        raise SettingError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
+
+
+def _check_folds(folds: object, fold: object) -> None:
+    if folds is None:
+        if fold is not None:
+            raise SettingError(f"data.fold={fold} needs data.folds=K (the number of folds), which is null.")
+        return
+    check_int("folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise SettingError(
+            f"data.fold must be an integer in [0, {folds}) with data.folds={folds} (the fold that validates), "
+            f"got {fold!r}. Sweep every fold: data.fold={','.join(str(i) for i in range(folds))}."
+        )
+
+
+# --- model.* --------------------------------------------------------------------------------------------------------
+def check_model_settings(model: Mapping[str, Any]) -> None:
+    """``model.*``: the freezing mode and the schedules that depend on it, the head's rate multiplier, the EMA."""
+    freeze = model.get("freeze", "none")
+    head_lr_mult = model.get("head_lr_mult", 10.0)
+    unfreeze_at_epoch = model.get("unfreeze_at_epoch", 0)
+    cache_features = model.get("cache_features", False)
+    ema_decay = model.get("ema_decay")
+    if freeze not in FREEZE_MODES:
+        raise SettingError(
+            f"Unknown freeze mode {freeze!r}: model.freeze must be one of {FREEZE_MODES}. Use model.freeze=none "
+            "to train every layer, or model.freeze=backbone to train the head only (experiment=frozen)."
+        )
+    head_advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
+    check_number("model.head_lr_mult", head_lr_mult, "> 0", lambda x: x > 0, head_advice)
+    if isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0:
+        raise SettingError(
+            f"model.unfreeze_at_epoch must be an integer >= 0 (0: the backbone trains from the start), "
+            f"got {unfreeze_at_epoch!r}."
+        )
+    if unfreeze_at_epoch and freeze != "none":
+        raise SettingError(
+            f"model.unfreeze_at_epoch={unfreeze_at_epoch} needs model.freeze=none (got freeze={freeze!r}): "
+            "a backbone frozen for the whole run never unfreezes."
+        )
+    if cache_features and freeze != "backbone" and not unfreeze_at_epoch:
+        raise SettingError(
+            f"model.cache_features=true needs model.freeze=backbone or model.unfreeze_at_epoch > 0 (got "
+            f"freeze={freeze!r}): features can only be cached while the backbone does not train. Use "
+            "experiment=frozen or experiment=lpft, or model.cache_features=false."
+        )
+    if ema_decay is not None:
+        check_ema_decay(ema_decay)
+
+
+# --- optimizer.*, trainer.* ----------------------------------------------------------------------------------
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# optimizer.<setting>: (rule, test, what to do). Torch's own errors do not name the setting ("Invalid learning rate:
+# -0.1"), and it accepts lr=0, which trains nothing.
+OPTIMIZER_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "lr": (
+        "> 0",
+        lambda x: x > 0,
+        "It is the backbone's learning rate (the head's is optimizer.lr x model.head_lr_mult): set a positive one, "
+        "or leave optimizer.lr out to get the experiment's (README: 'What each experiment sets').",
+    ),
+    "weight_decay": (">= 0", lambda x: x >= 0, "Use 0 for no weight decay."),
+    "momentum": ("in [0, 1)", lambda x: 0 <= x < 1, "Use 0 (the book's plain SGD) or e.g. 0.9."),
+}
+
+
+def check_optimizer_settings(settings: Mapping[str, Any]) -> None:
+    """The optimizer config's settings (``cfg.optimizer``, resolved), checked before any optimizer is built.
+
+    Settings the factory does not pass are left to the optimizer's own defaults.
+    """
+    for key, (rule, holds, advice) in OPTIMIZER_RULES.items():
+        if key in settings:
+            check_number(f"optimizer.{key}", settings[key], rule, holds, advice)
+    betas = settings.get("betas", (0.9, 0.999))
+    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+    if not (pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise SettingError(
+            f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999]."
+        )
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
+
+    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
+    """
+    steps = trainer.get("max_steps", -1)
+    if not (_count(steps) and (steps == -1 or steps >= 1)):
+        raise SettingError(
+            f"trainer.max_steps must be -1 (no step limit) or an integer >= 1, got {steps!r}. Leave it out to train "
+            "for trainer.max_epochs, or set the number of optimizer steps to stop after."
+        )
+    epochs = trainer.get("max_epochs")
+    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
+        raise SettingError(
+            f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
+            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
+            "limit) needs a step limit, +trainer.max_steps=N."
+        )
+
+
+# --- schedules --------------------------------------------------------------------------------------------------
+def check_unfreeze_epoch(epoch: int, max_epochs: int | None) -> None:
+    """``model.unfreeze_at_epoch`` must leave the backbone at least one epoch to train."""
+    if max_epochs is not None and max_epochs >= 0 and epoch >= max_epochs:
+        raise SettingError(
+            f"model.unfreeze_at_epoch={epoch} is not below trainer.max_epochs={max_epochs}: the backbone would "
+            f"never train. Use model.unfreeze_at_epoch < {max_epochs}, raise trainer.max_epochs, or "
+            "experiment=frozen to train the head only."
+        )
+
+
+def check_ema_decay(decay: Any) -> None:
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay < 1.0:
+        raise SettingError(
+            f"model.ema_decay must be a number strictly between 0 and 1 (the weight of the average at each step, "
+            f"e.g. 0.999), or null for no average; got {decay!r}."
+        )
