@@ -8,8 +8,8 @@ never imports it.
 - ``checkpoint``: checkpoint files read safely, and the model in one loaded for inference;
 - ``checkpoints``, ``run_state``, ``signals``, ``throughput``: the Lightning callbacks of a run (resumable and
   interrupt checkpoints, random state and history, a signal to one DDP rank, images per second);
-- ``resume``, ``run_folder``, ``results``, ``overrides``: continuing a run, the layout of its folder, its
-  ``results.json``, and the command-line overrides it was started with;
+- ``resume``, ``run_folder``, ``results``, ``figures``, ``overrides``: continuing a run, the layout of its folder, its
+  ``results.json`` and test figures, and the command-line overrides it was started with;
 - ``distributed``: DDP ranks started from their own Hydra job, timeouts, lost ranks;
 - ``guards``: torch.compile's fallback and the out-of-memory advice;
 - ``quiet``: known-harmless warnings filtered;

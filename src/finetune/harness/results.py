@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from finetune.figures import write_figures
+from finetune.harness.figures import write_figures
 from finetune.harness.run_folder import RunFolder
 from finetune.metrics import TEST_REPORT_KEYS, report_record
 
