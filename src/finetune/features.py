@@ -22,13 +22,13 @@ Features are computed lazily, the first time Lightning asks for a split's loader
 With ``model.unfreeze_at_epoch=N`` (``experiment=lpft``) only the first N epochs use the cache: the loaders serve
 features while the model's backbone is frozen and the image loaders after (with train-time augmentation: the
 training features come from the eval transform of the training images instead); the trainer reloads its loaders
-at epoch N for that. Those N epochs are the frozen experiment's on cached features, step for step.
+at epoch N for that (``reload_every``, which the assembly gives the trainer). Those N epochs are the frozen
+experiment's on cached features, step for step.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import pytorch_lightning as pl
 import torch
@@ -83,17 +83,18 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def classes(self) -> list[str]:
         return self.images.classes
 
+    @property
+    def reload_every(self) -> int | None:
+        """The ``reload_dataloaders_every_n_epochs`` that switches to the image loaders at the unfreeze epoch (and
+        reloads harmlessly at its multiples); ``None`` when every epoch uses the cache."""
+        return self.model.unfreeze_at_epoch if self.staged else None
+
     def prepare_data(self) -> None:
         self.images.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
         self.images.trainer = self.trainer  # the image loaders shard val/test by the trainer's processes
         self.images.setup(stage)
-        trainer = self.trainer
-        if self.staged and trainer is not None and stage == "fit":
-            # Reload at the unfreeze epoch (and at its multiples, harmlessly), to switch to the image loaders.
-            every = trainer.reload_dataloaders_every_n_epochs
-            trainer.reload_dataloaders_every_n_epochs = math.gcd(every, self.model.unfreeze_at_epoch)
 
     def train_dataloader(self) -> DataLoader:
         if self.model.input_mode != "features":

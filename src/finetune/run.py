@@ -136,7 +136,11 @@ def assemble(
     if model is None:
         model = build_model(cfg, images.num_classes)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
-    return Run(images=images, datamodule=datamodule, model=model, trainer=build_trainer(cfg, extra_callbacks))
+    trainer = build_trainer(cfg, extra_callbacks)
+    if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:
+        every = trainer.reload_dataloaders_every_n_epochs
+        trainer.reload_dataloaders_every_n_epochs = math.gcd(every, datamodule.reload_every)
+    return Run(images=images, datamodule=datamodule, model=model, trainer=trainer)
 
 
 def compose_config(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
