@@ -37,6 +37,14 @@ METRICS = (
     ("epochs", "epochs", "epochs", 1),
     ("fit_seconds", "fit s", "fit_seconds", 0),
 )
+# From a job's shift benchmark, when it has one (finetune.robustness run with hydra.run.dir=<job>/robustness):
+# (key, heading, CSV column stem, decimals); the table gets these columns when any job of it has the file.
+ROBUSTNESS = Path("robustness") / "robustness.json"
+SHIFT_METRICS = (
+    ("shift/mean_acc", "shift acc", "shift_mean_acc", 3),
+    ("shift/gap", "shift gap", "shift_gap", 3),
+    ("shift/ece", "shift ECE", "shift_ece", 3),
+)
 MS = ("mean", "std")  # a metric's two CSV columns, named after Stat's fields
 GAP_METRICS = ("test/acc", "val/acc")
 GAPS = (("finetune", "scratch"), ("finetune", "frozen"))
@@ -127,9 +135,27 @@ def read_job(folder: Path) -> Job:
         problem = f"unreadable {RESULTS} ({error})"
     else:
         problem = _results_problem(results)
+        if problem is None:
+            results = {**results, **shift_results(run.path)}
     experiment, seed = _identify(run, results)
     fold = results.get("fold") if isinstance(results, dict) else (_saved_grid(run, folds=True) or [None])[0]
     return Job(run.path, experiment, seed, results if problem is None else None, problem, fold=fold)
+
+
+def shift_results(folder: Path) -> dict[str, float | None]:
+    """The shift columns of a job folder's ``robustness/robustness.json``; none without a readable one."""
+    try:
+        record = json.loads((Path(folder) / ROBUSTNESS).read_text())
+        mean = record["mean_over_shifts"]
+        return {"shift/mean_acc": mean["acc"], "shift/gap": record["gap"], "shift/ece": mean["ece"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def columns(sweep: Sweep) -> tuple[tuple[str, str, str, int], ...]:
+    """The table's metrics: :data:`METRICS`, and :data:`SHIFT_METRICS` when some job of the sweep has them."""
+    jobs = [j for e in sweep.experiments for j in sweep.completed(e)]
+    return METRICS + (SHIFT_METRICS if any("shift/mean_acc" in j.results for j in jobs) else ())
 
 
 def _saved_grid(run: RunFolder, folds: bool = False) -> Any:
@@ -227,7 +253,8 @@ def load_sweep(sweep_dir: Path, experiments: Sequence[str] | None = None, seeds:
 def experiment_stats(sweep: Sweep, experiment: str) -> dict[str, Stat]:
     """Every metric of the table over the completed seeds (and folds) of one experiment."""
     jobs = sweep.completed(experiment)
-    return {key: summarize([float(j.results[key]) for j in jobs if j.results[key] is not None]) for key, *_ in METRICS}
+    values = {key: [j.results.get(key) for j in jobs] for key, *_ in columns(sweep)}
+    return {key: summarize([float(v) for v in found if v is not None]) for key, found in values.items()}
 
 
 def gap_stats(sweep: Sweep) -> dict[str, dict[str, Stat]]:
@@ -262,13 +289,13 @@ def _fmt(stat: Stat, decimals: int, signed: bool = False) -> str:
 
 def to_markdown(sweep: Sweep) -> str:
     """The results table, the gaps, what ± means, and every job that is missing or failed."""
-    folded = sweep.folds != [None]
-    heading = f"| experiment | {'runs' if folded else 'seeds'} | " + " | ".join(t for _, t, _, _ in METRICS) + " |"
-    lines = [heading, "|---|---:|" + "---:|" * len(METRICS)]
+    folded, metrics = sweep.folds != [None], columns(sweep)
+    heading = f"| experiment | {'runs' if folded else 'seeds'} | " + " | ".join(t for _, t, _, _ in metrics) + " |"
+    lines = [heading, "|---|---:|" + "---:|" * len(metrics)]
     for experiment in sweep.experiments:
         stats = experiment_stats(sweep, experiment)
         runs = len(sweep.completed(experiment))
-        cells = [f"{runs}/{len(sweep.seeds) * len(sweep.folds)}", *(_fmt(stats[k], d) for k, _, _, d in METRICS)]
+        cells = [f"{runs}/{len(sweep.seeds) * len(sweep.folds)}", *(_fmt(stats[k], d) for k, _, _, d in metrics)]
         lines.append(f"| {experiment} | " + " | ".join(cells) + " |")
     if gaps := gap_stats(sweep):
         titles = " | ".join(title for key, title, _, _ in METRICS if key in GAP_METRICS)
@@ -285,6 +312,12 @@ def to_markdown(sweep: Sweep) -> str:
         lines.append(
             f"Folds {', '.join(str(f) for f in sweep.folds)} of k-fold validation: each row is over seeds × folds "
             "(runs), and its best val acc, the mean over folds, is what selects a configuration."
+        )
+    if metrics != METRICS:
+        having = sum("shift/mean_acc" in j.results for e in sweep.experiments for j in sweep.completed(e))
+        lines.append(
+            f"Shift acc, gap and ECE: finetune.robustness's mean over its shifted test sets (clean acc minus it for "
+            f"the gap), from the {having} job(s) with a {ROBUSTNESS.as_posix()}."
         )
     if backbones := sorted({str(j.results.get("backbone")) for e in sweep.experiments for j in sweep.completed(e)}):
         lines.append(f"Backbone: {', '.join(backbones)}.")
@@ -303,10 +336,11 @@ def to_csv(sweep: Sweep) -> str:
     """One row per experiment (mean, sample std) and per gap (difference of means, its standard error)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["kind", "name", "seeds", "expected_seeds", *(f"{s}_{x}" for _, _, s, _ in METRICS for x in MS)])
+    metrics = columns(sweep)
+    writer.writerow(["kind", "name", "seeds", "expected_seeds", *(f"{s}_{x}" for _, _, s, _ in metrics for x in MS)])
     rows = [("experiment", e, experiment_stats(sweep, e)) for e in sweep.experiments]
     for kind, name, stats in rows + [("gap", name, stats) for name, stats in gap_stats(sweep).items()]:
-        cells = [_num(getattr(stats[key], x)) if key in stats else "" for key, *_ in METRICS for x in MS]
+        cells = [_num(getattr(stats[key], x)) if key in stats else "" for key, *_ in metrics for x in MS]
         writer.writerow([kind, name, stats["val/acc"].n, len(sweep.seeds) * len(sweep.folds), *cells])
     return out.getvalue()
 
