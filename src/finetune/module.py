@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
 from finetune.data.preprocessing import CLASSES, PREPROCESSING
@@ -21,6 +22,7 @@ from finetune.schedules import BackboneUnfreeze, WeightAverage
 log = logging.getLogger(__name__)
 
 FREEZE_MODES = ("none", "backbone")
+TEMPERATURE = "temperature"  # the checkpoint key of the fitted temperature
 # The layers with running statistics (torchvision's and timm's BatchNorm layers subclass these).
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INPUT_MODES = ("images", "features")
@@ -41,6 +43,10 @@ class FineTuneModule(pl.LightningModule):
     ``unfreeze_at_epoch=N`` freezes the backbone (BatchNorm included) for the first N epochs of a fit, then trains
     it in its own group; with ``cache_features`` those N epochs train the head on cached features. ``ema_decay``
     validates, tests and checkpoints an EMA of the weights. Both live in :mod:`finetune.schedules`.
+    ``label_smoothing``, ``mixup_alpha``, ``cutmix_alpha`` change the training loss only (torchvision's batch
+    ``MixUp``/``CutMix``, one of the two per batch when both are on; the loss takes their soft targets, the training
+    accuracy counts the larger share): val and test losses stay the plain NLL. ``temperature`` divides the logits
+    at inference; it is fitted on validation after a fit (:mod:`finetune.calibration`) and kept in checkpoints.
     """
 
     def __init__(
@@ -54,6 +60,9 @@ class FineTuneModule(pl.LightningModule):
         cache_features: bool = False,
         unfreeze_at_epoch: int = 0,
         ema_decay: float | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
@@ -83,6 +92,11 @@ class FineTuneModule(pl.LightningModule):
         self._fitting = False
 
         self.loss = nn.CrossEntropyLoss()
+        self.train_loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []
+        mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else []
+        self.batch_mix = v2.RandomChoice(mixes) if mixes else None
+        self.temperature = 1.0  # > 0; the logits are divided by it outside training (1: uncalibrated)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -177,6 +191,8 @@ class FineTuneModule(pl.LightningModule):
         """Note whether this is a fit, and the class names and eval preprocessing of the datamodule (set up before
         the module's hook)."""
         self._fitting = stage == "fit"
+        if self._fitting:
+            self.temperature = 1.0  # a temperature belongs to the weights it was fitted on, which a fit changes
         datamodule = self.trainer.datamodule
         images = getattr(datamodule, "images", datamodule)  # the image data behind a feature cache
         preprocessing = getattr(images, "preprocessing", None)
@@ -186,12 +202,14 @@ class FineTuneModule(pl.LightningModule):
     # --- steps --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["optimizer_class"] = self.optimizer_class()
+        checkpoint[TEMPERATURE] = self.temperature
         if self.data_spec is not None:
             checkpoint.update(self.data_spec)  # "classes", "preprocessing": what predict and export rely on
         if self.weight_average is not None:
             self.weight_average.write_average(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.temperature = float(checkpoint.get(TEMPERATURE, 1.0))  # older checkpoints: uncalibrated
         if checkpoint.get(CLASSES):
             self.data_spec = {CLASSES: list(checkpoint[CLASSES]), PREPROCESSING: checkpoint.get(PREPROCESSING)}
 
@@ -205,9 +223,8 @@ class FineTuneModule(pl.LightningModule):
                 f"FineTuneModule in input_mode={self.input_mode!r} takes {expected}-D batches, got shape "
                 f"{tuple(inputs.shape)}. Cached features (model.cache_features=true) are 2-D, images are 4-D."
             )
-        if self.input_mode == "features":
-            return self.forward_head(inputs)
-        return self.forward_images(inputs)
+        logits = self.forward_head(inputs) if self.input_mode == "features" else self.forward_images(inputs)
+        return logits if self.training or self.temperature == 1.0 else logits / self.temperature
 
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -231,8 +248,11 @@ class FineTuneModule(pl.LightningModule):
         logits = self(images)
         return self._log_step(logits, targets, stage, accuracy, mean_loss)
 
-    def _log_step(self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric):
-        loss = self.loss(logits, targets)
+    def _log_step(
+        self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric, loss=None
+    ) -> torch.Tensor:
+        """Log the step's loss (the plain NLL unless the training loss is given) and accuracy."""
+        loss = self.loss(logits, targets) if loss is None else loss
         accuracy(logits, targets)
         mean_loss.update(loss.detach(), weight=targets.shape[0])
         # Metric objects: Lightning computes them once per epoch over every sample of every DDP rank.
@@ -241,7 +261,14 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train", self.train_acc, self.train_loss)
+        images, targets = batch
+        soft = None
+        if self.batch_mix is not None:
+            images, soft = self.batch_mix(images, targets)  # soft: (N, classes) shares of the two mixed images
+        logits = self(images)
+        loss = self.train_loss_fn(logits, targets if soft is None else soft)
+        hard = targets if soft is None else soft.argmax(dim=1)  # the larger share, for the training accuracy
+        self._log_step(logits, hard, "train", self.train_acc, self.train_loss, loss)
         if self.input_mode == "features" and self.unfreeze_at_epoch and self.trainer.world_size > 1:
             # DDP syncs the gradient of every parameter that required grad when it wrapped the model, and fails
             # on one the loss does not reach: the backbone joins the graph with an exact 0 (see schedules.py).

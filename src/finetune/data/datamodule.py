@@ -58,7 +58,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
     A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
-    ``augment=False`` trains on the eval transform. ``cache="memory"|"disk"`` decodes every image once (see
+    ``augment=False`` trains on the eval transform; ``augment="trivial"|"randaugment"|"autoaugment"`` adds that
+    torchvision policy after the book's crop and flip, ``random_erasing=p`` erases a random patch with probability p
+    (both on the loader path only). ``cache="memory"|"disk"`` decodes every image once (see
     :mod:`finetune.data.cache`; ``cache_short_side=N`` shrinks cached training images to a shorter side of N).
     ``num_workers="auto"``: the cores available to the process, shared among the devices of this machine.
     ``augment_on="device"``: the train loader yields padded uint8 batches and the random crop, flip and
@@ -90,7 +92,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         interpolation: str | None = None,
         skip_corrupt: bool = False,
         verify_images: bool = True,
-        augment: bool = True,
+        augment: bool | str = True,
         cache: str = "none",
         cache_short_side: int | None = None,
         cache_dir: str | Path | None = None,
@@ -100,6 +102,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         fold: int | None = None,
         crop_scale: Sequence[float] = CROP_SCALE,
         eval_resize: str = "square",
+        random_erasing: float = 0.0,
     ) -> None:
         super().__init__()
         image_size = 224 if image_size is None else image_size  # None: what build_datamodule did not fill
@@ -179,7 +182,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_transform(self) -> v2.Compose:
         hp = self.hparams
-        return train_transform(hp.image_size, hp.mean, hp.std, hp.interpolation, hp.crop_scale)
+        policy = self.augment if isinstance(self.augment, str) else None
+        erasing = hp.get("random_erasing", 0.0)
+        return train_transform(hp.image_size, hp.mean, hp.std, hp.interpolation, hp.crop_scale, policy, erasing)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

@@ -16,6 +16,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range, the book's augmentation
 EVAL_RESIZES = ("square", "shorter_side")  # the book's squash to a square / torchvision's aspect-keeping resize
+# data.augment: false (eval transform), true (the book's crop and flip), or the crop and flip then one of
+# torchvision's automatic policies (TrivialAugmentWide, RandAugment, AutoAugment's ImageNet policy).
+AUGMENT_POLICIES = ("trivial", "randaugment", "autoaugment")
 
 
 def book_resize_size(image_size: int) -> int:
@@ -36,24 +39,37 @@ def train_transform(
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
     crop_scale: Sequence[float] = CROP_SCALE,
+    policy: str | None = None,
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
     """The book's training augmentation: random resized crop, horizontal flip, normalisation.
 
     ``crop_scale``: the range of the crop's area as a fraction of the image (torchvision's and the book's
     ``(0.08, 1.0)``; a larger minimum keeps more of each photo, which small datasets often prefer).
+    ``policy`` (one of :data:`AUGMENT_POLICIES`) adds a colour/geometry policy on the cropped uint8 image, and
+    ``random_erasing`` the probability of erasing a random rectangle of the normalised tensor (timm's recipe order).
     """
+    mode = interpolation_mode(interpolation)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(
-                image_size,
-                scale=tuple(crop_scale),
-                interpolation=interpolation_mode(interpolation),
-                antialias=True,
-            ),
+            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
             v2.RandomHorizontalFlip(),
+            *([augment_policy(policy, mode)] if policy else []),
             *to_normalized_tensor(mean, std).transforms,
+            *([v2.RandomErasing(p=random_erasing, value=0)] if random_erasing else []),
         ]
     )
+
+
+def augment_policy(policy: str, interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> v2.Transform:
+    """torchvision's automatic augmentation ``policy`` (``trivial`` | ``randaugment`` | ``autoaugment``)."""
+    if policy == "trivial":
+        return v2.TrivialAugmentWide(interpolation=interpolation)
+    if policy == "randaugment":
+        return v2.RandAugment(interpolation=interpolation)
+    if policy == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
+    raise ValueError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
 
 
 def eval_transform(

@@ -22,7 +22,7 @@ from finetune.data.cache import CACHE_MODES
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
 from finetune.data.loading import AUTO
-from finetune.data.transforms import EVAL_RESIZES, INTERPOLATIONS, book_resize_size
+from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
 from finetune.errors import SettingError
 from finetune.module import FREEZE_MODES
 
@@ -154,9 +154,10 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
             "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
             "empty nor all of train. The book-sized default is data.val_fraction=0.1."
         )
-    for key in ("skip_corrupt", "verify_images", "augment"):
+    for key in ("skip_corrupt", "verify_images"):
         if not isinstance(hp[key], bool):
             raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")
+    check_augment(hp.augment, hp.get("random_erasing", 0.0), hp.augment_on)
     if hp.download is not None and not (
         isinstance(hp.download, Mapping)
         and isinstance(hp.download.get("url"), str)
@@ -195,6 +196,29 @@ def _check_folds(folds: object, fold: object) -> None:
 
 
 # --- model.* --------------------------------------------------------------------------------------------------------
+def check_augment(augment: Any, random_erasing: Any, augment_on: str) -> None:
+    """``data.augment`` (true, false or a policy) and ``data.random_erasing``, which only the loader path runs."""
+    if not isinstance(augment, bool) and augment not in AUGMENT_POLICIES:
+        raise SettingError(
+            f"data.augment must be true (the book's random crop and flip), false (the eval transform) or one of "
+            f"{AUGMENT_POLICIES} (the crop and flip, then that torchvision policy), got {augment!r}."
+        )
+    check_number(
+        "data.random_erasing",
+        random_erasing,
+        "in [0, 1]",
+        lambda x: 0 <= x <= 1,
+        "It is the probability of erasing a random rectangle of each training image (0: never; timm uses 0.25).",
+    )
+    extra = [f"data.augment={augment}"] if isinstance(augment, str) else []
+    extra += [f"data.random_erasing={random_erasing}"] if random_erasing else []
+    if augment_on == "device" and augment and extra:
+        raise SettingError(
+            f"{' and '.join(extra)} run in the loader: data.augment_on=device only does the book's crop and flip. "
+            "Use data.augment_on=loader, or data.augment=true data.random_erasing=0."
+        )
+
+
 def check_model_settings(model: Mapping[str, Any]) -> None:
     """``model.*``: the freezing mode and the schedules that depend on it, the head's rate multiplier, the EMA."""
     freeze = model.get("freeze", "none")
@@ -227,6 +251,26 @@ def check_model_settings(model: Mapping[str, Any]) -> None:
         )
     if ema_decay is not None:
         check_ema_decay(ema_decay)
+    check_number(
+        "model.label_smoothing",
+        model.get("label_smoothing", 0.0),
+        "in [0, 1)",
+        lambda x: 0 <= x < 1,
+        "It is the share of each training target spread evenly over the classes (0: none; 0.1 is usual).",
+    )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        check_number(
+            f"model.{key}",
+            model.get(key, 0.0),
+            ">= 0",
+            lambda x: x >= 0,
+            "It is the Beta(alpha, alpha) of the mixing share (0: off; 0.2 for mixup and 1.0 for cutmix are usual).",
+        )
+        if model.get(key) and cache_features:
+            raise SettingError(
+                f"model.{key}={model[key]} mixes training images, but model.cache_features=true trains on cached "
+                f"features of unmixed images: use model.cache_features=false, or model.{key}=0."
+            )
 
 
 # --- optimizer.*, trainer.* ----------------------------------------------------------------------------------
