@@ -5,7 +5,8 @@ preprocessing: a folder whose classes differ from the checkpoint's is refused, a
 sizes, normalisation and interpolation are used unless ``data.image_size`` / ``data.resize_size`` / ``data.mean`` /
 ``data.std`` / ``data.interpolation`` are given on the command line. The data comes from
 the config, so pass the ``data=...`` overrides of the run. Writes ``eval_results.json`` (with the test report's
-``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png`` in the evaluation's folder.
+``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png`` in the evaluation's folder. A calibrated
+checkpoint's temperature is applied; ``tta=flip|five_crop|full`` averages the probabilities of test-time views.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.data.preprocessing import CLASSES, Preprocessing
+from finetune.data.preprocessing import CLASSES, TTA_MODES, Preprocessing
+from finetune.errors import SettingError
 from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
@@ -35,7 +37,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
+    tta = str(cfg.get("tta") or "none")
+    if tta not in TTA_MODES:
+        raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
     run = assemble(cfg, model=model)
+    run.images.test_views = tta
     check_classes(checkpoint, model, run.images, ckpt_path)
     trainer = run.trainer
     metrics = trainer.test(model, datamodule=run.datamodule)[0]
@@ -46,6 +52,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "image_size": run.images.hparams.image_size,
         "resize_size": run.images.resize_size,
         "eval_resize": run.images.hparams.eval_resize,
+        "tta": tta,
+        "temperature": model.temperature,
         "test/acc": to_number(metrics.get("test/acc")),
         "test/loss": to_number(metrics.get("test/loss")),
         **write_test_report(model, run.images, Path(cfg.paths.output_dir), trainer.is_global_zero),

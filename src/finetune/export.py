@@ -38,15 +38,19 @@ ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx.export (dynamo) needs both;
 
 
 class ExportedClassifier(nn.Module):
-    """The backbone and head, returning probabilities (softmax over classes) or logits."""
+    """The backbone and head, returning probabilities (softmax over classes) or logits, both of the logits divided
+    by the checkpoint's ``temperature`` (1 for an uncalibrated one), as ``finetune.predict`` scores them."""
 
-    def __init__(self, net: nn.Module, outputs: str = "probabilities") -> None:
+    def __init__(self, net: nn.Module, outputs: str = "probabilities", temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.softmax = outputs == "probabilities"
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.net(images)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits.softmax(dim=1) if self.softmax else logits
 
 
@@ -72,7 +76,7 @@ def export(cfg: DictConfig) -> Path:
     classes = class_names(checkpoint, model.hparams.num_classes, ckpt_path)
     preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
     checkpoint_transform(preprocessing)  # refuses a preprocessing this version cannot build
-    exported = ExportedClassifier(model.net, outputs).eval()
+    exported = ExportedClassifier(model.net, outputs, model.temperature).eval()
     output.parent.mkdir(parents=True, exist_ok=True)
     example = example_batch(preprocessing.image_size, 2)
     try:
@@ -88,6 +92,12 @@ def export(cfg: DictConfig) -> Path:
         output.unlink(missing_ok=True)  # never leave a model file that failed its check (or half written)
         raise
     description = sidecar_record(fmt, output, outputs, classes, preprocessing, model.hparams.backbone, ckpt_path)
+    description["temperature"] = model.temperature
+    description["output_description"] += (
+        f"; calibrated: the model divides its logits by the temperature {model.temperature:.4g} fitted on validation"
+        if model.temperature != 1.0
+        else "; uncalibrated (temperature 1)"
+    )
     description["max_abs_difference_to_pytorch"] = difference
     write_json_atomic(sidecar, description)
     print(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")

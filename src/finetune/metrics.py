@@ -29,7 +29,14 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 # The test report's keys in results.json (besides test/acc and test/loss).
-TEST_REPORT_KEYS = ("test/per_class", "test/confusion_matrix", "test/auroc", "test/ece", "test/top_losses")
+TEST_REPORT_KEYS = (
+    "test/per_class",
+    "test/confusion_matrix",
+    "test/auroc",
+    "test/ece",
+    "test/ece_uncalibrated",
+    "test/top_losses",
+)
 ECE_BINS = 15
 TOP_LOSSES = 16
 
@@ -71,16 +78,24 @@ class TestMetrics(nn.Module):
         self.f1 = MulticlassF1Score(num_classes, average=None, zero_division=0)
         self.auroc = MulticlassAUROC(num_classes, average=None, thresholds=None)
         self.ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
+        self.ece_uncalibrated = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
         self.samples = SampleRecords()
 
     def metrics(self) -> list[Metric]:
-        return [self.confusion, self.precision, self.recall, self.f1, self.auroc, self.ece, self.samples]
+        return [self.confusion, self.precision, self.recall, self.f1, self.auroc, self.ece, self.ece_uncalibrated,
+                self.samples]  # fmt: skip
 
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
+    def update(
+        self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, temperature: float | None = 1.0
+    ) -> None:
+        """``logits`` as the model scores them (divided by ``temperature``); ECE is also kept for the raw ones
+        (``temperature=None``: there are none, e.g. averaged test-time views)."""
         logits = logits.detach().float()
         probs = F.softmax(logits, dim=-1)
-        for metric in self.metrics()[:-1]:
+        for metric in self.metrics()[:-2]:
             metric.update(probs, targets)
+        if temperature is not None:
+            self.ece_uncalibrated.update(F.softmax(logits * temperature, dim=-1), targets)
         self.samples.update(probs, targets, indices, F.cross_entropy(logits, targets, reduction="none"))
 
     def compute(self) -> dict[str, Any]:
@@ -101,6 +116,9 @@ class TestMetrics(nn.Module):
             "support": support,
             "auroc": auroc,
             "ece": self.ece.compute().item(),
+            "ece_uncalibrated": self.ece_uncalibrated.compute().item()
+            if self.ece_uncalibrated.update_called
+            else math.nan,
             "samples": self.samples.compute(),
         }
 
@@ -140,6 +158,7 @@ def report_record(report: dict[str, Any] | None, classes: list[str], dataset: Da
         },
         "test/auroc": _number(report["auroc"]),
         "test/ece": _number(report["ece"]),
+        "test/ece_uncalibrated": _number(report["ece_uncalibrated"]),
         "test/top_losses": top_losses(report, classes, dataset),
     }
 

@@ -216,7 +216,15 @@ class FineTuneModule(pl.LightningModule):
     # --- steps --------------------------------------------------------------------------------------------
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images (``NCHW``), or of cached head inputs (``NC``) in ``input_mode="features"``."""
+        """Logits for a batch of images (``NCHW``), or of cached head inputs (``NC``) in ``input_mode="features"``.
+
+        Test-time views (``NVCHW``, :meth:`finetune.data.preprocessing.Preprocessing.views`): the log of the mean of
+        the views' probabilities, which a softmax turns back into that mean.
+        """
+        if inputs.ndim == 5 and self.input_mode == "images":
+            count, views = inputs.shape[:2]
+            probs = self(inputs.flatten(0, 1)).float().softmax(dim=-1).view(count, views, -1).mean(dim=1)
+            return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         expected = 2 if self.input_mode == "features" else 4
         if inputs.ndim != expected:
             raise ValueError(
@@ -287,7 +295,8 @@ class FineTuneModule(pl.LightningModule):
         images, targets = batch
         logits = self(images)
         self._log_step(logits, targets, "test", self.test_acc, self.test_loss)
-        self.test_metrics.update(logits, targets, self._sample_indices(batch_idx, len(targets)))
+        temperature = self.temperature if images.ndim < 5 else None  # averaged views have no raw logits
+        self.test_metrics.update(logits, targets, self._sample_indices(batch_idx, len(targets)), temperature)
 
     def on_test_epoch_end(self) -> None:
         self.test_report = self.test_metrics.compute()  # synced over DDP ranks: every test image once

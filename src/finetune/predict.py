@@ -4,8 +4,10 @@
 ``predictions.csv`` in a new folder (like a training run's), or ``output=FILE.csv|FILE.json``: one row per input, in
 input order, with ``path``, ``label`` (the class name), ``score`` (its probability), one probability column per class
 (named after it) and ``error`` (empty, or why that file could not be read). The images go through the checkpoint's
-own eval preprocessing, so a photo gets the probabilities ``finetune.evaluate`` computes for it. ``tta=flip``
-averages the probabilities of each image and its mirror image. Any ``trainer.*`` flag applies; on several devices
+own eval preprocessing, so a photo gets the probabilities ``finetune.evaluate`` computes for it (divided by the
+checkpoint's temperature, when it was calibrated). ``tta=flip|five_crop|full`` averages the probabilities of
+test-time views of each image (:data:`finetune.data.preprocessing.TTA_MODES`), as ``finetune.evaluate tta=...``
+does. Any ``trainer.*`` flag applies; on several devices
 each input is predicted once (unpadded shards) and the rows are gathered back into input order.
 """
 
@@ -30,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data import is_image_file, load_rgb
-from finetune.data.preprocessing import Preprocessing
+from finetune.data.preprocessing import TTA_MODES, Preprocessing
+from finetune.errors import SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
 from finetune.harness.run_folder import RunFolder
 from finetune.run import CONFIG_DIR, build_trainer
@@ -38,7 +41,6 @@ from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
 
-TTA_MODES = ("none", "flip")
 OUTPUT_SUFFIXES = (".csv", ".json")
 FIXED_COLUMNS = ("path", "label", "score")
 
@@ -47,15 +49,19 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input; the rows written (on rank 0; other ranks return an empty list)."""
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
-        raise ValueError(f"Unknown tta={tta!r}: choose one of {TTA_MODES} (flip averages with the mirror image).")
+        raise SettingError(
+            f"Unknown tta={tta!r}: choose one of {TTA_MODES} (flip: with the mirror image; five_crop: corners and "
+            "centre; full: the centre crop and the whole photo letterboxed, each with its mirror image)."
+        )
     output = output_path(cfg)
     inputs = find_inputs(str(cfg.inputs))
     model, checkpoint = load_for_inference(cfg.ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)
     preprocessing = Preprocessing.from_checkpoint(checkpoint, cfg.ckpt_path)
-    data = PredictData(ImageFiles(inputs, checkpoint_transform(preprocessing)), cfg.batch_size, cfg.num_workers)
+    checkpoint_transform(preprocessing)  # refuses a preprocessing this version cannot build
+    data = PredictData(ImageFiles(inputs, preprocessing.views(tta)), cfg.batch_size, cfg.num_workers)
     trainer = build_trainer(cfg)
-    outputs = trainer.predict(Predictor(model, tta), datamodule=data, return_predictions=True) or []
+    outputs = trainer.predict(Predictor(model), datamodule=data, return_predictions=True) or []
     results = gather(outputs, len(inputs))
     if not trainer.is_global_zero:
         return []
@@ -156,18 +162,15 @@ class PredictData(pl.LightningDataModule):
 
 
 class Predictor(pl.LightningModule):
-    """Softmax probabilities of a :class:`~finetune.module.FineTuneModule`, optionally averaged over a flip."""
+    """Softmax probabilities of a :class:`~finetune.module.FineTuneModule` (averaged over test-time views, when the
+    inputs are ``NVCHW``)."""
 
-    def __init__(self, model: pl.LightningModule, tta: str = "none") -> None:
+    def __init__(self, model: pl.LightningModule) -> None:
         super().__init__()
         self.model = model
-        self.tta = tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probs = self.model(images).float().softmax(dim=-1)
-        if self.tta == "flip":
-            probs = (probs + self.model(images.flip(-1)).float().softmax(dim=-1)) / 2
-        return probs
+        return self.model(images).float().softmax(dim=-1)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return {"index": batch["index"].cpu(), "probs": self(batch["image"]).cpu(), "error": list(batch["error"])}

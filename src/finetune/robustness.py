@@ -36,7 +36,7 @@ from torchvision.datasets import ImageFolder
 
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
-from finetune.data.preprocessing import Preprocessing
+from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import PathError, SettingError, UserError
 from finetune.evaluate import check_classes, use_checkpoint_geometry
 from finetune.harness.checkpoint import class_names, load_for_inference
@@ -209,7 +209,10 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         interpolation=data.interpolation,
         eval_resize=data.eval_resize,
     )
-    transform = preprocessing.transform()
+    tta = str(cfg.get("tta") or "none")
+    if tta not in TTA_MODES:
+        raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
+    transform = preprocessing.views(tta)
     root = Path(data.root)
     if data.get("download"):
         download_and_extract(data.download["url"], data.download["sha1"], root)
@@ -246,6 +249,8 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "backbone": model.hparams.get("backbone"),
         "classes": classes,
         "preprocessing": preprocessing.to_dict(),
+        "tta": tta,
+        "temperature": model.temperature,
         "source": str(split_dir),
         "shift_seed": seed,
         "shift_cache": str(cache),

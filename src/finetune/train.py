@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
     test_report: dict[str, Any] | None = None
+    calibration: dict[str, float] = {}
     try:
         run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
         trainer = run.trainer
@@ -63,9 +65,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
         fitted = fit_record(trainer, history.history)
+        best = fitted["best_checkpoint"]  # None after fast_dev_run or without checkpointing: the weights in hand
+        if cfg.get("calibrate", True) and best:
+            # The best checkpoint gets its temperature (fitted on val) before anything scores it.
+            calibration = fit_checkpoint_temperature(
+                run.model, run.datamodule, Path(best), Path(best), write=trainer.is_global_zero
+            )
+            trainer.strategy.barrier("calibrated")
         if cfg.get("test_after_fit", True):
-            # fast_dev_run and runs without checkpointing have no best checkpoint: test the weights in hand.
-            best = fitted["best_checkpoint"]
             test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)[0]
             # Per class, confusion matrix, AUROC, ECE in results.json; confusion_matrix.png, top_losses.png.
             test_report = write_test_report(run.model, run.images, output_dir, trainer.is_global_zero)
@@ -77,6 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
 
     results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path, test_report)
+    results.update(calibration)
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
         log_results(trainer.loggers, results)

@@ -123,6 +123,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
+        # Test-time views of the test split (finetune.evaluate tta=...): see Preprocessing.views.
+        self.test_views = "none"
 
     def _split(self, targets: list[int], classes: list[str]) -> tuple[list[int], list[int]]:
         """(train, val) indices of the train folder: fold ``fold`` of ``folds``, or ``val_fraction`` held out."""
@@ -213,9 +215,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
-            self.test_set = ImageFolder(self._split_dir("test"), eval_tf, loader=load_rgb, is_valid_file=keep)
+            test_tf = self.preprocessing.views(self.test_views)
+            self.test_set = ImageFolder(self._split_dir("test"), test_tf, loader=load_rgb, is_valid_file=keep)
             self.classes = self.test_set.classes
-            if hp.cache != "none":
+            if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
 
     def train_dataloader(self) -> DataLoader:

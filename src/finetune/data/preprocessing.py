@@ -12,15 +12,28 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, book_resize_size, eval_geometry, eval_transform
+from finetune.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    book_resize_size,
+    eval_geometry,
+    eval_transform,
+    interpolation_mode,
+    to_normalized_tensor,
+)
 
 log = logging.getLogger(__name__)
 
 # The checkpoint keys under which a model keeps what its data was.
 CLASSES = "classes"
 PREPROCESSING = "preprocessing"
+# Test-time views (tta=...): none, the centre crop and its mirror image, five crops of the resized photo (corners and
+# centre), or "full": the centre crop and the whole photo letterboxed into the square, each with its mirror image.
+TTA_MODES = ("none", "flip", "five_crop", "full")
 
 
 @dataclass(frozen=True)
@@ -98,3 +111,48 @@ class Preprocessing:
     def geometry(self) -> v2.Compose:
         """The deterministic, pixel-changing part of :meth:`transform` (what the image cache stores)."""
         return eval_geometry(self.image_size, self.resize_size, self.interpolation, self.eval_resize)
+
+    def views(self, tta: str) -> v2.Transform:
+        """The ``tta`` views of one image as a ``(V, C, H, W)`` tensor (``none``: the plain ``(C, H, W)`` transform).
+
+        A model averages its probabilities over the views (:meth:`finetune.module.FineTuneModule.forward`).
+        """
+        if tta not in TTA_MODES:
+            raise ValueError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
+        if tta == "none":
+            return self.transform()
+        return TestViews(self, tta)
+
+
+class TestViews(torch.nn.Module):
+    """:meth:`Preprocessing.views` for ``flip``, ``five_crop`` and ``full``."""
+
+    def __init__(self, preprocessing: Preprocessing, tta: str) -> None:
+        super().__init__()
+        self.preprocessing, self.tta = preprocessing, tta
+        self.normalize = to_normalized_tensor(preprocessing.mean, preprocessing.std)
+
+    def forward(self, image: Any) -> torch.Tensor:
+        p = self.preprocessing
+        centre = self.normalize(p.geometry()(image))
+        if self.tta == "flip":
+            return torch.stack([centre, centre.flip(-1)])
+        mode = interpolation_mode(p.interpolation)
+        if self.tta == "five_crop":
+            size = [p.resize_size, p.resize_size] if p.eval_resize == "square" else p.resize_size
+            resized = v2.Resize(size, interpolation=mode, antialias=True)(image)
+            return torch.stack([self.normalize(crop) for crop in F.five_crop(resized, [p.image_size, p.image_size])])
+        whole = self.normalize(letterbox(image, p.image_size, p.mean, mode))
+        return torch.stack([centre, centre.flip(-1), whole, whole.flip(-1)])
+
+
+def letterbox(image: Any, size: int, mean: Sequence[float], interpolation: Any) -> Any:
+    """The whole photo in a ``size`` x ``size`` square: longer side to ``size``, padded with the mean colour (which
+    normalises to 0) on both sides of the shorter one."""
+    width, height = F.get_size(image)[::-1]
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = F.resize(image, [new_h, new_w], interpolation=interpolation, antialias=True)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    fill = [round(255 * m) for m in mean]
+    return F.pad(resized, [left, top, size - new_w - left, size - new_h - top], fill=fill)

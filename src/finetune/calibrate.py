@@ -1,0 +1,58 @@
+"""Fit a checkpoint's temperature on validation: ``python -m finetune.calibrate ckpt_path=CKPT [data overrides]``.
+
+For checkpoints written without ``calibrate=true`` (or a soup). The temperature is fitted on the validation split of
+the data settings given (pass the run's, so that it is the run's own validation split), and written with the weights
+into ``calibrated.ckpt`` in a new folder, never over the original; ``calibration.json`` says what changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from finetune.evaluate import check_classes, use_checkpoint_geometry
+from finetune.harness.calibrate import fit_checkpoint_temperature
+from finetune.harness.checkpoint import load_for_inference
+from finetune.harness.results import write_json_atomic
+from finetune.harness.resume import claim_run_folder
+from finetune.run import CONFIG_DIR, assemble
+
+CALIBRATED = "calibrated.ckpt"
+RECORD = "calibration.json"
+
+
+def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    claim_run_folder(output_dir)
+    ckpt_path = Path(cfg.ckpt_path)
+    model, checkpoint = load_for_inference(ckpt_path)
+    use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
+    run = assemble(cfg, model=model)
+    run.images.setup("fit")
+    check_classes(checkpoint, model, run.images, ckpt_path)
+    output = output_dir / CALIBRATED
+    record = {
+        "checkpoint": str(ckpt_path),
+        **fit_checkpoint_temperature(model, run.images, ckpt_path, output),
+        "calibrated_checkpoint": str(output),
+    }
+    write_json_atomic(output_dir / RECORD, record)
+    print(
+        f"temperature {record['val/temperature']:.3f}: val ECE {record['val/ece_uncalibrated']:.3f} -> "
+        f"{record['val/ece']:.3f}. Wrote {output}"
+    )
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    calibrate(cfg)
+
+
+if __name__ == "__main__":
+    main()

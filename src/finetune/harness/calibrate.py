@@ -1,0 +1,69 @@
+"""A checkpoint's temperature fitted on the run's validation split and written into the checkpoint file.
+
+``finetune.train`` does this for its best checkpoint after the fit (``calibrate=true``), before the test, so that the
+test, ``finetune.evaluate``, ``predict`` and ``export`` all use the calibrated scores; ``python -m finetune.calibrate``
+does it for a checkpoint that has none, into a new file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from finetune.calibration import calibration_record, collect_logits, fit_temperature
+from finetune.harness.checkpoint import load_checkpoint
+from finetune.module import TEMPERATURE
+
+log = logging.getLogger(__name__)
+
+
+def validation_dataset(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> Any:
+    """The whole validation split as the model takes it now: cached features (a frozen cached-feature model) or
+    images. Every DDP rank scores all of it, so every rank fits the same temperature."""
+    if model.input_mode == "features":
+        return datamodule.features("val")
+    images = getattr(datamodule, "images", datamodule)
+    return images.val_set
+
+
+def fit_checkpoint_temperature(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    checkpoint_path: Path,
+    output: Path,
+    write: bool = True,
+) -> dict[str, float]:
+    """Load ``checkpoint_path``'s weights into ``model``, fit its temperature on validation, and write the checkpoint
+    with it to ``output`` (atomically; ``output`` may be ``checkpoint_path``). ``write=False`` on other DDP ranks.
+
+    The record: ``val/temperature`` and the validation NLL and ECE before (``*_uncalibrated``) and after.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    model.load_state_dict(checkpoint["state_dict"])
+    images = getattr(datamodule, "images", datamodule)
+    logits, targets = collect_logits(model, validation_dataset(model, datamodule), images.batch_size)
+    temperature = fit_temperature(logits, targets)
+    record = calibration_record(logits, targets, temperature)
+    model.temperature = temperature
+    if write:
+        checkpoint[TEMPERATURE] = temperature
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, output)
+    log.info(
+        "Temperature %.3f fitted on %d validation images: val ECE %.3f -> %.3f, NLL %.3f -> %.3f (%s)",
+        temperature,
+        len(targets),
+        record["ece_uncalibrated"],
+        record["ece"],
+        record["nll_uncalibrated"],
+        record["nll"],
+        output,
+    )
+    return {f"val/{key}": value for key, value in record.items()}
