@@ -22,7 +22,7 @@ def family(tmp_path_factory) -> dict:
     root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
     runs = {}
     for name, extra in {
-        "probe": ["experiment=frozen"],
+        "probe": ["experiment=frozen", "model.cache_features=true", "data.augment=false"],
         "tuned0": ["seed=0"],
         "tuned1": ["seed=1"],
     }.items():
@@ -68,6 +68,8 @@ def test_wise_ft_at_fixed_alpha_writes_the_interpolated_checkpoint(family, tmp_p
     assert torch.allclose(checkpoint["state_dict"][key], (probe[key] + tuned[key]) / 2, atol=1e-6)
     assert model.hparams.freeze == "none"  # the fine-tuned model's recipe
     assert record["chosen"]["alpha"] == 0.5 and "optimizer_states" not in checkpoint
+    # A probe on cached features records its image data's split like any run, so the soup checked it.
+    assert torch.load(family["probe"], weights_only=True)["datamodule_hyper_parameters"]["split_seed"] == 0
 
 
 def test_wise_ft_sweeps_alpha_on_validation_and_calibrates(family, tmp_path):

@@ -72,6 +72,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             )
         self.images = images
         self.model = model
+        self.save_hyperparameters(dict(images.hparams))  # checkpoints record the image data's settings
         self.batch_size = images.batch_size
         self._features: dict[str, TensorDataset] = {}
 

@@ -83,6 +83,9 @@ def check_ingredients(checkpoints: dict[str, dict[str, Any]]) -> None:
             ("eval preprocessing (data.image_size, resize_size, mean, std, ...)", _preprocessing),
             ("validation split (data.split_seed, val_fraction, folds, fold)", _split),
         ):
+            if read(checkpoint) is None or read(first) is None:
+                log.warning("%s or %s records no %s: it is not checked.", path, first_path, what)
+                continue
             if read(checkpoint) != read(first):
                 raise CheckpointError(
                     f"{path} and {first_path} differ in their {what}: {read(checkpoint)!r} vs {read(first)!r}. "
@@ -97,9 +100,10 @@ def _preprocessing(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return Preprocessing.from_checkpoint(checkpoint).to_dict()
 
 
-def _split(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    return {key: data.get(key) for key in SPLIT_KEYS}
+def _split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of the checkpoint's validation split; None where it records none (older cached-feature runs)."""
+    data = checkpoint.get("datamodule_hyper_parameters")
+    return {key: data.get(key) for key in SPLIT_KEYS} if data else None
 
 
 def interpolate(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -135,7 +139,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     use_checkpoint_geometry(cfg, base, base_path)
     run = assemble(cfg, model=model)
     recorded, given = _split(base), {key: run.images.hparams.get(key) for key in SPLIT_KEYS}
-    if recorded != given and any(v is not None for v in recorded.values()):
+    if recorded is not None and recorded != given:
         raise SettingError(
             f"The checkpoints were validated on the split {recorded}, but these data settings give {given}: pass "
             "the runs' data.split_seed/val_fraction/folds/fold, so that the soup is chosen on their validation split."

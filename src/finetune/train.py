@@ -67,11 +67,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fitted = fit_record(trainer, history.history)
         best = fitted["best_checkpoint"]  # None after fast_dev_run or without checkpointing: the weights in hand
         if cfg.get("calibrate", True) and best:
-            # The best checkpoint gets its temperature (fitted on val) before anything scores it.
+            # The best checkpoint gets its temperature (fitted on val) before anything scores it. After a resume
+            # the best may be the earlier run's file: that one is never rewritten, a calibrated copy lands here.
+            target = calibrated_checkpoint_path(Path(best), output_dir)
             calibration = fit_checkpoint_temperature(
-                run.model, run.datamodule, Path(best), Path(best), write=trainer.is_global_zero
+                run.model, run.datamodule, Path(best), target, write=trainer.is_global_zero
             )
             trainer.strategy.barrier("calibrated")
+            best = fitted["best_checkpoint"] = str(target)
         if cfg.get("test_after_fit", True):
             test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)[0]
             # Per class, confusion matrix, AUROC, ECE in results.json; confusion_matrix.png, top_losses.png.
@@ -90,6 +93,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_results(trainer.loggers, results)
         print(summary(results))
     return results
+
+
+def calibrated_checkpoint_path(best: Path, output_dir: Path) -> Path:
+    """Where the calibrated best checkpoint goes: the file itself when this run wrote it, else into this run's
+    ``checkpoints/`` (the best of a resumed run can be the earlier run's, which stays as it was)."""
+    if best.resolve().is_relative_to(output_dir.resolve()):
+        return best
+    return RunFolder(output_dir).checkpoints / best.name
 
 
 def _record_stop(
