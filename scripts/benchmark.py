@@ -41,7 +41,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchvision
+from pytorch_lightning.callbacks import LambdaCallback
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.backbones import find_head, load_backbone_weights  # noqa: E402
+from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -178,50 +179,16 @@ class PeakMemory:
 # --- template -----------------------------------------------------------------------------------------------
 
 
-def common_overrides(args, output_dir: Path) -> list[str]:
-    return [
-        "data=folder",
-        f"data.root={args.data}",
-        f"data.batch_size={args.batch_size}",
-        f"data.num_workers={args.num_workers}",
-        f"data.image_size={args.image_size}",
-        f"data.cache_dir={args.cache_dir}",
-        f"model.backbone={args.backbone}",
-        f"model.weights={args.weights or 'null'}",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.num_sanity_val_steps=0",
-        f"seed={args.seed}",
-        f"paths.output_dir={output_dir}",
-        f"paths.log_dir={output_dir}/logs",
-    ]
-
-
-class WindowTimer(pl.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of batch ``warmup + batches - 1``."""
-
-    def __init__(self, warmup: int, batches: int) -> None:
-        self.warmup, self.last = warmup, warmup + batches - 1
-        self.start = self.end = None
-        self.images = 0
-        self.threads = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
-            self.start = clocks()
-            self.threads = torch.get_num_threads()
-        if self.warmup <= batch_idx <= self.last:
-            self.images += len(batch[1])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if batch_idx == self.last:
-            self.end = clocks()
-            trainer.should_stop = True
+def common_overrides(args, output_dir: Path, experiment: str = "finetune") -> list[str]:
+    """The template's runs: the shared overrides on ``args``, on the CPU, with the benchmark's cache and image size."""
+    shared = bench.common_overrides(
+        experiment, args.data, args.backbone, args.weights, args.batch_size, args.num_workers, "cpu", output_dir
+    )
+    return [*shared, f"data.image_size={args.image_size}", f"data.cache_dir={args.cache_dir}", f"seed={args.seed}"]
 
 
 def run_template(args, variant_overrides: list[str], workdir: Path) -> dict:
-    overrides = ["experiment=finetune", *common_overrides(args, workdir), *variant_overrides]
+    overrides = [*common_overrides(args, workdir), *variant_overrides]
     overrides += [
         "trainer.max_epochs=1",
         f"trainer.limit_train_batches={args.warmup + args.batches}",
@@ -230,7 +197,7 @@ def run_template(args, variant_overrides: list[str], workdir: Path) -> dict:
     ]
     cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    timer = WindowTimer(args.warmup, args.batches)
+    timer = bench.TimedBatches(args.warmup, args.batches, clock=clocks)
     run = assemble(cfg, [timer])
     run.trainer.fit(run.model, datamodule=run.datamodule)
     if timer.end is None:
@@ -332,7 +299,7 @@ def run_loading(args, workdir: Path) -> dict[str, list[dict]]:
                 result = loader_throughput(plain_train_loader(args))
             else:
                 cache = name.partition("cache=")[2] or "none"
-                cfg = compose_config(["experiment=finetune", *common_overrides(args, workdir), f"data.cache={cache}"])
+                cfg = compose_config([*common_overrides(args, workdir), f"data.cache={cache}"])
                 datamodule = build_datamodule(cfg)
                 built = time.perf_counter()
                 datamodule.setup("fit")
@@ -347,51 +314,30 @@ def run_loading(args, workdir: Path) -> dict[str, list[dict]]:
 
 
 # --- frozen: cached features ----------------------------------------------------------------------------------
-class EpochTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation and the checkpoint
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
-    overrides = ["experiment=frozen", *common_overrides(args, workdir)]
+    overrides = common_overrides(args, workdir, "frozen")
     overrides += [f"model.cache_features={str(cache_features).lower()}", "data.augment=false"]
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
     cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    timer = EpochTimer()
+    starts, epoch_seconds = [], []
+    timer = LambdaCallback(  # each epoch's wall time, validation and the checkpoint included
+        on_train_epoch_start=lambda *_: starts.append(time.perf_counter()),
+        on_train_epoch_end=lambda *_: epoch_seconds.append(time.perf_counter() - starts[-1]),
+    )
     run = assemble(cfg, [timer])
     trainer = run.trainer
     start = time.perf_counter()
     trainer.fit(run.model, datamodule=run.datamodule)
     fit_seconds = time.perf_counter() - start
     return {
-        "epoch_seconds": timer.seconds,
+        "epoch_seconds": epoch_seconds,
         "fit_seconds": fit_seconds,
         "val/acc": float(trainer.callback_metrics["val/acc"]),
     }
 
 
 # --- report -----------------------------------------------------------------------------------------------------
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lightning": pl.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def frozen_epoch_seconds(run: dict) -> float:
     """Median epoch time after the first (which pays for the feature extraction and the first checkpoint)."""
     return statistics.median(run["epoch_seconds"][1:] or run["epoch_seconds"])
@@ -515,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    report = {"machine": machine(), "args": vars(args), "load_before": os.getloadavg(), "training": {}}
+    report = {"machine": bench.machine(), "args": vars(args), "load_before": os.getloadavg(), "training": {}}
     report["loading"], report["frozen"] = {}, {}
     with tempfile.TemporaryDirectory(prefix="finetune-benchmark-") as tmp:
         workdir = Path(tmp)
@@ -524,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
             print("data loading alone (also builds the disk cache) ...", flush=True)
             report["loading"] = run_loading(args, workdir / "loading")
         else:  # the cached variants read the disk cache: build it outside their timed runs
-            cfg = compose_config(["experiment=finetune", *common_overrides(args, workdir), "data.cache=disk"])
+            cfg = compose_config([*common_overrides(args, workdir), "data.cache=disk"])
             build_datamodule(cfg).setup("fit")
 
         for repeat in range(args.repeats):

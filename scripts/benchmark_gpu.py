@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -59,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 from finetune.data.device_augment import RawBatch  # noqa: E402
+from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
 FAST = ["model.channels_last=true"]
@@ -92,62 +92,22 @@ class RowTimeout(Exception):
 
 
 def common_overrides(args, backbone: str, output_dir: Path) -> list[str]:
-    weights = args.weights if backbone == "mobilenet_v2" and args.weights else "null"
-    return [
-        "experiment=finetune",
-        "data=folder",
-        f"data.root={args.data}",
-        f"data.batch_size={args.batch_size}",
+    weights = args.weights if backbone == "mobilenet_v2" else None
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    shared = bench.common_overrides(
+        "finetune", args.data, backbone, weights, args.batch_size, args.num_workers, accelerator, output_dir
+    )
+    return shared + [
         f"data.image_size={args.image_size}",
-        f"data.num_workers={args.num_workers}",
         "data.verify_images=false",
-        f"model.backbone={backbone}",
-        f"model.weights={weights}",
-        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={args.precision}",
         "trainer.devices=1",
         "trainer.max_epochs=1000",  # an upper bound: the timing callback stops the run
         "trainer.limit_val_batches=0",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
         "~callbacks.model_checkpoint",
         "logger=[]",
         f"seed={args.seed}",
-        f"paths.output_dir={output_dir}",
-        f"paths.log_dir={output_dir}/logs",
     ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class WindowTimer(pl.Callback):
-    """Seconds and images of ``timed`` training batches after ``warmup``, across epochs; then stops the fit.
-
-    The clock starts at the end of the last warm-up batch, so the wait for every timed batch (loading, transfer,
-    device augmentation) counts, and stops at the end of the last timed batch, the device synchronised both times.
-    """
-
-    def __init__(self, warmup: int, timed: int) -> None:
-        self.warmup, self.timed = warmup, timed
-        self.batches = self.images = 0
-        self.start: float | None = None
-        self.seconds: float | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.batches += 1
-        if self.batches > self.warmup:
-            self.images += len(batch[-1])  # the targets: (images, targets) after any device augmentation
-        if self.batches == self.warmup:
-            _sync(pl_module.device)
-            self.start = time.perf_counter()
-        elif self.batches == self.warmup + self.timed:
-            _sync(pl_module.device)
-            self.seconds = time.perf_counter() - self.start
-            trainer.should_stop = True
 
 
 class RepeatTrainSet(pl.Callback):
@@ -209,7 +169,7 @@ def run_row(args, backbone: str, name: str, workdir: Path) -> dict:
     output_dir = workdir / f"{backbone}-{name.replace(' ', '_')}"
     cfg = compose_config(common_overrides(args, backbone, output_dir) + overrides)
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    timer = WindowTimer(args.warmup, args.timed)
+    timer = bench.TimedBatches(args.warmup, args.timed, include_first_wait=True)
     started = time.perf_counter()
     run = assemble(cfg, [timer, RepeatTrainSet(args.epoch_images)])
     environment = dict(os.environ)  # DDP's launcher sets MASTER_PORT, LOCAL_RANK, ... for this process
@@ -225,7 +185,7 @@ def run_row(args, backbone: str, name: str, workdir: Path) -> dict:
         os.environ.clear()
         os.environ.update(environment)
     if timer.seconds is None:
-        raise RuntimeError(f"the run ended after {timer.batches} batches, before the timed window closed")
+        raise RuntimeError(f"the run ended after {timer.seen} batches, before the timed window closed")
     compiled = getattr(run.model, "compiled", False)
     result = {"images": timer.images, "seconds": timer.seconds, "row_seconds": time.perf_counter() - started}
     result.update(images_per_s=timer.images / timer.seconds, compiled=compiled, overrides=overrides)
@@ -252,7 +212,8 @@ def loader_rate(args, name: str, workdir: Path) -> dict:
             batch = RawBatch(*(t.to(device, non_blocking=True) if t is not None else t for t in batch))
             batch = datamodule.on_after_batch_transfer(batch, 0)
         images += len(batch.targets if isinstance(batch, RawBatch) else batch[1])
-    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     del iterator, datamodule
     gc.collect()
@@ -274,19 +235,6 @@ def make_photo_folder(root: Path, train_per_class: int, size: tuple[int, int], t
                 pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, size=(h, w, 3))
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
     return root
-
-
-def machine(device: str) -> dict:
-    info = {
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "python": platform.python_version(),
-        "load_average": os.getloadavg(),
-    }
-    if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
-    return info
 
 
 def table(report: dict) -> str:
@@ -357,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    report = {"machine": machine(args.device), "args": vars(args), "loaders": {}, "rows": []}
+    report = {"machine": bench.machine(args.device), "args": vars(args), "loaders": {}, "rows": []}
 
     def save() -> None:
         if args.json:

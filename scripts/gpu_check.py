@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
 
 @dataclass
@@ -58,24 +59,14 @@ def configurations(gpus: int, cpu: bool) -> dict[str, tuple[list[str], str]]:
 
 
 def common_overrides(args: argparse.Namespace, data_root: Path, weights: str) -> list[str]:
-    overrides = [
-        "experiment=finetune",
-        "data=folder",
-        f"data.root={data_root}",
-        f"data.batch_size={args.batch_size}",
-        f"data.num_workers={args.num_workers}",
-        f"model.backbone={args.backbone}",
-        f"pretrained_weights={weights}",
-        f"trainer.accelerator={'cpu' if args.cpu_smoke else 'gpu'}",
-        "trainer.devices=1",
-        f"+trainer.max_steps={args.steps}",
-        "trainer.max_epochs=-1",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "~callbacks.model_checkpoint",
-        "+callbacks=throughput",
-    ]
+    from finetune.harness import bench  # imports torch: not before main() has parsed the command line
+
+    accelerator = "cpu" if args.cpu_smoke else "gpu"
+    overrides = bench.common_overrides(
+        "finetune", data_root, args.backbone, weights, args.batch_size, args.num_workers, accelerator
+    )
+    overrides += ["trainer.devices=1", f"+trainer.max_steps={args.steps}", "trainer.max_epochs=-1"]
+    overrides += ["~callbacks.model_checkpoint", "+callbacks=throughput"]
     if args.cpu_smoke:
         overrides += ["data.image_size=32", "data.resize_size=36", "data.val_fraction=0.2"]
     return overrides

@@ -12,7 +12,7 @@ import torchvision
 from finetune.harness.results import environment, git_state
 from finetune.train import train
 
-from .conftest import compose_config, tiny_overrides
+from .conftest import REPO, compose_config, tiny_overrides
 
 
 def _git(folder, *args: str) -> str:
@@ -38,3 +38,8 @@ def test_results_json_records_the_versions_that_produced_it(tmp_path, tiny_folde
     assert recorded["versions"]["torch"] == importlib.metadata.version("torch") == torch.__version__.split("+")[0]
     assert recorded["versions"]["torchvision"] == torchvision.__version__.split("+")[0]
     assert recorded == json.loads(json.dumps(environment()))  # the same code, the same record
+
+
+def test_environment_finds_this_checkouts_commit():
+    head = _git(REPO, "rev-parse", "HEAD")
+    assert environment()["git"]["commit"] == head  # the checkout above src/finetune/harness/, not src/

@@ -1,8 +1,8 @@
 """The run harness: everything around the research code that makes a run safe to start, stop, resume and record.
 
-Entered only from the entry points (``finetune.train``, ``evaluate``, ``predict``, ``export``, ``lr_find``) and
-``finetune.run``; the research core (``module``, ``backbones``, ``schedules``, ``metrics``, ``features``, ``data/``)
-never imports it.
+Entered only from the entry points (``finetune.train``, ``evaluate``, ``predict``, ``export``, ``lr_find``),
+``finetune.run`` and ``scripts/``; the research core (``module``, ``backbones``, ``schedules``, ``metrics``,
+``features``, ``data/``) never imports it.
 
 - ``settings``: every setting checked by its config name, once per run;
 - ``checkpoint``: checkpoint files read safely, and the model in one loaded for inference;
@@ -14,4 +14,5 @@ never imports it.
 - ``guards``: torch.compile's fallback and the out-of-memory advice;
 - ``quiet``: known-harmless warnings filtered;
 - ``private``: every private Lightning/torch API in use, checked against the releases it was read on.
+- ``bench``: what the benchmark scripts under ``scripts/`` share (the machine, common overrides, a timed window).
 """

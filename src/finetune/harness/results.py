@@ -131,7 +131,7 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"versions": versions, "git": git_state(Path(__file__).resolve().parents[2])}
+    return {"versions": versions, "git": git_state(Path(__file__).resolve().parents[3])}  # src/finetune/harness/
 
 
 def git_state(folder: Path) -> dict[str, Any] | None:

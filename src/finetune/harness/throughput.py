@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,13 @@ class Throughput(pl.Callback):
         self._batch_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start, self._epoch_images = _now(pl_module), 0
+        self._epoch_start, self._epoch_images = read_clock(pl_module), 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        self._batch_start = _now(pl_module)
+        self._batch_start = read_clock(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
-        now = _now(pl_module)
+        now = read_clock(pl_module)
         images = len(batch[0]) * trainer.world_size  # DistributedSampler gives every rank as many samples
         self._epoch_images += images
         if trainer.current_epoch >= self.warmup_epochs:
@@ -73,13 +74,14 @@ class Throughput(pl.Callback):
         if self._epoch_start is None or trainer.sanity_checking:
             return
         if trainer.current_epoch >= self.warmup_epochs and self._epoch_images:
-            self.train_seconds += _now(pl_module) - self._epoch_start
+            self.train_seconds += read_clock(pl_module) - self._epoch_start
             self.train_images += self._epoch_images
             self.epochs += 1
         self._epoch_start = None
 
 
-def _now(pl_module: pl.LightningModule) -> float:
+def read_clock(pl_module: pl.LightningModule, clock: Callable[[], Any] = time.perf_counter) -> Any:
+    """``clock()`` once ``pl_module``'s device has finished its queued work."""
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)  # CUDA runs ahead of Python: time finished work only
-    return time.perf_counter()
+    return clock()
