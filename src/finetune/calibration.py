@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from finetune.errors import UserError
 from finetune.metrics import ECE_BINS
-from finetune.workers import worker_context
+from finetune.workers import ordered_loader
 
 
 class EmptyValidationError(UserError, ValueError):
@@ -71,13 +71,7 @@ def collect_logits(
     model: Any, dataset: Dataset, batch_size: int, num_workers: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's uncalibrated logits (temperature 1, eval mode) and the targets of every item of ``dataset``."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        multiprocessing_context=worker_context(num_workers),
-    )
+    loader = ordered_loader(dataset, batch_size, num_workers)
     was_training, temperature = model.training, model.temperature
     model.eval()
     model.temperature = 1.0

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from finetune.backbones import random_layers_inside_backbone
 from finetune.progress import track
-from finetune.workers import worker_context
+from finetune.workers import ordered_loader
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,7 @@ def extract_features(
 
     Progress (in batches) is shown when it takes more than a few seconds (see :mod:`finetune.progress`).
     """
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        multiprocessing_context=worker_context(num_workers),
-    )
+    loader = ordered_loader(dataset, batch_size, num_workers)
     features, targets = [], []
     was_training = model.training
     with torch.random.fork_rng(devices=[]):

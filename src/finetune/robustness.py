@@ -45,7 +45,7 @@ from finetune.harness.resume import claim_run_folder
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
 from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
-from finetune.workers import worker_context
+from finetune.workers import ordered_loader
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,7 @@ def metrics_of(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[st
 
 def score(logits_fn: LogitsFn, dataset: Dataset, classes: Sequence[str], batch_size: int, num_workers: int) -> dict:
     """:func:`metrics_of` one dataset of ``(image, class)`` pairs, scored by ``logits_fn``."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        multiprocessing_context=worker_context(num_workers),
-    )
+    loader = ordered_loader(dataset, batch_size, num_workers)
     return metrics_of(*collect(logits_fn, loader), classes)
 
 
