@@ -34,6 +34,7 @@ from finetune.evaluate import check_classes, use_checkpoint_geometry
 from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_for_inference
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
+from finetune.harness.settings import check_alpha, check_alphas
 from finetune.module import TEMPERATURE
 from finetune.run import CONFIG_DIR, assemble
 
@@ -53,23 +54,6 @@ KEPT_KEYS = (
 )
 
 State = dict[str, torch.Tensor]
-
-
-def check_alpha(alpha: Any) -> float | None:
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
-        raise SettingError(
-            f"alpha must be a number in [0, 1] (0: the first checkpoint, 1: the second) or null to choose it on "
-            f"validation, got {alpha!r}."
-        )
-    return float(alpha)
-
-
-def check_alphas(alphas: Any) -> list[float]:
-    if not isinstance(alphas, Sequence) or isinstance(alphas, str) or not alphas:
-        raise SettingError(f"alphas must be a list of numbers in [0, 1], e.g. [0, 0.5, 1], got {alphas!r}.")
-    return [check_alpha(a) for a in alphas]
 
 
 def check_ingredients(checkpoints: dict[str, dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -345,3 +345,21 @@ def check_ema_decay(decay: Any) -> None:
             f"model.ema_decay must be a number strictly between 0 and 1 (the weight of the average at each step, "
             f"e.g. 0.999), or null for no average; got {decay!r}."
         )
+
+
+# --- finetune.soup -----------------------------------------------------------------------------------------------
+def check_alpha(alpha: Any) -> float | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise SettingError(
+            f"alpha must be a number in [0, 1] (0: the first checkpoint, 1: the second) or null to choose it on "
+            f"validation, got {alpha!r}."
+        )
+    return float(alpha)
+
+
+def check_alphas(alphas: Any) -> list[float]:
+    if not isinstance(alphas, Sequence) or isinstance(alphas, str) or not alphas:
+        raise SettingError(f"alphas must be a list of numbers in [0, 1], e.g. [0, 0.5, 1], got {alphas!r}.")
+    return [check_alpha(a) for a in alphas]
