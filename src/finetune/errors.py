@@ -1,10 +1,14 @@
-"""The one kind of error that means "what you asked for cannot be done as asked", as opposed to a bug.
+"""The errors that mean "what you asked for cannot be done as asked", as opposed to a bug.
 
-Entry points end a :class:`UserError` with its message on stderr and exit code 2 (no traceback); every other
-exception keeps its traceback. Raise a subclass where the fix is the user's: a setting, a file, a folder, a resume.
+Entry points end a :class:`UserError` with one ``Error: ...`` line on stderr and exit code 2, no traceback
+(:mod:`finetune.harness.exits`); every other exception keeps its traceback. Raise a subclass where the fix is the
+user's: a setting, a file, a folder, a resume. Each subclasses the builtin it replaces (``ValueError``,
+``FileNotFoundError``, ...), so code that catches the builtin still catches it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -17,3 +21,40 @@ class SettingError(UserError, ValueError):
 
 class PathError(UserError, FileNotFoundError):
     """A path the user gave that is missing, or of the wrong kind (a file where a folder is needed, or the reverse)."""
+
+
+class DataError(UserError, ValueError):
+    """An image folder whose layout or content cannot be used as asked (no class folders, corrupt images, ...)."""
+
+
+class OverwriteError(UserError, FileExistsError):
+    """Writing would replace or mix with an earlier result (a run folder that holds a run, an existing output)."""
+
+
+class ResumeError(UserError, ValueError):
+    """A resume that cannot continue the run it names (another setup, no readable checkpoint)."""
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file or a backbone name that does not give a usable model."""
+
+
+class DownloadError(UserError, RuntimeError):
+    """A download that failed or arrived corrupt: the message says how to work offline."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """An optional package a setting needs is not installed; the message names the extra to install."""
+
+
+def describe_path(path: str | Path) -> str:
+    """What is at ``path``, for messages: ``'a file'``, ``'a folder'``, ``'something that is neither...'`` or
+    ``'nothing'``."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        return "a folder"
+    if p.is_file():
+        return "a file"
+    if p.exists() or p.is_symlink():
+        return "neither a file nor a folder (a broken link, a device, ...)"
+    return "nothing"

@@ -4,9 +4,11 @@ The model (backbone, head size, freezing) comes from the checkpoint, and so do t
 preprocessing: a folder whose classes differ from the checkpoint's is refused, and the checkpoint's image and resize
 sizes, normalisation and interpolation are used unless ``data.image_size`` / ``data.resize_size`` / ``data.mean`` /
 ``data.std`` / ``data.interpolation`` are given on the command line. The data comes from
-the config, so pass the ``data=...`` overrides of the run. Writes ``eval_results.json`` (with the test report's
-``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png`` in the evaluation's folder. A calibrated
-checkpoint's temperature is applied; ``tta=flip|five_crop|full`` averages the probabilities of test-time views.
+the config, so pass the ``data=...`` overrides of the run; the folder needs only the images it scores, in
+``test/<class>/`` or directly in ``<class>/`` (no ``train/``; the train/val ``data.*`` settings are ignored).
+Writes ``eval_results.json`` (with the test report's ``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png``
+in the evaluation's folder. A calibrated checkpoint's temperature is applied; ``tta=flip|five_crop|full`` averages
+the probabilities of test-time views.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from finetune.data.preprocessing import CLASSES, TTA_MODES, Preprocessing
-from finetune.errors import SettingError
+from finetune.errors import DataError, SettingError
 from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
@@ -40,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
         raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
-    run = assemble(cfg, model=model)
+    run = assemble(cfg, model=model, test_only=True)  # only the images it scores: test/<class>/ or <class>/
     run.images.test_views = tta
     check_classes(checkpoint, model, run.images, ckpt_path)
     trainer = run.trainer
@@ -90,12 +92,12 @@ def check_classes(checkpoint: dict[str, Any], model: pl.LightningModule, images:
     found = images.classes if images.num_classes else []  # num_classes reads the class folders
     stored = checkpoint.get(CLASSES)
     if stored and list(stored) != list(found):
-        raise ValueError(
+        raise DataError(
             f"Checkpoint {str(ckpt_path)!r} predicts the classes {list(stored)}, but the dataset at "
             f"{str(images.root)!r} has {list(found)}. Evaluate on the data it was trained for."
         )
     if model.hparams.num_classes != len(found):
-        raise ValueError(
+        raise DataError(
             f"Checkpoint {str(ckpt_path)!r} predicts {model.hparams.num_classes} classes but the dataset at "
             f"{str(images.root)!r} has {len(found)}. Evaluate on the data it was trained for."
         )

@@ -55,16 +55,19 @@ class Run:
     trainer: pl.Trainer
 
 
-def build_datamodule(cfg: DictConfig, backbone: str | None = None) -> pl.LightningDataModule:
+def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bool = False) -> pl.LightningDataModule:
     """The image DataModule, with its data fetched (the head's size depends on the class folders).
+
+    ``test_only`` (evaluation): only the images scored are needed (``test/<class>/`` or ``<class>/``), and the
+    train/val settings are ignored, not checked.
 
     With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
     ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
     (:func:`finetune.backbones.preprocessing`).
     """
     filled = backbone_preprocessing(cfg, backbone)
-    check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled})
-    datamodule = instantiate(cfg.data, **filled, _convert_="all")
+    check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled}, test_only=test_only)
+    datamodule = instantiate(cfg.data, **filled, **({"test_only": True} if test_only else {}), _convert_="all")
     datamodule.prepare_data()
     return datamodule
 
@@ -123,16 +126,21 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
 
 
 def assemble(
-    cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), model: pl.LightningModule | None = None
+    cfg: DictConfig,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    model: pl.LightningModule | None = None,
+    test_only: bool = False,
 ) -> Run:
-    """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one.
+    """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one;
+    ``test_only``: a run that only tests (``finetune.evaluate``), see :func:`build_datamodule`.
 
     Every setting is checked first (:mod:`finetune.harness.settings`), before the data is fetched. With
     ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features (while
     it is frozen: see ``model.unfreeze_at_epoch``).
     """
     check_run_settings(cfg, model_configured=model is None)
-    images = build_datamodule(cfg, model.hparams.get("backbone") if model is not None else None)
+    backbone = model.hparams.get("backbone") if model is not None else None
+    images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
         model = build_model(cfg, images.num_classes)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images

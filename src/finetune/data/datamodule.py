@@ -35,6 +35,7 @@ from finetune.data.folders import (
     preview,
     printable,
     scan_image_folder,
+    scan_test_folder,
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
@@ -46,6 +47,7 @@ from finetune.data.transforms import (
     to_normalized_tensor,
     train_transform,
 )
+from finetune.errors import DataError, PathError, describe_path
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     The settings live in ``self.hparams`` (saved in checkpoints); ``augment`` is also an attribute, because the
     feature cache turns it off on an existing DataModule.
+
+    ``test_only=True`` (what ``finetune.evaluate`` builds): only the images that are scored are needed, in
+    ``root/test/<class>/`` or, without a ``test/`` folder, ``root/<class>/``; no ``train/`` folder, and the
+    train/val settings (``val_fraction``, ``folds``, augmentation) are not used.
     """
 
     def __init__(
@@ -103,15 +109,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
         crop_scale: Sequence[float] = CROP_SCALE,
         eval_resize: str = "square",
         random_erasing: float = 0.0,
+        test_only: bool = False,
     ) -> None:
         super().__init__()
+        root = os.path.expanduser(root)  # data.root=~/photos
         image_size = 224 if image_size is None else image_size  # None: what build_datamodule did not fill
         mean = list(IMAGENET_MEAN if mean is None else mean)
         std = list(IMAGENET_STD if std is None else std)
         interpolation = interpolation or "bilinear"
         if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
             crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
-        self.save_hyperparameters()  # the values in effect, so a checkpoint records them
+        self.save_hyperparameters(ignore=["test_only"])  # the values in effect, so a checkpoint records them
+        self.test_only = test_only
+        self._test_dir: Path | None = None  # test_only: root/test or root, once scanned
         self.augment = augment
         # The eval preprocessing, once: val/test transforms, the eval cache and checkpoints all derive from it.
         self.preprocessing = Preprocessing.of(image_size, resize_size, mean, std, interpolation, eval_resize)
@@ -134,7 +144,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         sizes = {name: targets.count(index) for index, name in enumerate(classes)}
         smallest = min(sizes, key=sizes.get)
         if sizes[smallest] < hp.folds:
-            raise ValueError(
+            raise DataError(
                 f"data.folds={hp.folds} is larger than the smallest class ({smallest!r}: {sizes[smallest]} training "
                 f"images): some folds would validate without that class. Use data.folds <= {sizes[smallest]}."
             )
@@ -164,18 +174,26 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes, read from the class folders of ``root/train`` (available before ``setup``)."""
+        """Number of classes, read from the class folders of ``root/train`` (``test_only``: of the folder scored),
+        available before ``setup``."""
         if not self.classes:
-            self.classes = sorted(self._scan()["train"])
+            self.classes = sorted(self._scan()["test" if self.test_only else "train"])
         return len(self.classes)
 
     def prepare_data(self) -> None:
         if self.hparams.download:
             download_and_extract(self.hparams.download["url"], self.hparams.download["sha1"], self.root)
         elif not self.root.is_dir():
-            raise FileNotFoundError(
-                f"Dataset folder {str(self.root)!r} does not exist. Set data.root to a folder holding "
-                "train/<class>/ and test/<class>/ image folders (for example data.root=/data/hotdog)."
+            layout = (
+                "test/<class>/ image folders, or <class>/ folders directly"
+                if self.test_only
+                else "train/<class>/ and test/<class>/ image folders"
+            )
+            found = describe_path(self.root)
+            problem = "does not exist" if found == "nothing" else f"is {found}, not a folder"
+            raise PathError(
+                f"Dataset folder {str(self.root)!r} (data.root) {problem}. Set data.root to a folder holding "
+                f"{layout} (for example data.root=/data/hotdog)."
             )
 
     def eval_transform(self) -> v2.Compose:
@@ -194,7 +212,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         train_tf = self.train_transform() if self.augment else eval_tf
         if self.augments_on_device:
             train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
-        if stage in ("fit", "validate", None) and self.train_set is None:
+        if stage in ("fit", "validate", None) and self.train_set is None and not self.test_only:
             keep = self._usable_images("train")
             self._usable_images("test")  # a corrupt test image must stop the run now, not after training
             augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
@@ -302,12 +320,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _split_dir(self, split: str) -> Path:
         self._scan()
+        if self.test_only and split == "test":
+            return self._test_dir
         return self.root / split
 
     def _scan(self) -> dict[str, dict[str, list[str]]]:
         """Check the layout once; warn about files that are not images (ImageFolder ignores them)."""
         if self._layout is None:
-            self._layout, others = scan_image_folder(self.root)
+            if self.test_only:
+                by_class, others, self._test_dir = scan_test_folder(self.root)
+                self._layout = {"test": by_class}
+            else:
+                self._layout, others = scan_image_folder(self.root)
             if others:
                 log.warning(
                     "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",
@@ -322,6 +346,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
         if split not in self._corrupt:
             hp, by_class = self.hparams, self._scan()[split]
-            self._corrupt[split] = corrupt_images(self.root / split, by_class, hp.verify_images, hp.skip_corrupt)
+            split_dir = self._split_dir(split)
+            self._corrupt[split] = corrupt_images(split_dir, by_class, hp.verify_images, hp.skip_corrupt)
         corrupt = self._corrupt[split]
         return lambda path: is_image_file(path) and path not in corrupt

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.errors import DataError, PathError
 from finetune.progress import track
 
 log = logging.getLogger(__name__)
@@ -82,36 +83,68 @@ def scan_image_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], list
     for split in ("train", "test"):
         split_dir = root / split
         if not split_dir.is_dir():
-            raise FileNotFoundError(
-                f"{str(root)!r} has no {split}/ folder. The dataset folder must hold train/<class>/ and "
-                f"test/<class>/ image folders; found {sorted(p.name for p in root.iterdir())}."
+            kind = "a file, not a folder" if split_dir.exists() else "missing"
+            raise PathError(
+                f"{str(root)!r} has no {split}/ folder ({split}/ is {kind}). The dataset folder must hold "
+                f"train/<class>/ and test/<class>/ image folders; found {sorted(p.name for p in root.iterdir())}."
             )
-        classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-        if not classes:
-            loose = sorted(entry.name for entry in os.scandir(split_dir))
-            raise ValueError(
-                f"{str(split_dir)!r} holds no class folders (it holds {preview(loose)}). Put each class's images "
-                f"in a folder of its own: {split}/<class>/<image>, e.g. {split}/hot_dog/1.jpg."
-            )
-        found[split] = {}
-        for name in classes:
-            images = []
-            for folder, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
-                for file in sorted(files):
-                    path = os.path.join(folder, file)  # the same string ImageFolder builds
-                    (images if is_image_file(path) else others).append(path)
-            if not images:
-                raise ValueError(
-                    f"Class folder {os.path.join(split_dir, name)!r} holds no images (files ending in "
-                    f"{', '.join(IMG_EXTENSIONS)}). Add its images, or delete the folder from both train/ and test/."
-                )
-            found[split][name] = images
+        found[split] = _scan_classes(split_dir, f"{split}/", others, "both train/ and test/")
     if sorted(found["train"]) != sorted(found["test"]):
-        raise ValueError(
+        raise DataError(
             f"Train and test classes differ in {str(root)!r}: train {sorted(found['train'])}, "
             f"test {sorted(found['test'])}. Both splits need the same class folders."
         )
     return found, others
+
+
+def evaluation_folder(root: Path) -> Path:
+    """The folder of class folders that evaluation scores: ``root/test`` when there is one, else ``root`` itself
+    (a plain ``<class>/<image>`` folder). A ``root`` with ``train/`` but no ``test/`` is refused."""
+    if (root / "test").is_dir():
+        return root / "test"
+    if (root / "train").is_dir():
+        raise PathError(
+            f"{str(root)!r} has a train/ folder but no test/ folder to evaluate on. Evaluate a folder holding "
+            "test/<class>/<image>, or one holding <class>/<image> directly."
+        )
+    return root
+
+
+def scan_test_folder(root: Path) -> tuple[dict[str, list[str]], list[str], Path]:
+    """``({class: [image paths]}, non-image files, the folder scanned)`` of the images evaluation scores:
+    ``root/test/<class>/`` or ``root/<class>/`` (:func:`evaluation_folder`); no ``train/`` needed."""
+    folder = evaluation_folder(root)
+    others: list[str] = []
+    layout = "test/" if folder != root else ""
+    return _scan_classes(folder, layout, others, "that folder"), others, folder
+
+
+def _scan_classes(split_dir: Path, layout: str, others: list[str], delete_from: str) -> dict[str, list[str]]:
+    """``{class: [image paths]}`` of ``split_dir``'s class folders (sorted, recursive); non-images go to ``others``.
+
+    ``layout`` is how the class folders are spelled in messages (``"train/"``, or ``""`` for ``<class>/``).
+    """
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        loose = sorted(entry.name for entry in os.scandir(split_dir))
+        raise DataError(
+            f"{str(split_dir)!r} holds no class folders (it holds {preview(loose)}). Put each class's images "
+            f"in a folder of its own: {layout}<class>/<image>, e.g. {layout}hot_dog/1.jpg."
+        )
+    found: dict[str, list[str]] = {}
+    for name in classes:
+        images = []
+        for folder, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+            for file in sorted(files):
+                path = os.path.join(folder, file)  # the same string ImageFolder builds
+                (images if is_image_file(path) else others).append(path)
+        if not images:
+            raise DataError(
+                f"Class folder {os.path.join(split_dir, name)!r} holds no images (files ending in "
+                f"{', '.join(IMG_EXTENSIONS)}). Add its images, or delete the folder from {delete_from}."
+            )
+        found[name] = images
+    return found
 
 
 def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dict[str, str]:
@@ -138,13 +171,13 @@ def corrupt_images(split_dir: Path, by_class: dict[str, list[str]], verify: bool
     if corrupt:
         listing = preview([f"{path} ({reason})" for path, reason in sorted(corrupt.items())], limit=10)
         if not skip:
-            raise ValueError(
+            raise DataError(
                 f"{len(corrupt)} corrupt or truncated image(s) in {str(split_dir)!r}: {listing}. "
                 "Replace or delete them, or pass data.skip_corrupt=true to train without them."
             )
         emptied = [name for name, images in by_class.items() if all(path in corrupt for path in images)]
         if emptied:
-            raise ValueError(f"Every image of class(es) {emptied} in {str(split_dir)!r} is corrupt.")
+            raise DataError(f"Every image of class(es) {emptied} in {str(split_dir)!r} is corrupt.")
         log.warning("Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing)
     return corrupt
 
@@ -161,7 +194,7 @@ def check_split(folder, train_idx: list[int], val_idx: list[int], val_fraction: 
         if not (n_train and n_val)
     ]
     if short:
-        raise ValueError(
+        raise DataError(
             f"data.val_fraction={val_fraction} leaves {len(short)} class(es) without training or "
             f"validation images ({preview(short, limit=10, sep='; ')}): each class gives "
             "round(val_fraction * n) of its n training images to val, and the validation split selects the "

@@ -110,10 +110,27 @@ def check_choice(key: str, value: object, choices: tuple[str, ...], meaning: str
         raise SettingError(f"data.{key} must be one of {', '.join(choices)} ({meaning}), got {value!r}.")
 
 
-def check_data_settings(settings: Mapping[str, Any]) -> None:
+# The data.* settings that only shape training and validation: evaluation (test_only) ignores them.
+TRAIN_ONLY_DATA_KEYS = (
+    "val_fraction",
+    "split_seed",
+    "folds",
+    "fold",
+    "augment",
+    "random_erasing",
+    "crop_scale",
+    "augment_on",
+    "device_resampling",
+    "cache_short_side",
+)
+
+
+def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) -> None:
     """``data.*``: the DataModule's arguments, those not given taking its defaults (null mean, std, interpolation
-    and image size: the backbone's, or ImageNet's, bilinear and 224)."""
-    hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k != "_target_"}})
+    and image size: the backbone's, or ImageNet's, bilinear and 224). ``test_only`` (evaluation): the train/val
+    settings (:data:`TRAIN_ONLY_DATA_KEYS`) are not used, so they are not checked either."""
+    ignored = ("_target_", *TRAIN_ONLY_DATA_KEYS) if test_only else ("_target_",)
+    hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k not in ignored}})
     hp.image_size = 224 if hp.image_size is None else hp.image_size
     check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
     if hp.resize_size is not None:
