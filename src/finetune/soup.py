@@ -115,7 +115,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
-    checkpoints = {str(p): load_checkpoint(p) for p in paths}
+    checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
     check_ingredients(checkpoints)
 
     base_path = paths[-1] if method == "wise" else paths[0]  # wise: the fine-tuned model's recipe

@@ -9,18 +9,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
+from finetune.data import is_image_file
 from finetune.data.preprocessing import CLASSES, Preprocessing
-from finetune.errors import UserError
-from finetune.harness.run_folder import LAST, RunFolder
+from finetune.errors import PathError, UserError, describe_path
+from finetune.harness.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
 from finetune.module import FineTuneModule
 
 log = logging.getLogger(__name__)
@@ -30,20 +33,28 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used: unreadable, unsafe, or not written by ``finetune.train``."""
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True`` on the CPU."""
+class CheckpointPathError(PathError):
+    """A checkpoint path where there is no file: nothing, or something that is not a file."""
+
+
+class CheckpointFolderError(CheckpointPathError):
+    """A folder given as a checkpoint: the message lists the checkpoints in it."""
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False, setting: str = "ckpt_path") -> dict[str, Any]:
+    """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True`` on the CPU.
+
+    A folder, a missing path or a file of another kind (an exported ONNX or TorchScript model, safetensors, an image)
+    is refused saying what it is and what to pass as ``setting=`` instead.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint {str(path)!r} does not exist. Pass ckpt_path=PATH to a .ckpt written by finetune.train "
-            "(a run's checkpoints/ folder holds the best one and last.ckpt)."
-        )
+    check_checkpoint_file(path, setting)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower():
-            raise CheckpointError(_unreadable(path, err)) from err
         named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if not named and "unsupported global" not in str(err).lower():
+            raise CheckpointError(_unreadable(path, err, setting)) from err  # not a pickle at all, or cut short
         raise CheckpointError(
             f"Cannot read checkpoint {str(path)!r}: it holds pickled Python objects, not only tensors and plain data "
             f"({'it refers to ' + named.group(1) if named else _first_line(err)}), and such files are never "
@@ -51,8 +62,18 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             "source you trust."
         ) from err
     except Exception as err:  # noqa: BLE001 - zip reader, EOF, unpickling: all mean a damaged file
-        raise CheckpointError(_unreadable(path, err)) from err
+        raise CheckpointError(_unreadable(path, err, setting)) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        if (
+            isinstance(checkpoint, dict)
+            and checkpoint
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        ):
+            raise CheckpointError(
+                f"{setting}={path}: the file holds bare network weights ({len(checkpoint)} tensors, a state dict), "
+                "without the model settings and class names of a checkpoint of finetune.train. To train from these "
+                f"weights pass pretrained_weights={path}; here pass a .ckpt written by finetune.train."
+            )
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(
             f"{str(path)!r} is not a Lightning checkpoint of finetune.train (no 'state_dict'; found {found})."
@@ -60,7 +81,112 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def _unreadable(path: Path, err: BaseException) -> str:
+# Suffixes of files torch.save writes; a file with another suffix that torch cannot read is "not a checkpoint",
+# one with these is "truncated or corrupt".
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".tar")
+
+
+def check_checkpoint_file(path: Path, setting: str = "ckpt_path") -> None:
+    """Refuse, saying what is there and what to pass instead, a ``setting=`` that is no checkpoint file: nothing,
+    a folder (its checkpoints are listed), or a file of another kind (:func:`file_kind`)."""
+    if path.is_dir():
+        raise CheckpointFolderError(_folder_message(path, setting))
+    if not path.is_file():
+        found = describe_path(path)
+        what = "does not exist" if found == "nothing" else f"is {found}, not a checkpoint file"
+        raise CheckpointPathError(
+            f"{setting}={path}: {what}. Pass {setting}=PATH to a .ckpt written by finetune.train (a run's "
+            f"{CHECKPOINTS}/ folder holds the best one and {LAST})."
+        )
+    kind = file_kind(path)
+    if kind is not None:
+        what, instead = kind
+        raise CheckpointError(f"{setting}={path}: this is {what}, not a checkpoint of finetune.train. {instead}")
+
+
+def _folder_message(folder: Path, setting: str) -> str:
+    """A folder given as a checkpoint: the checkpoints in it (or in its ``checkpoints/``), and the command to use."""
+    found = sorted({*folder.glob("*.ckpt"), *(folder / CHECKPOINTS).glob("*.ckpt")})
+    if not found:
+        return (
+            f"{setting}={folder}: this is a folder, not a checkpoint file, and it holds no .ckpt files (nor does a "
+            f"{CHECKPOINTS}/ folder in it). Pass {setting}=PATH to a .ckpt written by finetune.train: a run's "
+            f"{CHECKPOINTS}/ folder holds the best one and {LAST}."
+        )
+    best = [p for p in found if p.name not in (LAST, INTERRUPTED)]
+    roles = {LAST: "the last epoch", INTERRUPTED: "where fitting was stopped"}
+    ordered = sorted(found, key=lambda p: (p.name in roles, p.name))
+    described = [f"{p} ({roles.get(p.name, 'best on validation')})" for p in ordered]
+    pick = best[-1] if best else found[0]
+    return (
+        f"{setting}={folder}: this is a folder, not a checkpoint file. It holds {len(found)} checkpoint(s): "
+        f"{'; '.join(described)}. Name one, e.g. {setting}={pick}"
+    )
+
+
+def file_kind(path: Path) -> tuple[str, str] | None:
+    """``(what the file is, what to pass instead)`` for a file that is surely not a checkpoint, else ``None``.
+
+    Recognised by content, then by name: a TorchScript archive (a zip with ``constants.pkl`` and ``code/``), an
+    ONNX model (a protobuf whose first field is the IR version, or ``.onnx``), a safetensors file (an 8-byte length,
+    then a JSON header), an exported model's ``.json`` description, an image.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError:
+        return None
+    source = _exported_from(path)
+    back = (
+        f"Pass the checkpoint it was exported from: ckpt_path={source}"
+        if source
+        else "Pass the .ckpt it was exported from (a run's checkpoints/ folder holds them)"
+    )
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+        names = zipfile.ZipFile(path).namelist()
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            return (
+                "an exported TorchScript model (torch.jit.save, e.g. finetune.export format=torchscript)",
+                f"It runs without this package (torch.jit.load). {back}.",
+            )
+        return None
+    if path.suffix.lower() == ".onnx" or _looks_like_onnx(head):
+        return ("an exported ONNX model", f"It runs without this package (onnxruntime). {back}.")
+    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        return (
+            "a safetensors file (bare weights, without the model settings and class names of a checkpoint)",
+            "To train from these weights pass pretrained_weights=PATH; here pass a .ckpt written by finetune.train.",
+        )
+    if path.name.endswith(".onnx.json") or path.name.endswith(".pt.json"):
+        return ("the description of an exported model (its sidecar)", f"{back}.")
+    if is_image_file(path.name):
+        return ("an image", "To predict its class pass it as inputs= to finetune.predict, with ckpt_path=CKPT.")
+    return None
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto's start: field 1 (``ir_version``, a small varint), then another field of the model (the
+    producer's name, the graph, ...). Pickles start with 0x80, torch's zip files with ``PK``."""
+    return len(head) >= 3 and head[0] == 0x08 and head[1] < 32 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
+
+
+def _exported_from(model_file: Path) -> str | None:
+    """The checkpoint an exported model (or its sidecar) was exported from, as its ``.json`` sidecar records it."""
+    sidecar = model_file if model_file.suffix == ".json" else RunFolder.sidecar(model_file)
+    try:
+        source = json.loads(sidecar.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source else None
+
+
+def _unreadable(path: Path, err: BaseException, setting: str = "ckpt_path") -> str:
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES and not zipfile.is_zipfile(path):
+        return (
+            f"{setting}={path}: this is not a checkpoint: torch cannot read it (it is no file that torch.save "
+            f"writes). Pass a .ckpt written by finetune.train (a run's {CHECKPOINTS}/ folder holds the best one "
+            f"and {LAST})."
+        )
     others = other_checkpoints(path)
     hint = (
         f"The run's other checkpoint(s): {', '.join(repr(str(p)) for p in others)}: try one of them."

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.data.preprocessing import PREPROCESSING, Preprocessing
-from finetune.harness.checkpoint import load_checkpoint
+from finetune.errors import OverwriteError, PathError, ResumeError, SettingError
+from finetune.harness.checkpoint import CheckpointFolderError, check_checkpoint_file, load_checkpoint
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def claim_run_folder(output_dir: str | Path) -> None:
             return
         except FileExistsError:
             found = [CLAIM]  # another run claimed it between the check and the claim
-    raise FileExistsError(
+    raise OverwriteError(
         f"Output folder {str(output_dir)!r} already holds a run ({', '.join(found)}); a run never writes into "
         f"another run's folder. To continue that run, pass resume={output_dir} (it writes to a new folder); "
         "otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
@@ -115,14 +116,18 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     """The checkpoint to continue from: ``resume=RUN_DIR_OR_CKPT`` or Lightning's own ``ckpt_path=CKPT``."""
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     if resume and ckpt_path:
-        raise ValueError(f"Pass resume= or ckpt_path=, not both (got resume={resume}, ckpt_path={ckpt_path}).")
+        raise SettingError(f"Pass resume= or ckpt_path=, not both (got resume={resume}, ckpt_path={ckpt_path}).")
     if resume:
         return find_checkpoint(resume)
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path}: no such checkpoint file. Pass a run's {CHECKPOINTS}/{LAST}, or resume=RUN_DIR."
-        )
-    return Path(ckpt_path) if ckpt_path else None
+    if not ckpt_path:
+        return None
+    try:
+        check_checkpoint_file(Path(ckpt_path), "ckpt_path")
+    except CheckpointFolderError as err:
+        raise CheckpointFolderError(
+            f"{err} To continue the run in that folder from its latest state, pass resume={ckpt_path} instead."
+        ) from None
+    return Path(ckpt_path)
 
 
 def find_checkpoint(resume: str | Path) -> Path:
@@ -133,9 +138,10 @@ def find_checkpoint(resume: str | Path) -> Path:
     """
     path = Path(resume)
     if path.is_file():
+        check_checkpoint_file(path, "resume")  # an exported model, an image, ...: said what it is
         return path
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise PathError(
             f"resume={resume}: no such run folder or checkpoint file. Pass a run's folder (logs/runs/<...>, or a "
             f"multirun job's folder) or one of its {CHECKPOINTS}/*.ckpt files."
         )
@@ -149,11 +155,11 @@ def find_checkpoint(resume: str | Path) -> Path:
                 log.warning("resume=%s: skipping %s: %s", resume, candidate, err)
                 unreadable.append(str(candidate))
     if unreadable:
-        raise ValueError(
+        raise ResumeError(
             f"resume={resume}: every checkpoint to continue from is unreadable ({', '.join(unreadable)}; see the "
             "warnings above). Start that run again, or resume from another of its checkpoints by file name."
         )
-    raise FileNotFoundError(
+    raise PathError(
         f"resume={resume}: the folder holds no {CHECKPOINTS}/{INTERRUPTED} or {CHECKPOINTS}/{LAST} (the run "
         f"stopped before its first checkpoint, or this is not a run folder; it holds "
         f"{sorted(p.name for p in path.iterdir())}). Start that run again instead of resuming it."
@@ -240,7 +246,7 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     schedulers_now = int(getattr(model, "scheduler_factory", None) is not None)
     compare("scheduler (count)", schedulers_then, schedulers_now, errors)
     if errors:
-        raise ValueError(
+        raise ResumeError(
             f"Cannot resume {str(checkpoint_path)!r}: it was saved by a different setup ("
             + "; ".join(errors)
             + "). Resume with the original run's settings: resume=RUN_DIR brings them back by itself; with "

@@ -1,0 +1,158 @@
+"""Checkpoint, resume and predict advice that is true: folders and non-checkpoint files named as what they are,
+outputs checked before the work, resumes from another folder, evaluate on the data a checkpoint was trained on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.calibrate import calibrate
+from finetune.errors import PathError, UserError
+from finetune.evaluate import evaluate
+from finetune.export import export
+from finetune.harness.checkpoint import CheckpointError, CheckpointFolderError, load_checkpoint
+from finetune.predict import predict
+from finetune.robustness import robustness
+from finetune.soup import soup
+from finetune.train import train
+
+from .conftest import compose_config, make_image_folder, tiny_overrides
+from .inference import evil_checkpoint
+
+BEST = "epoch01-val_acc0.9000.ckpt"
+
+
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    """A run folder's layout with two (tiny) checkpoints: the best one and last.ckpt."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in (BEST, "last.ckpt"):
+        torch.save({"state_dict": {}}, run / "checkpoints" / name)
+    return run
+
+
+def _entry_points(ckpt: Path, data: Path, out: Path) -> dict:
+    """Each command that takes a checkpoint, as the function its entry point runs and the config it composes."""
+    data_args = ["data=folder", f"data.root={data}", "data.num_workers=0", "trainer.accelerator=cpu"]
+    common = [f"paths.output_dir={out}"]
+    return {
+        "evaluate": (evaluate, compose_config([f"ckpt_path={ckpt}", *data_args, *common], "eval")),
+        "calibrate": (calibrate, compose_config([f"ckpt_path={ckpt}", *data_args, *common], "calibrate")),
+        "robustness": (robustness, compose_config([f"ckpt_path={ckpt}", *data_args[:3], *common], "robustness")),
+        "predict": (predict, compose_config([f"ckpt_path={ckpt}", f"inputs={data}", *common], "predict")),
+        "export": (export, compose_config([f"ckpt_path={ckpt}", "format=torchscript", *common], "export")),
+        "soup": (soup, compose_config(["method=uniform", f"ckpts=[{ckpt},{ckpt}]", *data_args, *common], "soup")),
+        "train ckpt_path=": (train, compose_config([f"ckpt_path={ckpt}", *tiny_overrides(data, out)])),
+    }
+
+
+ENTRY_POINTS = ["evaluate", "calibrate", "robustness", "predict", "export", "soup", "train ckpt_path="]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("which", ["run folder", "checkpoints folder"])
+def test_a_folder_as_checkpoint_lists_its_checkpoints_in_every_entry_point(tmp_path, run_folder, entry, which):
+    data = make_image_folder(tmp_path / "data", n_train=2, n_test=1)
+    given = run_folder if which == "run folder" else run_folder / "checkpoints"
+    function, cfg = _entry_points(given, data, tmp_path / "out")[entry]
+    with pytest.raises(CheckpointFolderError) as err:
+        function(cfg)
+    message = str(err.value)
+    assert isinstance(err.value, UserError) and "does not exist" not in message
+    assert "is a folder" in message
+    best, last = run_folder / "checkpoints" / BEST, run_folder / "checkpoints" / "last.ckpt"
+    assert f"{best} (best on validation)" in message and f"{last} (the last epoch)" in message
+    setting = "ckpts" if entry == "soup" else "ckpt_path"
+    assert f"{setting}={best}" in message  # the command to use
+    if entry.startswith("train"):
+        assert f"resume={given}" in message  # continuing the run is what a training ckpt_path= folder may mean
+
+
+def test_resume_accepts_a_run_folder_or_its_checkpoints_folder(run_folder):
+    from finetune.harness.resume import find_checkpoint
+
+    last = run_folder / "checkpoints" / "last.ckpt"
+    assert find_checkpoint(run_folder) == find_checkpoint(run_folder / "checkpoints") == last
+
+
+def test_a_missing_checkpoint_and_an_empty_folder_say_what_is_there(tmp_path):
+    with pytest.raises(PathError, match=r"ckpt_path=.*nothing.ckpt: does not exist"):
+        load_checkpoint(tmp_path / "nothing.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointFolderError, match=r"is a folder.*holds no .ckpt files"):
+        load_checkpoint(tmp_path / "empty")
+
+
+# --- files of other kinds --------------------------------------------------------------------------------------
+
+
+def _onnx(path: Path) -> Path:
+    torch.onnx.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), str(path), dynamo=False)
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed")
+def test_an_onnx_model_is_named_as_such_with_the_checkpoint_it_came_from(tmp_path):
+    model = _onnx(tmp_path / "model.onnx")
+    (tmp_path / "model.onnx.json").write_text(json.dumps({"checkpoint": "/runs/a/checkpoints/best.ckpt"}))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(model)
+    message = str(err.value)
+    assert "pickled Python objects" not in message and "could run code" not in message
+    assert "an exported ONNX model" in message and "ckpt_path=/runs/a/checkpoints/best.ckpt" in message
+    renamed = tmp_path / "renamed.ckpt"  # recognised by its content, not only its name
+    renamed.write_bytes(model.read_bytes())
+    with pytest.raises(CheckpointError, match="an exported ONNX model"):
+        load_checkpoint(renamed)
+    with pytest.raises(CheckpointError, match="the description of an exported model"):
+        load_checkpoint(tmp_path / "model.onnx.json")
+
+
+def test_a_torchscript_model_a_safetensors_file_and_bare_weights_are_named(tmp_path):
+    traced = tmp_path / "model.torchscript.pt"
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated upstream
+        torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)).save(str(traced))
+    with pytest.raises(CheckpointError, match="an exported TorchScript model") as err:
+        load_checkpoint(traced)
+    assert "pickled Python objects" not in str(err.value)
+    bare = tmp_path / "weights.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), bare)
+    with pytest.raises(CheckpointError, match=r"bare network weights.*pretrained_weights="):
+        load_checkpoint(bare)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="this is not a checkpoint"):
+        load_checkpoint(text)
+    if importlib.util.find_spec("safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        with pytest.raises(CheckpointError, match="a safetensors file"):
+            load_checkpoint(tmp_path / "w.safetensors")
+
+
+def test_a_malicious_pickle_is_still_refused_as_one_whatever_its_name(tmp_path):
+    marker = tmp_path / "MARKER"
+    for name in ("evil.ckpt", "evil.bin", "evil.data"):
+        evil = evil_checkpoint(tmp_path / name, marker)
+        with pytest.raises(CheckpointError, match="pickled Python objects"):
+            load_checkpoint(evil)
+    (tmp_path / "evil.onnx").write_bytes((tmp_path / "evil.ckpt").read_bytes())
+    with pytest.raises(CheckpointError):  # never loaded at all
+        load_checkpoint(tmp_path / "evil.onnx")
+    assert not marker.exists()
+
+
+def test_resume_of_an_exported_model_says_what_it_is(tmp_path):
+    from finetune.harness.resume import find_checkpoint
+
+    traced = tmp_path / "model.torchscript.pt"
+    with pytest.warns(FutureWarning):
+        torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)).save(str(traced))
+    with pytest.raises(CheckpointError, match=r"resume=.*an exported TorchScript model"):
+        find_checkpoint(traced)
