@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +24,8 @@ from finetune.robustness import robustness
 from finetune.soup import soup
 from finetune.train import train
 
-from .conftest import compose_config, make_image_folder, tiny_overrides
-from .inference import evil_checkpoint
+from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides
+from .inference import eval_config, evil_checkpoint, predict_config
 
 BEST = "epoch01-val_acc0.9000.ckpt"
 
@@ -156,3 +160,90 @@ def test_resume_of_an_exported_model_says_what_it_is(tmp_path):
         torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)).save(str(traced))
     with pytest.raises(CheckpointError, match=r"resume=.*an exported TorchScript model"):
         find_checkpoint(traced)
+
+
+# --- outputs checked before the work ---------------------------------------------------------------------------
+
+needs_permissions = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@needs_permissions
+@pytest.mark.parametrize("how", ["output", "paths.output_dir"])
+def test_predict_into_a_read_only_folder_is_refused_before_anything_is_loaded(tmp_path, read_only, how):
+    # The checkpoint does not exist: an error about it would mean the output was checked too late.
+    images = make_image_folder(tmp_path / "photos", n_train=1, n_test=1)
+    extra = [f"output={read_only / 'preds.csv'}"] if how == "output" else []
+    out = read_only / "predict" if how == "paths.output_dir" else tmp_path / "out"
+    with pytest.raises(PathError) as err:
+        predict(predict_config(tmp_path / "missing.ckpt", images, out, *extra))
+    message = str(err.value)
+    assert message.startswith(f"{how}=") and "not writable" in message and str(read_only) in message
+    if how == "output":
+        assert message.startswith(f"output={read_only / 'preds.csv'}: ")
+    assert "missing.ckpt" not in message and not any(read_only.iterdir())
+
+
+@needs_permissions
+def test_evaluate_and_export_into_a_read_only_folder_are_refused_first(tmp_path, read_only):
+    data = make_image_folder(tmp_path / "data", n_train=1, n_test=1)
+    with pytest.raises(PathError, match=r"paths.output_dir=.*not writable"):
+        evaluate(eval_config(tmp_path / "missing.ckpt", data, read_only / "eval"))
+    cfg = compose_config([f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={read_only / 'm.pt'}"], "export")
+    with pytest.raises(PathError, match=r"output=.*not writable"):
+        export(cfg)
+    assert not any(read_only.iterdir())
+
+
+def test_an_output_below_a_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    images = make_image_folder(tmp_path / "photos", n_train=1, n_test=1)
+    cfg = predict_config(tmp_path / "missing.ckpt", images, tmp_path / "out", f"output={tmp_path}/notes.txt/p.csv")
+    with pytest.raises(PathError, match=r"output=.*notes.txt.* is a file, not a folder"):
+        predict(cfg)
+
+
+COMMANDS = {  # entry point: (its extra arguments, the setting it names) for a read-only folder R
+    "finetune.predict": (lambda r, images: [f"inputs={images}", f"output={r / 'preds.csv'}"], "output={r}/preds.csv"),
+    "finetune.export": (lambda r, images: ["format=torchscript", f"output={r / 'm.pt'}"], "output={r}/m.pt"),
+    "finetune.evaluate": (
+        lambda r, images: ["data=folder", f"data.root={images}", f"paths.output_dir={r / 'eval'}"],
+        "paths.output_dir={r}/eval",
+    ),
+}
+
+
+@pytest.mark.parametrize("module", list(COMMANDS))
+def test_a_command_into_a_read_only_folder_stops_before_loading_anything(module):
+    """On the command line, as a user without root's override of permissions (``nobody`` when the tests run as
+    root). The checkpoint does not exist: an error about it would mean the output was checked too late."""
+    with tempfile.TemporaryDirectory() as name:
+        shared = Path(name)
+        shared.chmod(0o777)  # reachable by nobody
+        images = make_image_folder(shared / "photos", n_train=1, n_test=1)
+        read_only = shared / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        extra, named = COMMANDS[module]
+        args = [f"ckpt_path={shared / 'missing.ckpt'}", *extra(read_only, images), f"paths.log_dir={shared / 'logs'}"]
+        command = cli_command(args, module)
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root, and no setpriv to run the command as another user")
+            (shared / "logs").mkdir()
+            (shared / "logs").chmod(0o777)
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        env = {**cli_env(), "HOME": str(shared)}
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert f"{named.format(r=read_only)}: " in done.stderr and "not writable" in done.stderr, done.stderr
+        assert "missing.ckpt: does not exist" not in done.stderr  # refused before the checkpoint was looked at
+        assert not any(read_only.iterdir())

@@ -26,6 +26,7 @@ from finetune.data.preprocessing import Preprocessing
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
+from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
     sidecar = RunFolder.sidecar(output)
+    # Checked before loading the model: a read-only folder is said at once, not after the work.
+    check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     existing = [str(p) for p in (output, sidecar) if p.exists()]
     if existing and not cfg.get("overwrite", False):
         raise FileExistsError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")

@@ -36,6 +36,7 @@ from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
 from finetune.harness.run_folder import RunFolder
+from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR, build_trainer
 from finetune.workers import worker_context
 
@@ -54,6 +55,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             "centre; full: the centre crop and the whole photo letterboxed, each with its mirror image)."
         )
     output = output_path(cfg)
+    # Checked before predicting anything: a read-only folder is said at once, not after the work.
+    check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     inputs = find_inputs(str(cfg.inputs))
     model, checkpoint = load_for_inference(cfg.ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)

@@ -25,6 +25,7 @@ from finetune.data.preprocessing import PREPROCESSING, Preprocessing
 from finetune.errors import OverwriteError, PathError, ResumeError, SettingError
 from finetune.harness.checkpoint import CheckpointFolderError, check_checkpoint_file, load_checkpoint
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
+from finetune.harness.writable import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ def claim_run_folder(output_dir: str | Path) -> None:
     if _is_this_multirun_job(folder.path):
         found = [f for f in found if f != f"{HYDRA}/"]  # Hydra's record of this very job, written as it started
     if not found:
+        try:  # e.g. below a read-only paths.log_dir: said before any work
+            check_writable(folder.path, "paths.output_dir")
+        except PathError as err:
+            hint = "A run's folder is made below paths.log_dir unless paths.output_dir is given."
+            raise PathError(f"{err} ({hint})") from None
         try:
             folder.claim()
             return
@@ -83,7 +89,7 @@ class ClaimRunFolder(HydraCallback):
         HydraConfig.instance().set_config(config)  # the folder's name may use ${hydra:...}; Hydra sets it next anyway
         try:
             claim_run_folder(config.hydra.run.dir)
-        except FileExistsError as err:
+        except (FileExistsError, PathError) as err:
             raise SystemExit(f"Error: {err}") from err  # Hydra turns a callback's Exception into a mere warning
         _CLAIMED_BY_HYDRA.add(Path(config.hydra.run.dir).resolve())
 
