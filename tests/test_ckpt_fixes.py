@@ -7,11 +7,14 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from finetune.calibrate import calibrate
@@ -24,7 +27,7 @@ from finetune.robustness import robustness
 from finetune.soup import soup
 from finetune.train import train
 
-from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides
+from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides, without
 from .inference import eval_config, evil_checkpoint, predict_config
 
 BEST = "epoch01-val_acc0.9000.ckpt"
@@ -247,3 +250,64 @@ def test_a_command_into_a_read_only_folder_stops_before_loading_anything(module)
         assert f"{named.format(r=read_only)}: " in done.stderr and "not writable" in done.stderr, done.stderr
         assert "missing.ckpt: does not exist" not in done.stderr  # refused before the checkpoint was looked at
         assert not any(read_only.iterdir())
+
+
+# --- an interruption before the first checkpoint -----------------------------------------------------------------
+
+
+class SlowCaching(pl.Callback):
+    """Test-only: each batch of feature extraction lasts ``seconds``, and ``started_file`` appears when it begins."""
+
+    def __init__(self, seconds: float, started_file: str) -> None:
+        self.seconds, self.started_file = seconds, Path(started_file)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        head_inputs = pl_module.head_inputs
+
+        def slow(images: torch.Tensor) -> torch.Tensor:
+            self.started_file.touch()
+            time.sleep(self.seconds)
+            return head_inputs(images)
+
+        pl_module.head_inputs = slow
+
+
+def test_ctrl_c_while_caching_features_says_to_start_again_not_to_resume(tmp_path):
+    from finetune.harness.resume import find_checkpoint
+
+    from .test_resume import _popen_training
+
+    data = make_image_folder(tmp_path / "data", n_train=6, n_test=2)
+    started = tmp_path / "caching"
+    overrides = without(tiny_overrides(data, tmp_path), "paths.output_dir") + [
+        "experiment=frozen",
+        "model.cache_features=true",
+        "+callbacks.slow._target_=tests.test_ckpt_fixes.SlowCaching",
+        "+callbacks.slow.seconds=0.5",
+        f"+callbacks.slow.started_file={started}",
+    ]
+    process = _popen_training(overrides)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and not started.exists():
+        time.sleep(0.05)
+    assert started.exists(), "feature caching never started"
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 130, output[-3000:]
+    (run,) = (tmp_path / "logs" / "runs").iterdir()
+    assert json.loads((run / "results.json").read_text())["status"] == "interrupted"
+    assert "resume=" not in output and "before its first checkpoint" in output and "start the run again" in output
+    with pytest.raises(PathError, match="holds no checkpoints/interrupted.ckpt"):
+        find_checkpoint(run)  # what resume= would have said: the advice not to resume is true
+
+
+def test_the_advice_after_an_interruption_names_what_can_be_resumed(tmp_path):
+    from finetune.train import how_to_continue
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert "start the run again" in how_to_continue(run, None) and "resume=" not in how_to_continue(run, None)
+    earlier = tmp_path / "earlier" / "checkpoints" / "last.ckpt"
+    assert how_to_continue(run, earlier).endswith(f"resume={earlier}")  # a resumed run stopped before saving
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert how_to_continue(run, earlier) == f"Continue with: python -m finetune.train resume={run}"

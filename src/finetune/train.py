@@ -126,9 +126,29 @@ def _record_stop(
     if not signum:
         log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
-    name = signal.Signals(signum).name
-    log.warning("Interrupted by %s. Continue with: python -m finetune.train resume=%s", name, output_dir)
+    log.warning("Interrupted by %s. %s", signal.Signals(signum).name, how_to_continue(output_dir, ckpt_path))
     return 128 + signum  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM
+
+
+def how_to_continue(output_dir: Path, resumed_from: Path | None) -> str:
+    """What to run after an interruption: ``resume=`` where a checkpoint to continue from exists, else start again.
+
+    Before its first training step (while the data is checked or features are cached) a run saves no checkpoint:
+    ``resume=`` of its folder would find nothing, so the advice is to start it again (or to resume the checkpoint
+    this run itself resumed from, which is still the latest state).
+    """
+    if any(p.is_file() for p in RunFolder(output_dir).resume_candidates()):
+        return f"Continue with: python -m finetune.train resume={output_dir}"
+    if resumed_from is not None:
+        return (
+            f"It stopped before its first checkpoint, so {output_dir} holds nothing to resume; {resumed_from} is "
+            f"still the latest state. Continue with: python -m finetune.train resume={resumed_from}"
+        )
+    return (
+        f"It stopped before its first checkpoint (before the first training step, e.g. while caching features), so "
+        f"there is nothing to resume: start the run again with the same command (its overrides are in "
+        f"{RunFolder(output_dir).overrides})."
+    )
 
 
 def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
