@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from finetune.calibrate import calibrate
+from finetune.data.preprocessing import CLASSES
 from finetune.errors import PathError, UserError
 from finetune.evaluate import evaluate
 from finetune.export import export
@@ -311,3 +312,58 @@ def test_the_advice_after_an_interruption_names_what_can_be_resumed(tmp_path):
     assert how_to_continue(run, earlier).endswith(f"resume={earlier}")  # a resumed run stopped before saving
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert how_to_continue(run, earlier) == f"Continue with: python -m finetune.train resume={run}"
+
+
+# --- resume from another working directory ----------------------------------------------------------------------
+
+
+def _train_in(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cli_command(args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def test_resume_from_another_folder_reads_the_data_the_run_started_with(tmp_path):
+    first_cwd, other_cwd, logs = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "logs"
+    make_image_folder(first_cwd / "photos", n_train=4, n_test=2)
+    other_cwd.mkdir()
+    make_image_folder(other_cwd / "photos", classes=("ant", "bee"), n_train=4, n_test=2)  # same name, other data
+    overrides = without(tiny_overrides(Path("photos"), logs), "paths.output_dir", "paths.log_dir", "data.root")
+    _train_in(first_cwd, ["data.root=photos", f"paths.log_dir={logs}", "trainer.max_epochs=1", *overrides])
+    (run,) = (logs / "runs").iterdir()
+    recorded = load_checkpoint(run / "checkpoints" / "last.ckpt")["datamodule_hyper_parameters"]["root"]
+    assert recorded == str(first_cwd / "photos")  # the checkpoint says where its data was
+
+    done = _train_in(other_cwd, [f"resume={run}", "trainer.max_epochs=2"])
+    assert f"data.root={first_cwd / 'photos'}" in done.stdout  # the inherited override, anchored
+    (resumed,) = (p for p in (logs / "runs").iterdir() if p != run)
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["status"] == "completed" and results["epochs"] == 2
+    last = load_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    assert last[CLASSES] == ["cat", "dog"]  # not elsewhere/photos' ant and bee
+    assert last["datamodule_hyper_parameters"]["root"] == str(first_cwd / "photos")
+
+
+def test_resume_anchors_relative_path_settings_of_the_config_too(tmp_path):
+    from finetune.harness.resume import with_run_overrides
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    (run / ".hydra" / "overrides.yaml").write_text("- data.root=photos\n- model.backbone=resnet18\n")
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    cwd: /started/here\n")
+    (run / ".hydra" / "config.yaml").write_text(
+        "paths:\n  data_dir: data\n  log_dir: logs\ndata:\n  root: photos\n  cache_dir: ${paths.data_dir}/cache\n"
+        "pretrained_weights: imagenet\n"
+    )
+    argv = with_run_overrides(["train.py", f"resume={run}"])
+    assert argv == [
+        "train.py",
+        "data.root=/started/here/photos",
+        "model.backbone=resnet18",
+        "paths.data_dir=/started/here/data",  # the d2l set's default data.root is ${paths.data_dir}/hotdog
+        f"resume={run}",
+    ]

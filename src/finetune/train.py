@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
+    absolute_input_paths(cfg)
     ckpt_path = resume_checkpoint(cfg)
     history = EpochHistory()
     trainer: pl.Trainer | None = None
@@ -93,6 +94,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_results(trainer.loggers, results)
         print(summary(results))
     return results
+
+
+def absolute_input_paths(cfg: DictConfig) -> None:
+    """Make a relative ``data.root`` (and ``data.cache_dir``, a ``model.weights`` file) absolute, as of the folder the
+    run starts in: its checkpoints then record where its data was, for a resume or an evaluation started elsewhere."""
+    data = cfg.get("data")
+    for key in ("root", "cache_dir"):
+        if data is None or key not in data or OmegaConf.is_missing(data, key):
+            continue  # a missing data.root is refused by the setting checks, by name
+        value = data[key]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[key] = str(Path(value).absolute())
+    weights = OmegaConf.select(cfg, "model.weights", default=None)
+    if isinstance(weights, str) and not Path(weights).is_absolute() and Path(weights).is_file():
+        cfg.model.weights = str(Path(weights).absolute())
 
 
 def calibrated_checkpoint_path(best: Path, output_dir: Path) -> Path:

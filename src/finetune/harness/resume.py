@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,8 @@ def with_run_overrides(argv: list[str]) -> list[str]:
         return argv
     value = resumes[0].split("=", 1)[1]
     try:
-        saved = RunFolder.of_checkpoint(find_checkpoint(value)).overrides
+        run = RunFolder.of_checkpoint(find_checkpoint(value))
+        saved = run.overrides
     except (FileNotFoundError, ValueError):
         return argv  # train() reports it, with the fix
     if not saved.is_file():
@@ -205,9 +207,80 @@ def with_run_overrides(argv: list[str]) -> list[str]:
         ]
     except Exception:  # noqa: BLE001 - a malformed override: let Hydra report it in its own words
         return argv
+    inherited = anchor_paths(inherited, run, given)
     if inherited:
         print(f"resume={value}: continuing with that run's overrides: {' '.join(inherited)}", flush=True)
     return [argv[0], *inherited, *args]
+
+
+# Settings that name input files or folders: a relative value means "relative to the folder the run started in".
+PATH_SETTINGS = ("data.root", "data.cache_dir", "paths.data_dir", "pretrained_weights", "model.weights")
+_WEIGHT_SETTINGS = ("pretrained_weights", "model.weights")  # also take names (imagenet, DEFAULT): files only
+
+
+def run_cwd(run: RunFolder) -> Path | None:
+    """The folder a run was started in (Hydra's ``runtime.cwd`` in ``RUN/.hydra/hydra.yaml``), if recorded."""
+    record = run.hydra / "hydra.yaml"
+    if not record.is_file():
+        return None
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.cwd", default=None)
+    except Exception:  # noqa: BLE001 - an unreadable record: nothing to anchor to
+        return None
+    return Path(str(cwd)) if cwd else None
+
+
+def anchored(value: Any, key: str, cwd: Path) -> str | None:
+    """``value`` of the path setting ``key`` made absolute against ``cwd``, or ``None`` if it is no relative path
+    (absolute, an interpolation, empty, or a weights name such as ``imagenet``)."""
+    if not isinstance(value, str) or not value or "${" in value or value.startswith("~"):
+        return None
+    if Path(value).is_absolute():
+        return None
+    path = cwd / value
+    if key in _WEIGHT_SETTINGS and not path.is_file():
+        return None
+    return str(path)
+
+
+def anchor_paths(inherited: list[str], run: RunFolder, given: set[str]) -> list[str]:
+    """The inherited overrides with their relative input paths made absolute against the folder the run started
+    in, plus those path settings of its config that were relative (``paths.data_dir: data``): a resume started in
+    another folder reads the same data and weights, not whatever those names mean there."""
+    cwd = run_cwd(run)
+    if cwd is None:
+        return inherited
+    parser = OverridesParser.create()
+    out, seen = [], set(given)
+    for line in inherited:
+        (override,) = parser.parse_overrides([line])
+        key = override.key_or_group
+        seen.add(key)
+        path = anchored(override.value(), key, cwd) if key in PATH_SETTINGS else None
+        out.append(line if path is None else f"{line.split('=', 1)[0]}={_quoted(path)}")
+    config = run.hydra / "config.yaml"
+    if config.is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(config), resolve=False)  # interpolations as written
+        for key in PATH_SETTINGS:
+            if key not in seen:
+                path = anchored(_literal(saved, key), key, cwd)
+                if path is not None:
+                    out.append(f"{key}={_quoted(path)}")
+    return out
+
+
+def _literal(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a plain nested dict, or ``None``."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _quoted(path: str) -> str:
+    """A path as an override value: bare where Hydra's grammar allows it, else quoted."""
+    if re.fullmatch(r"[\w./+\-@:]+", path):
+        return path
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
@@ -228,8 +301,9 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
         if key in saved_model:
             compare(f"model.{key}", saved_model[key], model.hparams.get(key), errors)
     saved_data = checkpoint.get("datamodule_hyper_parameters", {})
-    if "root" in saved_data:
-        compare("data.root", str(Path(saved_data["root"]).resolve()), str(Path(datamodule.root).resolve()), errors)
+    if "root" in saved_data:  # a relative root (older checkpoints) is relative to where that run started
+        then = Path(run_cwd(RunFolder.of_checkpoint(checkpoint_path)) or Path.cwd()) / saved_data["root"]
+        compare("data.root", str(then.resolve()), str(Path(datamodule.root).resolve()), errors)
     for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
