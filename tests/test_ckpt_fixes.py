@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from finetune.soup import soup
 from finetune.train import train
 
 from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides, without
-from .inference import eval_config, evil_checkpoint, predict_config
+from .inference import eval_config, evil_checkpoint, predict_config, trained_run
 
 BEST = "epoch01-val_acc0.9000.ckpt"
 
@@ -367,3 +368,41 @@ def test_resume_anchors_relative_path_settings_of_the_config_too(tmp_path):
         "paths.data_dir=/started/here/data",  # the d2l set's default data.root is ${paths.data_dir}/hotdog
         f"resume={run}",
     ]
+
+
+# --- evaluate without data settings -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    return trained_run(tmp_path_factory)
+
+
+def _bare_eval(ckpt: Path, out: Path, *extra: str):
+    """``finetune.evaluate ckpt_path=CKPT`` with no data= and no data.root=: only CPU and loader settings."""
+    args = [f"ckpt_path={ckpt}", f"paths.output_dir={out}", "trainer.accelerator=cpu", "data.num_workers=0", *extra]
+    return compose_config(args, "eval")
+
+
+def test_evaluate_without_data_settings_uses_the_data_the_checkpoint_was_trained_on(trained, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="finetune.evaluate"):
+        results = evaluate(_bare_eval(trained["best_checkpoint"], tmp_path / "eval"))
+    assert results["classes"] == ["cat", "dog"]  # the tiny folder's, not the d2l hot dogs (no download tried)
+    assert results["test/acc"] == pytest.approx(trained["test/acc"])
+    assert f"No data settings given: using the data {trained['best_checkpoint']} was trained on" in caplog.text
+    assert f"data.root={trained['root']}" in caplog.text
+
+
+def test_evaluate_data_root_on_the_command_line_wins_over_the_recorded_one(trained, tmp_path):
+    other = make_image_folder(tmp_path / "hotdogs", n_train=1, n_test=1, classes=("hot_dog", "not_hot_dog"))
+    with pytest.raises(UserError, match=r"has \['hot_dog', 'not_hot_dog'\]"):
+        evaluate(_bare_eval(trained["best_checkpoint"], tmp_path / "eval", f"data.root={other}"))
+
+
+def test_evaluate_without_data_settings_when_the_recorded_data_is_gone_says_so(trained, tmp_path):
+    checkpoint = torch.load(trained["best_checkpoint"], map_location="cpu", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["root"] = str(tmp_path / "moved")
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    with pytest.raises(PathError, match=r"No data.root given.*data.root=.*moved, is nothing now.*data=folder"):
+        evaluate(_bare_eval(moved, tmp_path / "eval"))

@@ -14,7 +14,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.evaluate import check_classes, use_checkpoint_geometry
+from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.results import write_json_atomic
@@ -31,6 +31,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     claim_run_folder(output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
+    use_checkpoint_data(cfg, checkpoint, ckpt_path)  # no data= given: the data it was trained on
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
     run = assemble(cfg, model=model)
     run.images.setup("fit")

@@ -3,8 +3,9 @@
 The model (backbone, head size, freezing) comes from the checkpoint, and so do the class names and the eval
 preprocessing: a folder whose classes differ from the checkpoint's is refused, and the checkpoint's image and resize
 sizes, normalisation and interpolation are used unless ``data.image_size`` / ``data.resize_size`` / ``data.mean`` /
-``data.std`` / ``data.interpolation`` are given on the command line. The data comes from
-the config, so pass the ``data=...`` overrides of the run; the folder needs only the images it scores, in
+``data.std`` / ``data.interpolation`` are given on the command line. Without ``data=`` or ``data.root=`` on the
+command line the data is the checkpoint's own (its recorded ``data.root`` and split settings: its test split); with
+them, the folder given. The folder needs only the images it scores, in
 ``test/<class>/`` or directly in ``<class>/`` (no ``train/``; the train/val ``data.*`` settings are ignored).
 Writes ``eval_results.json`` (with the test report's ``test/*`` keys), ``confusion_matrix.png`` and ``top_losses.png``
 in the evaluation's folder. A calibrated checkpoint's temperature is applied; ``tta=flip|five_crop|full`` averages
@@ -22,11 +23,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from finetune.data.preprocessing import CLASSES, TTA_MODES, Preprocessing
-from finetune.errors import DataError, SettingError
+from finetune.errors import DataError, PathError, SettingError, describe_path
 from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
-from finetune.harness.resume import claim_run_folder
+from finetune.harness.resume import claim_run_folder, run_cwd
 from finetune.harness.run_folder import RunFolder
 from finetune.run import CONFIG_DIR, assemble
 
@@ -38,6 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     claim_run_folder(cfg.paths.output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
+    use_checkpoint_data(cfg, checkpoint, ckpt_path)
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
@@ -65,6 +67,45 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(RunFolder(Path(cfg.paths.output_dir)).eval_results, results)
         print(f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}")
     return results
+
+
+# The data settings a checkpoint's run was trained with that say which images it saw and how they were split; used
+# when no data setting is given on the command line (sizes and normalisation: use_checkpoint_geometry).
+RECORDED_DATA = ("root", "download", "skip_corrupt", "verify_images", "val_fraction", "split_seed", "folds", "fold")
+
+
+def use_checkpoint_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path) -> None:
+    """Without ``data=`` or ``data.root=`` on the command line, use the data the checkpoint was trained on (its
+    recorded ``data.root``, download and split settings) instead of the config's default data set, saying so; other
+    ``data.*`` given on the command line still apply.
+
+    A relative recorded root (older checkpoints) is relative to the folder its run started in.
+    """
+    given = {key.lstrip("+~") for key in override_keys(command_line_overrides())}
+    if given & {"data", "data.root"}:
+        return
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    if not saved.get("root"):
+        log.warning("%s records no data.root: using the config's data (data.root=%s).", ckpt_path, cfg.data.get("root"))
+        return
+    root = Path(str(saved["root"])).expanduser()
+    if not root.is_absolute():
+        root = (run_cwd(RunFolder.of_checkpoint(ckpt_path)) or Path.cwd()) / root
+    if not root.is_dir() and not saved.get("download"):
+        raise PathError(
+            f"No data.root given, and the data {str(ckpt_path)!r} was trained on, data.root={root}, is "
+            f"{describe_path(root)} now. Pass data=folder data.root=PATH (a folder of test/<class>/ or <class>/)."
+        )
+    for key in RECORDED_DATA:
+        if key in saved and key in cfg.data and f"data.{key}" not in given:
+            cfg.data[key] = saved[key]
+    cfg.data.root = str(root)
+    log.info(
+        "No data settings given: using the data %s was trained on (data.root=%s). Pass data=folder data.root=PATH "
+        "for other images.",
+        ckpt_path,
+        root,
+    )
 
 
 def use_checkpoint_geometry(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: Path) -> None:

@@ -38,7 +38,7 @@ from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
 from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import PathError, SettingError, UserError
-from finetune.evaluate import check_classes, use_checkpoint_geometry
+from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint import class_names, load_for_inference
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
@@ -193,6 +193,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     claim_run_folder(output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
+    use_checkpoint_data(cfg, checkpoint, ckpt_path)  # no data= given: the data it was trained on
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
     data = cfg.data
     preprocessing = Preprocessing.of(
