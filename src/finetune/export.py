@@ -3,9 +3,10 @@
 ``format=onnx`` (``pip install 'finetune[onnx]'``) or ``format=torchscript``; ``output=PATH`` (default: ``model.onnx``
 or ``model.torchscript.pt`` in a new folder). The model is exported in eval mode with a dynamic batch dimension and
 returns softmax probabilities (``outputs=logits`` for logits). Beside it, ``PATH.json`` says what it needs and gives:
-the class names in output order, the preprocessing (resize, centre crop, mean, std), the input layout (NCHW float32
-RGB in [0, 1], then normalised), the backbone, the output kind, and the sha256 of the source checkpoint. After
-writing, the exported file is run on a few batches and compared with the PyTorch model (within 1e-4).
+the class names in output order, the preprocessing (EXIF orientation, resize, centre crop, mean, std), the input
+layout (NCHW float32 RGB in [0, 1], then normalised), the backbone, the output kind, and the sha256 of the source
+checkpoint. After writing, the exported file is run on a few batches and compared with the PyTorch model (within
+1e-4).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def sidecar_record(
             "channels": "RGB",
             "shape": ["batch", 3, size, size],
             "preprocessing": (
-                f"RGB image -> {_resize_words(preprocessing)} ({preprocessing.interpolation}) "
+                "RGB image, EXIF orientation applied (PIL.ImageOps.exif_transpose) "
+                f"-> {_resize_words(preprocessing)} ({preprocessing.interpolation}) "
                 f"-> centre crop {size}x{size} -> float32 in [0, 1] "
                 "-> (x - mean) / std per channel"
             ),

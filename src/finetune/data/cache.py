@@ -44,7 +44,7 @@ from finetune.workers import worker_context
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: EXIF orientation applied (a cache of version 1 holds photos as stored)
 
 
 class ShrinkShorterSide:

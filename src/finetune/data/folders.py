@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.errors import DataError, PathError
@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 
 # 16-bit grayscale, as PNG decodes it ("I" in Pillow versions before 10.x, "I;16" after).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# EXIF Orientation values that turn or mirror the stored pixels (1 is upright; 2-8 per the EXIF standard);
+# 5-8 also swap width and height.
+_ORIENTATION_TAG = 0x0112
+_TURNING_ORIENTATIONS = range(2, 9)
+_SWAPPING_ORIENTATIONS = range(5, 9)
 # Modes whose 8-bit meaning is clear: PIL's own conversion to RGB (alpha is dropped, as ImageFolder does).
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
@@ -31,6 +36,8 @@ def load_rgb(path: str, draft: bool = False) -> Image.Image:
     PIL's ``convert("RGB")`` clips 16-bit grayscale (PNG's ``I;16``/``I``) at 255, so such photos turned white;
     here 16-bit values are scaled to 8 bits (``value >> 8``). Palette, alpha, CMYK and the like go through PIL's
     conversion; modes without a clear 8-bit reading (32-bit float ``F``, ...) are refused naming the file.
+    The EXIF Orientation tag is applied (a phone photo stored sideways with Orientation=6 is read upright), as
+    every photo viewer shows it: train, evaluate, predict, the caches and the shift benchmark all read through here.
     ``draft`` decodes JPEGs at 1/8 scale (still reading the whole file): enough to check that it decodes.
     """
     with open(path, "rb") as file:
@@ -38,6 +45,8 @@ def load_rgb(path: str, draft: bool = False) -> Image.Image:
         if draft and image.format == "JPEG":
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
         image.load()
+    if exif_orientation(image) in _TURNING_ORIENTATIONS:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
@@ -56,6 +65,21 @@ def load_rgb(path: str, draft: bool = False) -> Image.Image:
         f"{printable(path)}: cannot read PIL image mode {image.mode!r} as 8-bit RGB (readable: 8-bit modes "
         f"{', '.join(_EIGHT_BIT_MODES)}, and 16-bit grayscale). Convert the file to 8-bit RGB."
     )
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF Orientation (1, upright, when absent or unreadable)."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are read as stored, as before
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` as the image is shown (and loaded by :func:`load_rgb`): swapped for EXIF Orientation 5-8."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def printable(path: str | bytes | os.PathLike) -> str:

@@ -1,0 +1,119 @@
+"""The data folder as a user fills it: phone photos' EXIF orientation, run folders inside the data, duplicate and
+leaked images, training without a test split, and the folds advice for a tiny class."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.data import ImageFolderDataModule
+from finetune.data.folders import load_rgb
+from finetune.export import export
+from finetune.predict import predict
+
+from .conftest import make_image_folder
+from .inference import predict_config, trained_run
+from .test_export import SANDBOX, export_config, needs_onnx, readme_snippet
+
+ORIENTATION = 0x0112
+
+
+def save_sideways(upright: Path, target: Path) -> None:
+    """``upright``'s pixels as a phone stores a portrait shot: turned 90 degrees, with EXIF Orientation=6 (rotate
+    90 degrees clockwise to show)."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    with Image.open(upright) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(target, exif=exif)
+    with Image.open(target) as check:
+        assert check.getexif()[ORIENTATION] == 6 and check.size == image.size[::-1]
+
+
+def sideways_copy(root: Path, target: Path, images: list[str]) -> Path:
+    """A copy of the image folder ``root`` whose ``images`` (relative paths) are stored sideways with EXIF."""
+    shutil.copytree(root, target)
+    for relative in images:
+        save_sideways(root / relative, target / relative)
+    return target
+
+
+def _datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
+    kwargs = {"batch_size": 4, "num_workers": 0, "val_fraction": 0.2, "image_size": 32, "resize_size": 36, **kwargs}
+    dm = ImageFolderDataModule(root, **kwargs)
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+# --- EXIF orientation --------------------------------------------------------------------------------------------
+def test_the_loader_turns_an_orientation_6_photo_upright(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, size=(30, 44, 3), dtype=np.uint8)  # landscape, asymmetric
+    Image.fromarray(pixels).save(tmp_path / "upright.png")
+    save_sideways(tmp_path / "upright.png", tmp_path / "phone.png")
+    assert np.array_equal(np.asarray(load_rgb(str(tmp_path / "phone.png"))), pixels)
+    # a JPEG, as phones write them: upright size, also when only checked (decoded at 1/8 scale)
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert load_rgb(str(tmp_path / "phone.jpg")).size == (44, 30)
+    assert load_rgb(str(tmp_path / "phone.jpg"), draft=True).size == (6, 4)
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_train_val_and_test_see_a_sideways_photo_as_its_upright_pixels(tmp_path, cache):
+    upright = make_image_folder(tmp_path / "upright", n_train=5, n_test=2)
+    phone = sideways_copy(
+        upright, tmp_path / "phone", [f"train/{n}/{n}_{i:03d}.png" for n in ("cat", "dog") for i in range(5)]
+    )
+    save_sideways(upright / "test/cat/cat_000.png", phone / "test/cat/cat_000.png")
+    a = _datamodule(upright, augment=False, cache=cache)
+    b = _datamodule(phone, augment=False, cache=cache)
+    for split in ("train_set", "val_set", "test_set"):
+        first, second = getattr(a, split), getattr(b, split)
+        assert len(first) == len(second) > 0
+        for i in range(len(first)):
+            assert torch.equal(first[i][0], second[i][0]), (split, i)
+
+
+def test_predict_and_the_onnx_snippet_score_a_sideways_photo_as_its_upright_pixels(tmp_path_factory, tmp_path):
+    run = trained_run(tmp_path_factory)
+    upright = tmp_path / "photos"
+    upright.mkdir()
+    shutil.copy(run["root"] / "test/cat/cat_000.png", upright / "a.png")
+    save_sideways(upright / "a.png", upright / "b.png")
+    rows = predict(predict_config(run["best_checkpoint"], upright, tmp_path / "predict"))
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png"]
+    assert [r["cat"] for r in rows] == pytest.approx([rows[0]["cat"]] * 2, abs=1e-6)
+
+    needs_onnx()
+
+    model = export(export_config(run["best_checkpoint"], tmp_path / "onnx", "format=onnx"))
+    assert (
+        "EXIF orientation applied"
+        in json.loads(model.with_name(model.name + ".json").read_text())["input"]["preprocessing"]
+    )
+    snippet = tmp_path / "use_onnx.py"
+    snippet.write_text(readme_snippet())
+    command = [
+        sys.executable,
+        "-I",
+        "-c",
+        SANDBOX,
+        str(snippet),
+        str(model),
+        str(upright / "a.png"),
+        str(upright / "b.png"),
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines()]
+    assert printed[0]["probabilities"]["cat"] == pytest.approx(printed[1]["probabilities"]["cat"], abs=1e-5)
+    assert printed[0]["probabilities"]["cat"] == pytest.approx(rows[0]["cat"], abs=1e-4)
