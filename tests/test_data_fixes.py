@@ -16,10 +16,13 @@ from PIL import Image
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.folders import load_rgb
+from finetune.errors import SettingError
 from finetune.export import export
 from finetune.predict import predict
+from finetune.run import check_output_outside_data
+from finetune.train import train
 
-from .conftest import make_image_folder
+from .conftest import compose_config, make_image_folder, tiny_overrides
 from .inference import predict_config, trained_run
 from .test_export import SANDBOX, export_config, needs_onnx, readme_snippet
 
@@ -117,3 +120,64 @@ def test_predict_and_the_onnx_snippet_score_a_sideways_photo_as_its_upright_pixe
     printed = [json.loads(line) for line in done.stdout.splitlines()]
     assert printed[0]["probabilities"]["cat"] == pytest.approx(printed[1]["probabilities"]["cat"], abs=1e-5)
     assert printed[0]["probabilities"]["cat"] == pytest.approx(rows[0]["cat"], abs=1e-4)
+
+
+# --- run folders inside the data -----------------------------------------------------------------------------------
+def fake_run_folder(folder: Path, marker: str = "results.json") -> Path:
+    """What a run leaves: its marker file (or .hydra/), and figures that look like images."""
+    folder.mkdir(parents=True)
+    if marker == ".hydra":
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "overrides.yaml").write_text("[]\n")
+    else:
+        (folder / marker).write_text("{}")
+    Image.new("RGB", (40, 30), "white").save(folder / "confusion_matrix.png")
+    (folder / "checkpoints").mkdir()
+    Image.new("RGB", (40, 30), "black").save(folder / "checkpoints" / "looks_like_an_image.png")
+    return folder
+
+
+def test_a_run_folder_inside_the_data_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=2)
+    clean = _datamodule(root)
+    inside = fake_run_folder(root / "train" / "cat" / "run1")
+    beside = fake_run_folder(root / "train" / "run2", marker=".hydra")  # hydra.run.dir=D/train/run2
+    tested = fake_run_folder(root / "test" / "dog" / "eval", marker="eval_results.json")
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):
+        dm = _datamodule(root)
+    assert dm.classes == ["cat", "dog"]
+    for split in ("train_set", "val_set", "test_set"):
+        assert len(getattr(dm, split)) == len(getattr(clean, split))
+    samples = dm.test_set.samples + dm.train_set.dataset.samples
+    assert not [path for path, _ in samples if Path(path).name in ("confusion_matrix.png", "looks_like_an_image.png")]
+    warned = " ".join(r.getMessage() for r in caplog.records if "run folder" in r.getMessage())
+    for folder in (inside, beside, tested):
+        assert str(folder) in warned
+
+
+def test_the_run_folder_markers_are_the_names_run_folders_use():
+    from finetune.data.folders import RUN_FOLDER_MARKERS
+    from finetune.harness import run_folder
+
+    assert set(RUN_FOLDER_MARKERS) == {run_folder.HYDRA, run_folder.CLAIM, run_folder.RESULTS, run_folder.EVAL_RESULTS}
+
+
+@pytest.mark.parametrize("where", ["train/cat/run1", "test/run1", "train"])
+def test_a_run_whose_folder_is_inside_the_data_is_refused_naming_the_settings(tmp_path, where):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=2)
+    output = root / where
+    cfg = compose_config(["trainer.max_epochs=1", *tiny_overrides(root, output)])
+    with pytest.raises(SettingError) as refused:
+        train(cfg)
+    message = str(refused.value)
+    assert "hydra.run.dir / paths.output_dir" in message and f"data.root={str(root)!r}" in message
+    assert str(output) in message
+    # beside train/ and test/ is fine, as is a relative data.root resolved to the same folder
+    check_output_outside_data(compose_config(tiny_overrides(root, root / "runs" / "one")), _datamodule(root))
+
+
+def test_evaluating_a_plain_class_folder_refuses_a_run_folder_inside_it(tmp_path):
+    root = make_image_folder(tmp_path / "photos", n_train=0, n_test=2) / "test"
+    dm = ImageFolderDataModule(root, num_workers=0, image_size=32, resize_size=36, test_only=True)
+    with pytest.raises(SettingError, match="inside"):
+        check_output_outside_data(compose_config(tiny_overrides(root, root / "cat" / "eval")), dm)

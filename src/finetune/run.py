@@ -8,6 +8,7 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import is_timm, preprocessing
+from finetune.errors import SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
@@ -69,7 +71,28 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled}, test_only=test_only)
     datamodule = instantiate(cfg.data, **filled, **({"test_only": True} if test_only else {}), _convert_="all")
     datamodule.prepare_data()
+    check_output_outside_data(cfg, datamodule)
     return datamodule
+
+
+def check_output_outside_data(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Refuse a run folder inside the folders the data is read from (``hydra.run.dir=D/train/hot_dog/run1``): its
+    ``confusion_matrix.png`` and the like would be images of a class to the next run."""
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    folders = getattr(datamodule, "data_folders", None)
+    if not output_dir or folders is None:
+        return
+    output = Path(os.path.abspath(os.path.expanduser(str(output_dir)))).resolve()
+    root = str(OmegaConf.select(cfg, "data.root", default=""))
+    for folder in folders():
+        data = Path(os.path.abspath(folder)).resolve()
+        if output.is_relative_to(data):
+            raise SettingError(
+                f"The run folder {str(output_dir)!r} (hydra.run.dir / paths.output_dir) is inside {str(folder)!r}, "
+                f"which data.root={root!r} reads its class folders from: the run's figures, logs and checkpoints "
+                "would be read as images by the next run. Put the run folder outside data.root's "
+                "train/ and test/ (leave hydra.run.dir unset and runs go to paths.log_dir/runs/)."
+            )
 
 
 def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:

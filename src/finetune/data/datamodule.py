@@ -29,8 +29,8 @@ from finetune.data.download import download_and_extract
 from finetune.data.folders import (
     check_split,
     corrupt_images,
+    evaluation_folder,
     fold_split,
-    is_image_file,
     load_rgb,
     preview,
     printable,
@@ -51,6 +51,18 @@ from finetune.errors import DataError, PathError, describe_path
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
+
+
+class ScannedImageFolder(ImageFolder):
+    """``ImageFolder`` over the class folders the scan found and the images it kept: a run's output folder inside the
+    data (skipped by the scan) is neither a class nor a source of images."""
+
+    def __init__(self, root: Path, classes: Sequence[str], transform, is_valid_file) -> None:
+        self._scanned_classes = list(classes)
+        super().__init__(str(root), transform, loader=load_rgb, is_valid_file=is_valid_file)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._scanned_classes, {name: index for index, name in enumerate(self._scanned_classes)}
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -196,6 +208,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"{layout} (for example data.root=/data/hotdog)."
             )
 
+    def data_folders(self) -> list[Path]:
+        """The folders whose class folders this module reads: ``train/`` and ``test/`` (``test_only``: the folder
+        scored). A run that wrote inside one would have its figures read as images by the next run."""
+        if self.test_only:
+            return [evaluation_folder(self.root)]
+        return [self.root / "train", self.root / "test"]
+
     def eval_transform(self) -> v2.Compose:
         """The val/test transform, built from :attr:`preprocessing` (which checkpoints record)."""
         return self.preprocessing.transform()
@@ -215,8 +234,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if stage in ("fit", "validate", None) and self.train_set is None and not self.test_only:
             keep = self._usable_images("train")
             self._usable_images("test")  # a corrupt test image must stop the run now, not after training
-            augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
-            plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
+            augmented = self._folder("train", train_tf, keep)
+            plain = self._folder("train", eval_tf, keep)
             self.classes = augmented.classes
             train_idx, val_idx = self._split(augmented.targets, augmented.classes)
             check_split(augmented, train_idx, val_idx, hp.val_fraction)
@@ -234,7 +253,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if stage in ("test", "predict", None) and self.test_set is None:
             keep = self._usable_images("test")
             test_tf = self.preprocessing.views(self.test_views)
-            self.test_set = ImageFolder(self._split_dir("test"), test_tf, loader=load_rgb, is_valid_file=keep)
+            self.test_set = self._folder("test", test_tf, keep)
             self.classes = self.test_set.classes
             if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
@@ -342,11 +361,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
         return self._layout
 
+    def _folder(self, split: str, transform, keep) -> ScannedImageFolder:
+        return ScannedImageFolder(self._split_dir(split), sorted(self._scan()[split]), transform, keep)
+
     def _usable_images(self, split: str):
-        """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
+        """The ``is_valid_file`` test for ``split``: an image the scan found (not in a run folder) that decodes,
+        checked once for the whole split."""
         if split not in self._corrupt:
             hp, by_class = self.hparams, self._scan()[split]
             split_dir = self._split_dir(split)
             self._corrupt[split] = corrupt_images(split_dir, by_class, hp.verify_images, hp.skip_corrupt)
         corrupt = self._corrupt[split]
-        return lambda path: is_image_file(path) and path not in corrupt
+        usable = {path for images in self._scan()[split].values() for path in images if path not in corrupt}
+        return usable.__contains__

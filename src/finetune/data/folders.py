@@ -26,6 +26,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ORIENTATION_TAG = 0x0112
 _TURNING_ORIENTATIONS = range(2, 9)
 _SWAPPING_ORIENTATIONS = range(5, 9)
+# What marks a run's folder (finetune.harness.run_folder spells these; the data code does not import the harness):
+# a run written inside the data (hydra.run.dir=D/train/hot_dog/run1) is skipped, never read as images of a class.
+RUN_FOLDER_MARKERS = (".hydra", ".claim", "results.json", "eval_results.json")
 # Modes whose 8-bit meaning is clear: PIL's own conversion to RGB (alpha is dropped, as ImageFolder does).
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
@@ -148,7 +151,19 @@ def _scan_classes(split_dir: Path, layout: str, others: list[str], delete_from: 
 
     ``layout`` is how the class folders are spelled in messages (``"train/"``, or ``""`` for ``<class>/``).
     """
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    runs: list[str] = []  # run folders found among the class folders or inside them: skipped
+    classes = []
+    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
+        if entry.is_dir():
+            if is_run_folder(entry.path):
+                runs.append(entry.path)
+            else:
+                classes.append(entry.name)
+    if not classes and runs:
+        raise DataError(
+            f"{str(split_dir)!r} holds no class folders, only the output of earlier runs ({preview(runs)}). Move "
+            f"those run folders out of the data, and put each class's images in {layout}<class>/<image>."
+        )
     if not classes:
         loose = sorted(entry.name for entry in os.scandir(split_dir))
         raise DataError(
@@ -158,7 +173,7 @@ def _scan_classes(split_dir: Path, layout: str, others: list[str], delete_from: 
     found: dict[str, list[str]] = {}
     for name in classes:
         images = []
-        for folder, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+        for folder, files in _walk(os.path.join(split_dir, name), runs):
             for file in sorted(files):
                 path = os.path.join(folder, file)  # the same string ImageFolder builds
                 (images if is_image_file(path) else others).append(path)
@@ -168,7 +183,33 @@ def _scan_classes(split_dir: Path, layout: str, others: list[str], delete_from: 
                 f"{', '.join(IMG_EXTENSIONS)}). Add its images, or delete the folder from {delete_from}."
             )
         found[name] = images
+    if runs:
+        log.warning(
+            "Skipping %d run folder(s) inside the data, whose figures would otherwise be read as images of a "
+            "class: %s. Move them out of data.root (runs go to paths.log_dir/runs/ unless hydra.run.dir says "
+            "otherwise).",
+            len(runs),
+            preview(runs),
+        )
     return found
+
+
+def _walk(top: str, runs: list[str]) -> list[tuple[str, list[str]]]:
+    """``(folder, files)`` of ``sorted(os.walk(top))`` (ImageFolder's order, links followed), without the run
+    folders inside (added to ``runs``): their checkpoints, figures and logs are not images of the class."""
+    walked = []
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        if is_run_folder(folder):
+            runs.append(folder)
+            subfolders.clear()
+            continue
+        walked.append((folder, files))
+    return sorted(walked)
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a run's output (it holds :data:`RUN_FOLDER_MARKERS`), not a folder of images."""
+    return any(os.path.lexists(os.path.join(folder, marker)) for marker in RUN_FOLDER_MARKERS)
 
 
 def find_corrupt_images(paths: Sequence[str], workers: int | None = None) -> dict[str, str]:
