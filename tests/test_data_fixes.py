@@ -4,6 +4,7 @@ leaked images, training without a test split, and the folds advice for a tiny cl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import ImageFolderDataModule
+from finetune.data import ImageFolderDataModule, folders
 from finetune.data.folders import load_rgb
-from finetune.errors import SettingError
+from finetune.errors import DataError, SettingError
 from finetune.export import export
+from finetune.harness.settings import check_data_settings
 from finetune.predict import predict
 from finetune.run import check_output_outside_data
 from finetune.train import train
@@ -181,3 +183,63 @@ def test_evaluating_a_plain_class_folder_refuses_a_run_folder_inside_it(tmp_path
     dm = ImageFolderDataModule(root, num_workers=0, image_size=32, resize_size=36, test_only=True)
     with pytest.raises(SettingError, match="inside"):
         check_output_outside_data(compose_config(tiny_overrides(root, root / "cat" / "eval")), dm)
+
+
+# --- duplicate and leaked images ---------------------------------------------------------------------------------
+def warnings_of(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_test_image_copied_into_train_and_an_image_in_two_classes_are_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=2)
+    shutil.copy(root / "test/cat/cat_000.png", root / "train/cat/leaked.png")
+    shutil.copy(root / "train/cat/cat_001.png", root / "train/dog/mislabelled.png")
+    shutil.copy(root / "train/dog/dog_002.png", root / "train/dog/again.png")
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):
+        _datamodule(root)  # data.duplicates=warn: the run goes on
+    said = warnings_of(caplog)
+    assert "1 test image(s) are byte-identical copies of training images" in said
+    assert "test/cat/cat_000.png == train/cat/leaked.png" in said
+    assert "1 image(s) are in more than one class" in said
+    assert "train/cat/cat_001.png == train/dog/mislabelled.png" in said
+    assert "stored more than once in the same class" in said and "train/dog/again.png == train/dog/dog_002.png" in said
+
+    with pytest.raises(DataError) as refused:
+        _datamodule(root, duplicates="refuse")
+    for listing in (
+        "test/cat/cat_000.png == train/cat/leaked.png",
+        "train/cat/cat_001.png == train/dog/mislabelled.png",
+    ):
+        assert listing in str(refused.value)
+    assert "data.duplicates=warn" in str(refused.value)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):
+        _datamodule(root, duplicates="ignore")
+    assert "byte-identical" not in warnings_of(caplog)
+
+
+def test_a_clean_folder_says_nothing_and_only_files_of_a_shared_size_are_read(tmp_path, caplog, monkeypatch):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=2)
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):
+        _datamodule(root, duplicates="refuse")
+    assert "byte-identical" not in warnings_of(caplog) and "more than once" not in warnings_of(caplog)
+
+    (root / "train/cat/big.png").write_bytes((root / "train/cat/cat_000.png").read_bytes() + b"\0" * 100_000)
+    same_size = bytearray((root / "train/cat/cat_000.png").read_bytes())
+    same_size[-1] ^= 1  # the same size, other bytes: read, and not a duplicate
+    (root / "test/dog/same_size.png").write_bytes(bytes(same_size))
+    hashed = []
+    real = folders.file_digest
+    monkeypatch.setattr(folders, "file_digest", lambda path, algorithm: hashed.append(path) or real(path, algorithm))
+    layout, _ = folders.scan_image_folder(root)
+    assert folders.find_duplicates(layout) == []
+    sizes = [p.stat().st_size for p in root.rglob("*.png")]
+    assert all(sizes.count(os.path.getsize(path)) > 1 for path in hashed)
+    assert str(root / "train/cat/big.png") not in hashed
+    assert {str(root / "train/cat/cat_000.png"), str(root / "test/dog/same_size.png")} <= set(hashed)
+
+
+def test_an_unknown_duplicates_setting_is_refused():
+    with pytest.raises(SettingError, match=r"data.duplicates must be one of warn, refuse, ignore"):
+        check_data_settings({"root": "x", "duplicates": "maybe"})

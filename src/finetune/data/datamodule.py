@@ -30,10 +30,12 @@ from finetune.data.folders import (
     check_split,
     corrupt_images,
     evaluation_folder,
+    find_duplicates,
     fold_split,
     load_rgb,
     preview,
     printable,
+    report_duplicates,
     scan_image_folder,
     scan_test_folder,
     stratified_split,
@@ -72,6 +74,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
     A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
+    ``duplicates``: byte-identical images in train and test, or in two classes, are named in a warning (``"warn"``),
+    stop ``setup()`` (``"refuse"``), or are not looked for (``"ignore"``); copies within a class are a warning.
     ``augment=False`` trains on the eval transform; ``augment="trivial"|"randaugment"|"autoaugment"`` adds that
     torchvision policy after the book's crop and flip, ``random_erasing=p`` erases a random patch with probability p
     (both on the loader path only). ``cache="memory"|"disk"`` decodes every image once (see
@@ -121,6 +125,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         crop_scale: Sequence[float] = CROP_SCALE,
         eval_resize: str = "square",
         random_erasing: float = 0.0,
+        duplicates: str = "warn",
         test_only: bool = False,
     ) -> None:
         super().__init__()
@@ -144,6 +149,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_eval_set: Dataset | None = None
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
+        self._duplicates_checked = False
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
         # Test-time views of the test split (finetune.evaluate tta=...): see Preprocessing.views.
         self.test_views = "none"
@@ -227,6 +233,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        self._check_duplicates()
         eval_tf = self.eval_transform()
         train_tf = self.train_transform() if self.augment else eval_tf
         if self.augments_on_device:
@@ -360,6 +367,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
                     preview([os.path.relpath(p, self.root) for p in others]),
                 )
         return self._layout
+
+    def _check_duplicates(self) -> None:
+        """Byte-identical images across the splits and classes read (``data.duplicates``), once."""
+        if not self._duplicates_checked:
+            policy = self.hparams.get("duplicates", "warn")
+            if policy != "ignore":
+                report_duplicates(find_duplicates(self._scan()), self.root, policy)
+            self._duplicates_checked = True
 
     def _folder(self, split: str, transform, keep) -> ScannedImageFolder:
         return ScannedImageFolder(self._split_dir(split), sorted(self._scan()[split]), transform, keep)

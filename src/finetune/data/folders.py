@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.data.download import file_digest
 from finetune.errors import DataError, PathError
 from finetune.progress import track
 
@@ -29,6 +31,8 @@ _SWAPPING_ORIENTATIONS = range(5, 9)
 # What marks a run's folder (finetune.harness.run_folder spells these; the data code does not import the harness):
 # a run written inside the data (hydra.run.dir=D/train/hot_dog/run1) is skipped, never read as images of a class.
 RUN_FOLDER_MARKERS = (".hydra", ".claim", "results.json", "eval_results.json")
+# data.duplicates: what byte-identical images across train/test or across classes do (within a class: a warning).
+DUPLICATES = ("warn", "refuse", "ignore")
 # Modes whose 8-bit meaning is clear: PIL's own conversion to RGB (alpha is dropped, as ImageFolder does).
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
@@ -245,6 +249,81 @@ def corrupt_images(split_dir: Path, by_class: dict[str, list[str]], verify: bool
             raise DataError(f"Every image of class(es) {emptied} in {str(split_dir)!r} is corrupt.")
         log.warning("Skipping %d corrupt or truncated image(s) (data.skip_corrupt=true): %s", len(corrupt), listing)
     return corrupt
+
+
+def find_duplicates(
+    layout: dict[str, dict[str, list[str]]], workers: int | None = None
+) -> list[list[tuple[str, str, str]]]:
+    """Groups of byte-identical images in ``{split: {class: [paths]}}``, each a sorted list of ``(split, class,
+    path)``. Only files that share their size with another are read (and hashed), so a folder of distinct photos
+    costs one ``stat`` per file."""
+    by_size: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
+    for split, classes in layout.items():
+        for name, paths in classes.items():
+            for path in paths:
+                try:
+                    by_size[os.path.getsize(path)].append((split, name, path))
+                except OSError:
+                    continue  # gone or unreadable: the image check names it
+    candidates = [entry for same_size in by_size.values() if len(same_size) > 1 for entry in same_size]
+    if not candidates:
+        return []
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(_content_digest, [path for _, _, path in candidates]))
+    same: dict[tuple[int, str], list[tuple[str, str, str]]] = defaultdict(list)
+    for entry, digest in zip(candidates, digests, strict=True):
+        if digest is not None:
+            same[(os.path.getsize(entry[2]), digest)].append(entry)
+    return sorted(sorted(group) for group in same.values() if len(group) > 1)
+
+
+def _content_digest(path: str) -> str | None:
+    try:
+        return file_digest(path, "sha1")
+    except OSError:
+        return None
+
+
+def report_duplicates(groups: list[list[tuple[str, str, str]]], root: Path, policy: str) -> None:
+    """Warn about byte-identical images, naming the files (relative to ``root``); with ``policy="refuse"``
+    (``data.duplicates``) a test image that is also in train, or an image in two classes, is an error instead.
+
+    A copy within one class (same split) is only ever a warning: it counts twice, and in train its copies can land
+    on both sides of the train/val split.
+    """
+    if policy == "ignore" or not groups:
+        return
+    conflicts, leaks, repeats = [], [], []
+    for group in groups:
+        splits, classes = {split for split, _, _ in group}, {name for _, name, _ in group}
+        listing = " == ".join(os.path.relpath(path, root) for _, _, path in group)
+        (conflicts if len(classes) > 1 else leaks if len(splits) > 1 else repeats).append(listing)
+    problems = []
+    if leaks:
+        problems.append(
+            f"{len(leaks)} test image(s) are byte-identical copies of training images, so the test score is "
+            f"partly measured on images the model trained on: {preview(leaks, limit=10, sep='; ')}."
+        )
+    if conflicts:
+        problems.append(
+            f"{len(conflicts)} image(s) are in more than one class (the same file under different labels): "
+            f"{preview(conflicts, limit=10, sep='; ')}."
+        )
+    if problems and policy == "refuse":
+        raise DataError(
+            f"Duplicate images in {printable(root)!r}: {' '.join(problems)} Delete the copies that do not belong "
+            "(each image in one class of one split), or set data.duplicates=warn to go on with a warning."
+        )
+    for problem in problems:
+        log.warning("%s Delete the copies that do not belong (data.duplicates=refuse makes this an error).", problem)
+    if repeats:
+        log.warning(
+            "%d image(s) are stored more than once in the same class (they count twice, and in train the copies can "
+            "land in both the training and the validation split): %s.",
+            len(repeats),
+            preview(repeats, limit=10, sep="; "),
+        )
 
 
 def check_split(folder, train_idx: list[int], val_idx: list[int], val_fraction: float) -> None:
