@@ -17,7 +17,7 @@ from PIL import Image
 
 from finetune.data import ImageFolderDataModule, folders
 from finetune.data.folders import load_rgb
-from finetune.errors import DataError, SettingError
+from finetune.errors import DataError, PathError, SettingError
 from finetune.export import export
 from finetune.harness.settings import check_data_settings
 from finetune.predict import predict
@@ -243,3 +243,20 @@ def test_a_clean_folder_says_nothing_and_only_files_of_a_shared_size_are_read(tm
 def test_an_unknown_duplicates_setting_is_refused():
     with pytest.raises(SettingError, match=r"data.duplicates must be one of warn, refuse, ignore"):
         check_data_settings({"root": "x", "duplicates": "maybe"})
+
+
+# --- training without a test split -------------------------------------------------------------------------------
+def test_a_run_that_never_tests_trains_on_a_folder_without_test(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=1)
+    shutil.rmtree(root / "test")
+    overrides = ["trainer.max_epochs=1", *tiny_overrides(root, tmp_path / "run")]
+    results = train(compose_config(["test_after_fit=false", *overrides]))
+    assert results["status"] == "completed", results.get("error")
+    assert results["best_checkpoint"] and "test/acc" not in {k for k, v in results.items() if v is not None}
+
+    with pytest.raises(PathError, match=r"has no test/ folder .*test_after_fit=false"):
+        train(compose_config(tiny_overrides(root, tmp_path / "tested")))
+    dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.2, image_size=32, require_test=False)
+    dm.setup("fit")
+    with pytest.raises(PathError, match="has no test/ folder to test on"):
+        dm.setup("test")

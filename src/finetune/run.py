@@ -61,7 +61,7 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     """The image DataModule, with its data fetched (the head's size depends on the class folders).
 
     ``test_only`` (evaluation): only the images scored are needed (``test/<class>/`` or ``<class>/``), and the
-    train/val settings are ignored, not checked.
+    train/val settings are ignored, not checked. A training run with ``test_after_fit=false`` needs no ``test/``.
 
     With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
     ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
@@ -69,7 +69,10 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     """
     filled = backbone_preprocessing(cfg, backbone)
     check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled}, test_only=test_only)
-    datamodule = instantiate(cfg.data, **filled, **({"test_only": True} if test_only else {}), _convert_="all")
+    how = {"test_only": True} if test_only else {}
+    if not test_only and cfg.get("test_after_fit", True) is False:
+        how["require_test"] = False  # a run that never tests needs no test/ folder
+    datamodule = instantiate(cfg.data, **filled, **how, _convert_="all")
     datamodule.prepare_data()
     check_output_outside_data(cfg, datamodule)
     return datamodule

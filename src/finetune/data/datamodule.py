@@ -97,6 +97,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``test_only=True`` (what ``finetune.evaluate`` builds): only the images that are scored are needed, in
     ``root/test/<class>/`` or, without a ``test/`` folder, ``root/<class>/``; no ``train/`` folder, and the
     train/val settings (``val_fraction``, ``folds``, augmentation) are not used.
+    ``require_test=False`` (a run that never tests: ``test_after_fit=false``): ``root`` may lack ``test/``.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         random_erasing: float = 0.0,
         duplicates: str = "warn",
         test_only: bool = False,
+        require_test: bool = True,
     ) -> None:
         super().__init__()
         root = os.path.expanduser(root)  # data.root=~/photos
@@ -136,8 +138,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         interpolation = interpolation or "bilinear"
         if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
             crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
-        self.save_hyperparameters(ignore=["test_only"])  # the values in effect, so a checkpoint records them
+        # the values in effect, so a checkpoint records them (test_only, require_test: how a run uses the data)
+        self.save_hyperparameters(ignore=["test_only", "require_test"])
         self.test_only = test_only
+        self.require_test = require_test
         self._test_dir: Path | None = None  # test_only: root/test or root, once scanned
         self.augment = augment
         # The eval preprocessing, once: val/test transforms, the eval cache and checkpoints all derive from it.
@@ -240,7 +244,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
         if stage in ("fit", "validate", None) and self.train_set is None and not self.test_only:
             keep = self._usable_images("train")
-            self._usable_images("test")  # a corrupt test image must stop the run now, not after training
+            if "test" in self._scan():
+                self._usable_images("test")  # a corrupt test image must stop the run now, not after training
             augmented = self._folder("train", train_tf, keep)
             plain = self._folder("train", eval_tf, keep)
             self.classes = augmented.classes
@@ -258,6 +263,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
+            if "test" not in self._scan():
+                if stage is None:
+                    return
+                raise PathError(
+                    f"{str(self.root)!r} has no test/ folder to {stage} on (this run was set up without one: "
+                    "test_after_fit=false). Add test/<class>/<image> folders, or evaluate another folder."
+                )
             keep = self._usable_images("test")
             test_tf = self.preprocessing.views(self.test_views)
             self.test_set = self._folder("test", test_tf, keep)
@@ -357,7 +369,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 by_class, others, self._test_dir = scan_test_folder(self.root)
                 self._layout = {"test": by_class}
             else:
-                self._layout, others = scan_image_folder(self.root)
+                self._layout, others = scan_image_folder(self.root, require_test=self.require_test)
             if others:
                 log.warning(
                     "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",

@@ -103,24 +103,29 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
-def scan_image_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+def scan_image_folder(root: Path, require_test: bool = True) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
     """``{split: {class: [image paths]}}`` for ``train`` and ``test``, and the non-image files found beside them.
 
     Raises with the folder to fix when a split is missing, holds no class folders, has a class folder without
-    images, or when train and test do not have the same classes.
+    images, or when train and test do not have the same classes. ``require_test=False`` (a run that never tests):
+    a missing ``test/`` is fine, and the result has ``train`` alone; a ``test/`` that is there is still checked.
     """
     found: dict[str, dict[str, list[str]]] = {}
     others: list[str] = []
     for split in ("train", "test"):
         split_dir = root / split
+        if split == "test" and not require_test and not split_dir.exists():
+            break
         if not split_dir.is_dir():
             kind = "a file, not a folder" if split_dir.exists() else "missing"
+            without_test = " (or train without a test split: test_after_fit=false)" if split == "test" else ""
             raise PathError(
                 f"{str(root)!r} has no {split}/ folder ({split}/ is {kind}). The dataset folder must hold "
-                f"train/<class>/ and test/<class>/ image folders; found {sorted(p.name for p in root.iterdir())}."
+                f"train/<class>/ and test/<class>/ image folders{without_test}; found "
+                f"{sorted(p.name for p in root.iterdir())}."
             )
         found[split] = _scan_classes(split_dir, f"{split}/", others, "both train/ and test/")
-    if sorted(found["train"]) != sorted(found["test"]):
+    if "test" in found and sorted(found["train"]) != sorted(found["test"]):
         raise DataError(
             f"Train and test classes differ in {str(root)!r}: train {sorted(found['train'])}, "
             f"test {sorted(found['test'])}. Both splits need the same class folders."
