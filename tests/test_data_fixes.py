@@ -260,3 +260,22 @@ def test_a_run_that_never_tests_trains_on_a_folder_without_test(tmp_path):
     dm.setup("fit")
     with pytest.raises(PathError, match="has no test/ folder to test on"):
         dm.setup("test")
+
+
+# --- the folds advice ------------------------------------------------------------------------------------------
+def test_the_folds_advice_for_a_small_class_is_one_that_works(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_train=4, n_test=1)
+    for extra in ("cat_001.png", "cat_002.png", "cat_003.png"):
+        (root / "train/cat" / extra).unlink()  # cat: 1 training image
+    with pytest.raises(DataError) as refused:
+        _datamodule(root, folds=3, fold=0)
+    message = str(refused.value)
+    assert "('cat': 1 training image(s))" in message and "data.folds <=" not in message
+    assert "at least 2 images in each class" in message and "add images to 'cat'" in message
+    with pytest.raises(SettingError, match="data.folds must be an integer >= 2"):
+        check_data_settings({"root": str(root), "folds": 1, "fold": 0})  # what "folds <= 1" would have led to
+
+    Image.new("RGB", (40, 36), (200, 20, 20)).save(root / "train/cat/cat_001.png")  # cat: 2 training images
+    with pytest.raises(DataError, match=r"Use data.folds between 2 and 2, or add images"):
+        _datamodule(root, folds=3, fold=0)
+    assert len(_datamodule(root, folds=2, fold=1).val_set) > 0  # the advice works

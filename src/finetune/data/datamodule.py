@@ -166,9 +166,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         sizes = {name: targets.count(index) for index, name in enumerate(classes)}
         smallest = min(sizes, key=sizes.get)
         if sizes[smallest] < hp.folds:
+            if sizes[smallest] >= 2:
+                advice = f"Use data.folds between 2 and {sizes[smallest]}, or add images to that class."
+            else:  # no number of folds (they start at 2), nor a held-out fraction, can split a 1-image class
+                advice = (
+                    f"Every validation split needs at least 2 images in each class (one to train on, one to "
+                    f"validate): add images to {smallest!r}, or leave the class out."
+                )
             raise DataError(
                 f"data.folds={hp.folds} is larger than the smallest class ({smallest!r}: {sizes[smallest]} training "
-                f"images): some folds would validate without that class. Use data.folds <= {sizes[smallest]}."
+                f"image(s)): some folds would validate without that class. {advice}"
             )
         return fold_split(targets, hp.folds, hp.fold, hp.split_seed)
 
