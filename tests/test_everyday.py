@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from finetune.evaluate import evaluate
 from finetune.predict import predict
 
-from .conftest import make_image_folder
+from .conftest import REPO, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
 from .inference import eval_config, predict_config, trained_run
 
 
@@ -57,3 +59,43 @@ def test_predict_reads_a_folder_of_test_images_alone(run, tmp_path, plain):
     assert len(rows) == 8 and not any(row["error"] for row in rows)
     assert {Path(row["path"]).parent.name for row in rows} == {"cat", "dog"}
     assert (tmp_path / "pred" / "predictions.csv").is_file()
+
+
+# --- a user's mistake ends in one line and exit code 2; a bug keeps its traceback ----------------------------------
+
+
+def test_a_user_error_is_one_line_on_stderr_with_exit_code_2_and_is_recorded(tmp_path):
+    a_file = tmp_path / "photos.zip"
+    a_file.write_bytes(b"not a folder")
+    out = tmp_path / "run"
+    args = [*without(tiny_overrides(a_file, out), "paths.output_dir"), f"hydra.run.dir={out}", "trainer.max_epochs=1"]
+    done = run_cli(args, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "is a file, not a folder" in errors[0] and "data.root" in errors[0]
+    assert errors[0] in (out / "train.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "is a file, not a folder" in results["error"]
+
+
+def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):
+    env = {**cli_env(), "HYDRA_FULL_ERROR": "1"}
+    args = [*tiny_overrides(tmp_path / "missing", tmp_path / "run"), "trainer.max_epochs=1"]
+    done = subprocess.run(cli_command(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "PathError" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("finetune.evaluate", ["ckpt_path={ckpt}", "data=folder", "data.root={missing}"]),
+        ("finetune.predict", ["ckpt_path={ckpt}", "inputs={missing}"]),
+        ("finetune.export", ["ckpt_path={missing}/model.ckpt"]),
+    ],
+)
+def test_every_entry_point_ends_a_user_error_with_exit_code_2(run, tmp_path, module, args):
+    filled = [a.format(ckpt=run["best_checkpoint"], missing=tmp_path / "missing") for a in args]
+    done = run_cli([*filled, f"hydra.run.dir={tmp_path / 'out'}"], check=False, module=module)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("Error: ") == 1

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.harness.run_folder import RunFolder
@@ -143,6 +144,7 @@ def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@ends_user_errors_cleanly
 def hydra_main(cfg: DictConfig) -> float | None:
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
     with job_scope():  # DDP ranks start from this job (multiruns included), and leave nothing behind
