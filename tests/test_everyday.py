@@ -99,3 +99,32 @@ def test_every_entry_point_ends_a_user_error_with_exit_code_2(run, tmp_path, mod
     done = run_cli([*filled, f"hydra.run.dir={tmp_path / 'out'}"], check=False, module=module)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stderr.count("Error: ") == 1
+
+
+# --- progress in logs -----------------------------------------------------------------------------------------------
+
+
+def test_a_run_without_a_terminal_logs_one_line_per_epoch(tmp_path, tiny_folder):
+    out = tmp_path / "run"
+    args = [*without(tiny_overrides(tiny_folder, out), "paths.output_dir"), f"hydra.run.dir={out}"]
+    done = run_cli([*args, "trainer.max_epochs=3", "trainer.enable_progress_bar=true"])  # stdout is a pipe
+    lines = [
+        line for line in (out / "train.log").read_text().splitlines() if "EpochSummary" in line or " epoch " in line
+    ]
+    summaries = [line for line in lines if "val/acc" in line and "ETA" in line]
+    assert [line.split("epoch ")[1].split()[0] for line in summaries] == ["1/3", "2/3", "3/3"]
+    assert all("train/loss" in line and "val/loss" in line and "best val/acc" in line for line in summaries)
+    assert sum("ETA" in line for line in done.stdout.splitlines()) == 3
+
+
+def test_the_epoch_line_says_the_best_so_far_and_the_eta():
+    from finetune.harness.epoch_log import EpochSummary
+
+    summary = EpochSummary(when="always")
+    summary.best, summary._seconds = 0.9, [30.0, 30.0]
+    line = summary.line(2, 20, {"train/loss": 0.5, "val/loss": 0.25, "val/acc": 0.875}, 30.0)
+    assert (
+        line == "epoch 2/20  train/loss 0.5000  val/loss 0.2500  val/acc 0.8750  best val/acc 0.9000  30.0 s  ETA 9m00s"
+    )
+    with pytest.raises(ValueError, match="callbacks.epoch_summary.when"):
+        EpochSummary(when="sometimes")
