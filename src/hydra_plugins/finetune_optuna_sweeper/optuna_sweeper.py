@@ -279,7 +279,7 @@ def check_same_study(study, space: dict[str, str], data: dict[str, Any]) -> None
     study that has none yet (a new one, or one from before they were recorded)."""
     name = study.study_name
     if study.trials:
-        for attr, current, what in ((SPACE_ATTR, space, "search space"), (DATA_ATTR, data, "data")):
+        for attr, current, what in ((SPACE_ATTR, space, "of another search space"), (DATA_ATTR, data, "on other data")):
             recorded = study.user_attrs.get(attr)
             if recorded is None:
                 log.warning("Study %r has no record of its %s: recording this invocation's", name, what)
@@ -291,7 +291,7 @@ def check_same_study(study, space: dict[str, str], data: dict[str, Any]) -> None
                     f"{key}: {show(recorded.get(key))} in the study, {show(current.get(key))} now" for key in changed
                 )
                 raise SearchError(
-                    f"Study {name!r} has {len(study.trials)} trial(s) of another {what} ({differences}). Its trials "
+                    f"Study {name!r} has {len(study.trials)} trial(s) {what} ({differences}). Its trials "
                     f"cannot be ranked with this search's: give a new study name (hydra.sweeper.study_name=NEW, which "
                     f"also gives a new folder under searches/) to start another study, or the study's own settings "
                     f"to continue it."
