@@ -314,6 +314,7 @@ def test_a_study_refuses_other_data_or_another_space_by_name_and_continues_uncha
         "CategoricalDistribution(choices=(1, 3)) now)" in refused.stderr
     )
     assert len(optuna.load_study(study_name="tiny_probe", storage=storage).trials) == 1  # nothing ran
+    assert OmegaConf.load(folder / "multirun.yaml").data.root == str(tiny_folder)  # nor was the record rewritten
     assert sorted(p.name.split("_")[0] for p in folder.iterdir() if p.is_dir()) == ["0", "1"]
 
     renamed = _probe_search(tmp_path, other, "hydra.sweeper.n_trials=1", study="tiny_probe_other")

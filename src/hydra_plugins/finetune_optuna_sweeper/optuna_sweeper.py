@@ -140,15 +140,15 @@ class OptunaSweeper(Sweeper):
         space, fixed = self.split_arguments(arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        job_config = self.hydra_context.config_loader.load_sweep_config(
+            master_config=self.config, sweep_overrides=fixed
+        )
         storage = s.storage or f"sqlite:///{(sweep_dir / STUDY_DB).resolve()}"
         study = optuna.create_study(
             study_name=s.study_name, storage=storage, direction=s.direction, load_if_exists=True
         )
-        job_config = self.hydra_context.config_loader.load_sweep_config(
-            master_config=self.config, sweep_overrides=fixed
-        )
         check_same_study(study, space_record(space), search_data(job_config, s.folds))
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # after the check: a refused rerun leaves it as it was
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             log.warning("Trial %d was left running by a stopped invocation: marked failed", trial.number)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
