@@ -278,21 +278,27 @@ def test_best_yaml_composes_exactly_the_best_trials_config_of_a_probe_search(tmp
     assert all(1e-3 <= t.params["optimizer.lr"] <= 1e-2 for t in study.trials)
     assert set(study.best_trial.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs"}
 
-    best = yaml.safe_load((folder / "best.yaml").read_text())
-    assert best["best_trial"] == study.best_trial.number
+    best = _assert_best_yaml_composes_the_best_trial(folder, study)
     composed = compose_with_hydra(best["overrides"])
     assert composed.hydra.runtime.choices.experiment == "frozen"  # the searched head on cached features, not a
     assert composed.model.freeze == "backbone" and composed.model.cache_features is True  # full fine-tune
-    task = OmegaConf.to_container(composed)
+    assert shlex.split(best["test_command"]) == [
+        "python", "-m", "finetune.train", *best["overrides"], "test_after_fit=true"
+    ]  # fmt: skip
+
+
+def _assert_best_yaml_composes_the_best_trial(folder: Path, study) -> dict:
+    """best.yaml's overrides compose the config of each of the best trial's jobs, less its fold selection."""
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["best_trial"] == study.best_trial.number
+    task = OmegaConf.to_container(compose_with_hydra(best["overrides"]))
     del task["hydra"]
     for fold in (0, 1):  # each fold's job ran this config, with its fold selected
         job = _job_config(folder, study.best_trial.user_attrs[f"job_{fold}"])
         assert (job["data"]["folds"], job["data"]["fold"]) == (2, fold)
         job["data"]["folds"] = job["data"]["fold"] = None
         assert task == job
-    assert shlex.split(best["test_command"]) == [
-        "python", "-m", "finetune.train", *best["overrides"], "test_after_fit=true"
-    ]  # fmt: skip
+    return best
 
 
 @pytest.mark.slow
@@ -319,6 +325,10 @@ def test_a_study_refuses_other_data_or_another_space_by_name_and_continues_uncha
 
     renamed = _probe_search(tmp_path, other, "hydra.sweeper.n_trials=1", study="tiny_probe_other")
     assert renamed.returncode == 0, renamed.stderr[-3000:]  # a new study name: a new study on the other data
-    again = _probe_search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=2")  # unchanged: continued
+    # The same space and data: continued, though a setting outside the data changed (not part of the study's record)
+    again = _probe_search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=2", "data.batch_size=2")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(optuna.load_study(study_name="tiny_probe", storage=storage).trials) == 2
+    study = optuna.load_study(study_name="tiny_probe", storage=storage)
+    assert len(study.trials) == 2
+    best = _assert_best_yaml_composes_the_best_trial(folder, study)  # whichever trial won, with its own settings
+    assert ("data.batch_size=2" in best["overrides"]) == (study.best_trial.number == 1)

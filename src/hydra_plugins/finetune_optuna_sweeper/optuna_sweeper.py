@@ -52,6 +52,7 @@ STUDY_DB = "optuna.db"  # finetune.harness.resume lets a search continue in a sw
 JOBS_ATTR = "jobs_launched"  # study user attribute: how many job folders the study's invocations have numbered
 SPACE_ATTR = "search_space"  # study user attribute: {key: the Optuna distribution, as JSON} the study searches
 DATA_ATTR = "data"  # study user attribute: what decides the trials' train and validation images (see search_data)
+FIXED_ATTR = "fixed_overrides"  # trial user attribute: the overrides besides its values that its jobs ran with
 
 
 @dataclass
@@ -194,6 +195,7 @@ class OptunaSweeper(Sweeper):
             results.append(launched)
             for offset, (trial, job) in enumerate(zip(list(alive), launched, strict=True)):
                 trial.set_user_attr(f"job_{fold}", first + offset)
+                trial.set_user_attr(FIXED_ATTR, fixed)  # best.yaml's, should this trial win a later invocation
                 value = _value(job)
                 if value is None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -218,8 +220,8 @@ class OptunaSweeper(Sweeper):
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
             return
-        best = study.best_trial
-        overrides = best_overrides(fixed, best.params)
+        best = study.best_trial  # its own overrides: a later invocation may have changed a setting outside the data
+        overrides = best_overrides(best.user_attrs.get(FIXED_ATTR, fixed), best.params)
         record = {
             "study_name": self.settings.study_name,
             "trials": len(study.trials),
