@@ -33,6 +33,7 @@ from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
 from finetune.run import CONFIG_DIR, assemble
+from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import sweep_params_from_argv
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, then Hydra runs."""
-    sys.argv = with_run_overrides(sys.argv)
+    """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, ``hydra.sweeper.params.K=V``
+    becomes the sweep override ``K=V`` (which Hydra takes), then Hydra runs."""
+    sys.argv = sweep_params_from_argv(with_run_overrides(sys.argv))
     hydra_main()
 
 
