@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import ends_user_errors_cleanly, user_errors
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.harness.run_folder import RunFolder
@@ -156,7 +156,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, ``hydra.sweeper.params.K=V``
     becomes the sweep override ``K=V`` (which Hydra takes), then Hydra runs."""
-    sys.argv = sweep_params_from_argv(with_run_overrides(sys.argv))
+    with user_errors():  # a refused resume or sweep override, before Hydra starts
+        sys.argv = sweep_params_from_argv(with_run_overrides(sys.argv))
     hydra_main()
 
 

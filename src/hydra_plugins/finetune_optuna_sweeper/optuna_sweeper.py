@@ -45,6 +45,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import SettingError
+from finetune.harness.exits import user_errors
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ class OptunaSweeper(Sweeper):
 
     # --- the study --------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
+        with user_errors():  # a refused study or setting: one Error: line and exit code 2, as in the jobs
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
         s = self.settings
