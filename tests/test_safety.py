@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pathlib
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -85,12 +86,14 @@ def test_a_corrupt_checkpoint_is_named_and_the_other_one_suggested(tmp_path, tin
         train(cfg)
 
 
-def test_resume_of_a_folder_without_hydra_record_says_so_first(tmp_path):
+def test_resume_of_a_folder_without_hydra_record_says_so_first(tmp_path, capsys):
     run = RunFolder(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)
     torch.save({"state_dict": {}}, run.last_checkpoint)
-    with pytest.raises(SystemExit, match=r"resume=.*\.hydra/overrides.yaml does not exist.*ckpt_path="):
+    with pytest.raises(SystemExit) as stop:
         with_run_overrides(["train.py", f"resume={run.path}"])
+    assert stop.value.code == 2
+    assert re.search(r"^Error: resume=.*\.hydra/overrides.yaml does not exist.*ckpt_path=", capsys.readouterr().err)
 
 
 def test_a_folder_is_claimed_by_exactly_one_of_many_concurrent_claims(tmp_path):
