@@ -137,7 +137,8 @@ def test_a_refused_rerun_leaves_the_earlier_folder_byte_identical(tmp_path, tiny
     before = _fingerprint(run_dir)
     assert {".hydra/overrides.yaml", "results.json", ".claim"} <= set(before)
     second = run_cli(_cli_overrides(tiny_folder, run_dir) + ["seed=7"], check=False)
-    assert second.returncode == 1
+    assert second.returncode == 2  # a user error: one Error: line, no traceback
+    assert "Traceback" not in second.stderr
     assert f"Output folder '{run_dir}' already holds a run" in second.stderr
     assert _fingerprint(run_dir) == before
 
@@ -150,8 +151,8 @@ def test_two_runs_started_at_once_into_one_folder_one_runs_and_the_other_refuses
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
     codes = sorted(p.returncode for p in processes)
-    assert codes == [0, 1], outputs
-    refused = next(err for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode == 1)
+    assert codes == [0, 2], outputs
+    refused = next(err for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode == 2)
     assert "already holds a run" in refused
     winner = next(p for p in processes if p.returncode == 0)
     assert f"seed={(1, 2)[processes.index(winner)]}" in (run_dir / ".hydra" / "overrides.yaml").read_text()

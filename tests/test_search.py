@@ -107,7 +107,7 @@ def test_a_search_runs_resumes_and_never_tests(tmp_path, tiny_folder):
     assert not any(o.startswith(("test_after_fit=", "hydra.", "data.fold")) for o in best["overrides"])
 
     refused = _search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=6", "test_after_fit=true")
-    assert refused.returncode != 0 and "never compute a test metric" in refused.stderr
+    assert refused.returncode == 2 and "never compute a test metric" in refused.stderr
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 5  # nothing ran
 
 
@@ -310,11 +310,11 @@ def test_a_study_refuses_other_data_or_another_space_by_name_and_continues_uncha
 
     other = make_image_folder(tmp_path / "other", seed=1)
     refused = _probe_search(tmp_path, other, "hydra.sweeper.n_trials=2")
-    assert refused.returncode != 0
+    assert refused.returncode == 2
     assert f"data.root: '{tiny_folder.resolve()}' in the study, '{other.resolve()}' now" in refused.stderr
     assert "hydra.sweeper.study_name=NEW" in refused.stderr
     refused = _probe_search(tmp_path, tiny_folder, "hydra.sweeper.n_trials=2", "trainer.max_epochs=choice(1,3)")
-    assert refused.returncode != 0
+    assert refused.returncode == 2
     assert (
         "another search space (trainer.max_epochs: CategoricalDistribution(choices=(1, 2)) in the study, "
         "CategoricalDistribution(choices=(1, 3)) now)" in refused.stderr
