@@ -63,8 +63,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": cfg.paths.output_dir,
     }
     if trainer.is_global_zero:
-        write_json_atomic(RunFolder(Path(cfg.paths.output_dir)).eval_results, results)
+        written = RunFolder(Path(cfg.paths.output_dir)).eval_results
+        write_json_atomic(written, results)
         print(f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}")
+        print(f"Wrote {written} (and the figures next to it)")  # last: where to look
     return results
 
 
