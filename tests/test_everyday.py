@@ -128,3 +128,11 @@ def test_the_epoch_line_says_the_best_so_far_and_the_eta():
     )
     with pytest.raises(ValueError, match="callbacks.epoch_summary.when"):
         EpochSummary(when="sometimes")
+
+
+def test_a_quoted_data_root_under_home_written_with_a_tilde_is_found(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    copy_test_images(run["root"], tmp_path / "photos", plain=True)
+    # quoted, as Hydra's override grammar needs for a leading ~
+    results = evaluate(eval_config(run["best_checkpoint"], "'~/photos'", tmp_path / "eval"))
+    assert sum(map(sum, results["test/confusion_matrix"]["matrix"])) == 8
