@@ -36,13 +36,14 @@ def fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``)."""
+def user_errors(job: bool = True) -> Iterator[None]:
+    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``, or inside a
+    multirun's ``job``, whose error Hydra records while the other jobs go on)."""
     try:
         yield
     except UserError as err:
-        if full_errors():
-            raise
+        if full_errors() or (job and _in_a_multirun_job()):
+            raise  # a multirun job's error: Hydra records it and its other jobs still run
         fail(str(err))
 
 
@@ -55,6 +56,13 @@ def ends_user_errors_cleanly(main: F) -> F:
             return main(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _in_a_multirun_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _log_to_files(line: str) -> None:

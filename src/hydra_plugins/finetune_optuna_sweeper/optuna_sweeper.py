@@ -136,7 +136,7 @@ class OptunaSweeper(Sweeper):
 
     # --- the study --------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
-        with user_errors():  # a refused study or setting: one Error: line and exit code 2, as in the jobs
+        with user_errors(job=False):  # a refused study or setting: one Error: line and exit code 2, as in the jobs
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:
