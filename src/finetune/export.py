@@ -24,7 +24,9 @@ from torch import nn
 
 from finetune.data import file_digest
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import MissingPackageError, OverwriteError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.run import CONFIG_DIR
@@ -59,18 +61,18 @@ def export(cfg: DictConfig) -> Path:
     """Write the exported model and its ``.json`` sidecar; the model's path."""
     fmt, outputs = str(cfg.format), str(cfg.get("outputs", "probabilities"))
     if fmt not in FORMATS:
-        raise ValueError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")
+        raise SettingError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")
     if outputs not in OUTPUT_KINDS:
-        raise ValueError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
+        raise SettingError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
     sidecar = RunFolder.sidecar(output)
     existing = [str(p) for p in (output, sidecar) if p.exists()]
     if existing and not cfg.get("overwrite", False):
-        raise FileExistsError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")
+        raise OverwriteError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")
     if fmt == "onnx":
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
-            raise ImportError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[onnx]'.")
+            raise MissingPackageError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[onnx]'.")
 
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
@@ -214,6 +216,7 @@ def sidecar_record(
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

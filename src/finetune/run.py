@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import is_timm, preprocessing
-from finetune.errors import SettingError
+from finetune.errors import PathError, SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
@@ -38,7 +38,7 @@ def _config_dir() -> str:
     for candidate in (here / "conf", here.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate.resolve())
-    raise FileNotFoundError(
+    raise PathError(
         f"finetune's Hydra configs are missing: neither {here / 'conf'} nor {here.parents[1] / 'conf'} holds "
         "train.yaml. Reinstall the package (pip install finetune, or pip install -e . in a checkout)."
     )

@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from finetune.data.preprocessing import CLASSES, Preprocessing
-from finetune.errors import UserError
+from finetune.errors import PathError, UserError
 from finetune.harness.run_folder import LAST, RunFolder
 from finetune.module import FineTuneModule
 
@@ -34,7 +34,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True`` on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise PathError(
             f"Checkpoint {str(path)!r} does not exist. Pass ckpt_path=PATH to a .ckpt written by finetune.train "
             "(a run's checkpoints/ folder holds the best one and last.ckpt)."
         )
