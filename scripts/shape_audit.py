@@ -20,15 +20,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.data.folders import scan_image_folder
+from finetune.data.folders import displayed_size, scan_image_folder
 
 ORIENTATIONS = ("square", "landscape", "portrait")
 
 
 def orientation(path: str) -> str:
-    """``square`` | ``landscape`` | ``portrait`` from the image header (no decoding)."""
+    """``square`` | ``landscape`` | ``portrait`` from the image header (no decoding), as shown: EXIF orientation
+    applied, as training reads the image."""
     with Image.open(path) as image:
-        width, height = image.size
+        width, height = displayed_size(image)
     return "square" if width == height else "landscape" if width > height else "portrait"
 
 

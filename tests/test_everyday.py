@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from finetune.evaluate import evaluate
 from finetune.predict import predict
 
-from .conftest import make_image_folder
+from .conftest import REPO, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
 from .inference import eval_config, predict_config, trained_run
 
 
@@ -57,3 +59,80 @@ def test_predict_reads_a_folder_of_test_images_alone(run, tmp_path, plain):
     assert len(rows) == 8 and not any(row["error"] for row in rows)
     assert {Path(row["path"]).parent.name for row in rows} == {"cat", "dog"}
     assert (tmp_path / "pred" / "predictions.csv").is_file()
+
+
+# --- a user's mistake ends in one line and exit code 2; a bug keeps its traceback ----------------------------------
+
+
+def test_a_user_error_is_one_line_on_stderr_with_exit_code_2_and_is_recorded(tmp_path):
+    a_file = tmp_path / "photos.zip"
+    a_file.write_bytes(b"not a folder")
+    out = tmp_path / "run"
+    args = [*without(tiny_overrides(a_file, out), "paths.output_dir"), f"hydra.run.dir={out}", "trainer.max_epochs=1"]
+    done = run_cli(args, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "is a file, not a folder" in errors[0] and "data.root" in errors[0]
+    assert errors[0] in (out / "train.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "is a file, not a folder" in results["error"]
+
+
+def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):
+    env = {**cli_env(), "HYDRA_FULL_ERROR": "1"}
+    args = [*tiny_overrides(tmp_path / "missing", tmp_path / "run"), "trainer.max_epochs=1"]
+    done = subprocess.run(cli_command(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "PathError" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("finetune.evaluate", ["ckpt_path={ckpt}", "data=folder", "data.root={missing}"]),
+        ("finetune.predict", ["ckpt_path={ckpt}", "inputs={missing}"]),
+        ("finetune.export", ["ckpt_path={missing}/model.ckpt"]),
+    ],
+)
+def test_every_entry_point_ends_a_user_error_with_exit_code_2(run, tmp_path, module, args):
+    filled = [a.format(ckpt=run["best_checkpoint"], missing=tmp_path / "missing") for a in args]
+    done = run_cli([*filled, f"hydra.run.dir={tmp_path / 'out'}"], check=False, module=module)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("Error: ") == 1
+
+
+# --- progress in logs -----------------------------------------------------------------------------------------------
+
+
+def test_a_run_without_a_terminal_logs_one_line_per_epoch(tmp_path, tiny_folder):
+    out = tmp_path / "run"
+    args = [*without(tiny_overrides(tiny_folder, out), "paths.output_dir"), f"hydra.run.dir={out}"]
+    done = run_cli([*args, "trainer.max_epochs=3", "trainer.enable_progress_bar=true"])  # stdout is a pipe
+    lines = [
+        line for line in (out / "train.log").read_text().splitlines() if "EpochSummary" in line or " epoch " in line
+    ]
+    summaries = [line for line in lines if "val/acc" in line and "ETA" in line]
+    assert [line.split("epoch ")[1].split()[0] for line in summaries] == ["1/3", "2/3", "3/3"]
+    assert all("train/loss" in line and "val/loss" in line and "best val/acc" in line for line in summaries)
+    assert sum("ETA" in line for line in done.stdout.splitlines()) == 3
+
+
+def test_the_epoch_line_says_the_best_so_far_and_the_eta():
+    from finetune.harness.epoch_log import EpochSummary
+
+    summary = EpochSummary(when="always")
+    summary.best, summary._seconds = 0.9, [30.0, 30.0]
+    line = summary.line(2, 20, {"train/loss": 0.5, "val/loss": 0.25, "val/acc": 0.875}, 30.0)
+    assert (
+        line == "epoch 2/20  train/loss 0.5000  val/loss 0.2500  val/acc 0.8750  best val/acc 0.9000  30.0 s  ETA 9m00s"
+    )
+    with pytest.raises(ValueError, match="callbacks.epoch_summary.when"):
+        EpochSummary(when="sometimes")
+
+
+def test_a_quoted_data_root_under_home_written_with_a_tilde_is_found(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    copy_test_images(run["root"], tmp_path / "photos", plain=True)
+    # quoted, as Hydra's override grammar needs for a leading ~
+    results = evaluate(eval_config(run["best_checkpoint"], "'~/photos'", tmp_path / "eval"))
+    assert sum(map(sum, results["test/confusion_matrix"]["matrix"])) == 8

@@ -154,7 +154,9 @@ def test_the_export_command_writes_the_model_and_its_sidecar(run, tmp_path):
     args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"paths.output_dir={out}"]
     run_cli(args, module="finetune.export")
     sidecar = json.loads((out / "model.torchscript.pt.json").read_text())
-    assert sidecar["input"]["preprocessing"].startswith("RGB image -> resize to 36x36 (bilinear) -> centre crop 32x32")
+    assert sidecar["input"]["preprocessing"].startswith(
+        "RGB image, EXIF orientation applied (PIL.ImageOps.exif_transpose) -> resize to 36x36 (bilinear) -> centre crop"
+    )
     assert torch.jit.load(out / "model.torchscript.pt")(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 

@@ -65,7 +65,7 @@ def test_each_fold_validates_on_its_part_of_train_and_leaves_test_alone(folder):
         ({"folds": 3}, r"data.fold must be an integer in \[0, 3\)"),
         ({"fold": 0}, r"data.fold=0 needs data.folds=K"),
         ({"folds": 1, "fold": 0}, r"data.folds must be an integer >= 2"),
-        ({"folds": 8, "fold": 0}, r"data.folds=8 is larger than the smallest class \('a': 7 training images\)"),
+        ({"folds": 8, "fold": 0}, r"data.folds=8 is larger than the smallest class \('a': 7 training image\(s\)\)"),
     ],
 )
 def test_bad_fold_settings_name_the_setting(folder, settings, message):

@@ -107,7 +107,7 @@ def test_nothing_predictable_is_an_error_after_listing_them(run, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(RuntimeError, match="None of the 1 input"):
+    with pytest.raises(ValueError, match="None of the 1 input"):
         predict(predict_config(run["best_checkpoint"], folder, tmp_path / "out"))
     assert read_csv(tmp_path / "out" / "predictions.csv")[0]["error"]
 

@@ -25,9 +25,10 @@ def _callbacks(overrides: list[str]) -> list[str]:
 
 
 def test_callback_presets_add_to_or_replace_the_default():
-    assert _callbacks([]) == ["model_checkpoint"]
-    assert _callbacks(["+callbacks=early_stopping"]) == ["early_stopping", "model_checkpoint"]
+    assert _callbacks([]) == ["epoch_summary", "model_checkpoint"]
+    assert _callbacks(["+callbacks=early_stopping"]) == ["early_stopping", "epoch_summary", "model_checkpoint"]
     assert _callbacks(["+callbacks=[lr_monitor,rich]"]) == [
+        "epoch_summary",
         "lr_monitor",
         "model_checkpoint",
         "rich_model_summary",
@@ -35,6 +36,7 @@ def test_callback_presets_add_to_or_replace_the_default():
     ]
     assert _callbacks(["callbacks=[default,early_stopping,lr_monitor]"]) == [
         "early_stopping",
+        "epoch_summary",
         "lr_monitor",
         "model_checkpoint",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pathlib
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -85,12 +86,14 @@ def test_a_corrupt_checkpoint_is_named_and_the_other_one_suggested(tmp_path, tin
         train(cfg)
 
 
-def test_resume_of_a_folder_without_hydra_record_says_so_first(tmp_path):
+def test_resume_of_a_folder_without_hydra_record_says_so_first(tmp_path, capsys):
     run = RunFolder(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)
     torch.save({"state_dict": {}}, run.last_checkpoint)
-    with pytest.raises(SystemExit, match=r"resume=.*\.hydra/overrides.yaml does not exist.*ckpt_path="):
+    with pytest.raises(SystemExit) as stop:
         with_run_overrides(["train.py", f"resume={run.path}"])
+    assert stop.value.code == 2
+    assert re.search(r"^Error: resume=.*\.hydra/overrides.yaml does not exist.*ckpt_path=", capsys.readouterr().err)
 
 
 def test_a_folder_is_claimed_by_exactly_one_of_many_concurrent_claims(tmp_path):
@@ -134,7 +137,8 @@ def test_a_refused_rerun_leaves_the_earlier_folder_byte_identical(tmp_path, tiny
     before = _fingerprint(run_dir)
     assert {".hydra/overrides.yaml", "results.json", ".claim"} <= set(before)
     second = run_cli(_cli_overrides(tiny_folder, run_dir) + ["seed=7"], check=False)
-    assert second.returncode == 1
+    assert second.returncode == 2  # a user error: one Error: line, no traceback
+    assert "Traceback" not in second.stderr
     assert f"Output folder '{run_dir}' already holds a run" in second.stderr
     assert _fingerprint(run_dir) == before
 
@@ -147,8 +151,8 @@ def test_two_runs_started_at_once_into_one_folder_one_runs_and_the_other_refuses
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
     codes = sorted(p.returncode for p in processes)
-    assert codes == [0, 1], outputs
-    refused = next(err for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode == 1)
+    assert codes == [0, 2], outputs
+    refused = next(err for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode == 2)
     assert "already holds a run" in refused
     winner = next(p for p in processes if p.returncode == 0)
     assert f"seed={(1, 2)[processes.index(winner)]}" in (run_dir / ".hydra" / "overrides.yaml").read_text()

@@ -19,6 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
+from finetune.errors import MissingPackageError, PathError, SettingError
+
 IMAGENET = "imagenet"
 TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,7 +63,7 @@ def build_backbone(name: str, num_classes: int, weights: str | Path | None = IMA
     (``timm/convnext_nano``, ``timm/resnet18.a1_in1k``).
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+        raise SettingError(f"num_classes must be at least 1, got {num_classes}.")
     use_imagenet = isinstance(weights, str) and weights.lower() == IMAGENET
     if is_timm(name):
         model, head_name = _timm_model(name, num_classes, pretrained=use_imagenet)
@@ -79,7 +81,7 @@ def _torchvision_with_new_head(name: str, num_classes: int, pretrained: bool) ->
         if _timm_knows(name):
             close = [TIMM_PREFIX + name, *close]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise SettingError(
             f"Unknown backbone {name!r}: not a torchvision classification model.{hint} "
             f"See finetune.backbones.available_backbones() for the {len(names)} known names, or use a timm model "
             "as model.backbone=timm/<name>."
@@ -105,7 +107,7 @@ def find_head(model: nn.Module) -> str:
     """
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise SettingError(
             f"{type(model).__name__} has no nn.Linear output layer (its classifier is convolutional), "
             "so its head cannot be replaced; choose another backbone."
         )
@@ -119,7 +121,7 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
     (missing layers, unexpected keys, wrong shapes) is an error that lists the offending keys.
     """
     if not path.is_file():
-        raise FileNotFoundError(
+        raise PathError(
             f"Weights file {str(path)!r} does not exist. Pass model.weights=PATH to an existing state_dict "
             "file, model.weights=imagenet for the library's pretrained download, or model.weights=null for random "
             "init."
@@ -127,11 +129,11 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
     try:
         state = _read_state_dict(path)
     except Exception as err:  # pickle errors, zip errors, truncated files
-        raise ValueError(f"Could not read weights file {str(path)!r} as a PyTorch state_dict: {err}") from err
+        raise SettingError(f"Could not read weights file {str(path)!r} as a PyTorch state_dict: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
+        raise SettingError(
             f"Weights file {str(path)!r} does not hold a state_dict (a dict of tensors); "
             f"it holds a {type(state).__name__}. Save weights with torch.save(model.state_dict(), path)."
         )
@@ -148,7 +150,7 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
         if key in expected and state[key].shape != expected[key].shape
     )
     if unexpected or missing or wrong_shape:
-        raise ValueError(
+        raise SettingError(
             f"Weights file {str(path)!r} does not fit backbone {type(model).__name__} "
             f"(head {head_name!r} excluded): "
             + "; ".join(
@@ -249,7 +251,7 @@ def _import_timm():
     try:
         import timm
     except ImportError as err:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             "model.backbone=timm/<name> needs the timm package: pip install 'finetune[timm]' (or pip install timm)."
         ) from err
     return timm
@@ -276,7 +278,7 @@ def _check_timm_name(backbone: str) -> str:
         return arch
     close = difflib.get_close_matches(arch, architectures + tagged, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-    raise ValueError(
+    raise SettingError(
         f"Unknown backbone {backbone!r}: {arch!r} is not a timm model{' or weight tag' if '.' in arch else ''}.{hint} "
         f"See timm.list_models() ({len(architectures)} architectures) and timm.list_pretrained() for the "
         "names with weight tags (name.tag)."
@@ -302,14 +304,14 @@ def _timm_model(backbone: str, num_classes: int, pretrained: bool) -> tuple[nn.M
         model = timm.create_model(arch, pretrained=False)
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     if isinstance(classifier, (list, tuple)) and len(classifier) > 1:
-        raise ValueError(
+        raise SettingError(
             f"{backbone!r} has {len(classifier)} classifier heads ({', '.join(classifier)}; a distilled model), and "
             "finetune replaces exactly one Linear head; choose a model with a single classifier."
         )
     model.reset_classifier(num_classes)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
-        raise ValueError(
+        raise SettingError(
             f"{backbone!r} has no nn.Linear classifier (timm's get_classifier() gives a {type(head).__name__}), so "
             "its head cannot be replaced by a Xavier-initialised Linear; choose another backbone."
         )
@@ -339,7 +341,7 @@ def _read_state_dict(path: Path):
         try:
             from safetensors.torch import load_file
         except ImportError as err:
-            raise ModuleNotFoundError(
+            raise MissingPackageError(
                 f"{path.name} is a safetensors file: pip install safetensors (it comes with 'finetune[timm]')."
             ) from err
         return load_file(str(path), device="cpu")

@@ -43,7 +43,7 @@ class DownloadError(UserError, RuntimeError):
     """A download that failed or arrived corrupt: the message says how to work offline."""
 
 
-class MissingPackageError(UserError, ImportError):
+class MissingPackageError(UserError, ModuleNotFoundError):
     """An optional package a setting needs is not installed; the message names the extra to install."""
 
 

@@ -3,9 +3,10 @@
 ``format=onnx`` (``pip install 'finetune[onnx]'``) or ``format=torchscript``; ``output=PATH`` (default: ``model.onnx``
 or ``model.torchscript.pt`` in a new folder). The model is exported in eval mode with a dynamic batch dimension and
 returns softmax probabilities (``outputs=logits`` for logits). Beside it, ``PATH.json`` says what it needs and gives:
-the class names in output order, the preprocessing (resize, centre crop, mean, std), the input layout (NCHW float32
-RGB in [0, 1], then normalised), the backbone, the output kind, and the sha256 of the source checkpoint. After
-writing, the exported file is run on a few batches and compared with the PyTorch model (within 1e-4).
+the class names in output order, the preprocessing (EXIF orientation, resize, centre crop, mean, std), the input
+layout (NCHW float32 RGB in [0, 1], then normalised), the backbone, the output kind, and the sha256 of the source
+checkpoint. After writing, the exported file is run on a few batches and compared with the PyTorch model (within
+1e-4).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import nn
 
 from finetune.data import file_digest
 from finetune.data.preprocessing import Preprocessing
+from finetune.errors import MissingPackageError, OverwriteError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.writable import check_writable
@@ -59,20 +62,20 @@ def export(cfg: DictConfig) -> Path:
     """Write the exported model and its ``.json`` sidecar; the model's path."""
     fmt, outputs = str(cfg.format), str(cfg.get("outputs", "probabilities"))
     if fmt not in FORMATS:
-        raise ValueError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")
+        raise SettingError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")
     if outputs not in OUTPUT_KINDS:
-        raise ValueError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
+        raise SettingError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
     sidecar = RunFolder.sidecar(output)
     # Checked before loading the model: a read-only folder is said at once, not after the work.
     check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     existing = [str(p) for p in (output, sidecar) if p.exists()]
     if existing and not cfg.get("overwrite", False):
-        raise FileExistsError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")
+        raise OverwriteError(f"{', '.join(existing)} already exist(s): pass overwrite=true, or another output=PATH.")
     if fmt == "onnx":
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
-            raise ImportError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[onnx]'.")
+            raise MissingPackageError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[onnx]'.")
 
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
@@ -196,7 +199,8 @@ def sidecar_record(
             "channels": "RGB",
             "shape": ["batch", 3, size, size],
             "preprocessing": (
-                f"RGB image -> {_resize_words(preprocessing)} ({preprocessing.interpolation}) "
+                "RGB image, EXIF orientation applied (PIL.ImageOps.exif_transpose) "
+                f"-> {_resize_words(preprocessing)} ({preprocessing.interpolation}) "
                 f"-> centre crop {size}x{size} -> float32 in [0, 1] "
                 "-> (x - mean) / std per channel"
             ),
@@ -215,6 +219,7 @@ def sidecar_record(
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from finetune.backbones import random_layers_inside_backbone
+from finetune.errors import SettingError
 from finetune.progress import track
 from finetune.workers import ordered_loader
 
@@ -52,7 +53,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule) -> None:
         super().__init__()
         if not model.hparams.get("cache_features"):
-            raise ValueError(
+            raise SettingError(
                 "Cached features need a model built with model.cache_features=true (input_mode='features', which "
                 "needs model.freeze=backbone): it trains the head on them and refuses images."
             )

@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
+from finetune.errors import MissingPackageError
+
 # results.json entries that are not per-run numbers worth a metric (lists, paths, the config itself).
 _NOT_METRICS = {"history", "overrides", "seed"}
 
@@ -25,7 +27,7 @@ def _require(package: str, extra: str, logger: str) -> None:
     try:
         importlib.import_module(package)
     except ImportError as err:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"logger={logger} needs the {package} package: pip install 'finetune[{extra}]' (or pip install {package})."
         ) from err
 

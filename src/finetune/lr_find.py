@@ -24,7 +24,9 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.errors import SettingError
 from finetune.harness import distributed
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.run import CONFIG_DIR, assemble
 
@@ -44,9 +46,9 @@ class RangeTest(pl.Callback):
         self, min_lr: float, max_lr: float, num_training: int, early_stop_threshold: float | None, beta: float = 0.98
     ) -> None:
         if not 0 < min_lr < max_lr:
-            raise ValueError(f"lr_find.min_lr must be > 0 and below lr_find.max_lr, got {min_lr} and {max_lr}.")
+            raise SettingError(f"lr_find.min_lr must be > 0 and below lr_find.max_lr, got {min_lr} and {max_lr}.")
         if num_training < 2:
-            raise ValueError(f"lr_find.num_training must be at least 2 steps, got {num_training}.")
+            raise SettingError(f"lr_find.num_training must be at least 2 steps, got {num_training}.")
         self.min_lr, self.max_lr, self.num_training = min_lr, max_lr, num_training
         self.early_stop_threshold, self.beta = early_stop_threshold, beta
         self.steps: list[dict[str, Any]] = []
@@ -173,6 +175,7 @@ def plot(test: RangeTest, suggested: float | None, path: Path) -> Path | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
     with distributed.job_scope(__spec__.name):  # DDP ranks 1.. run this module, not finetune.train
         lr_find(cfg)

@@ -33,8 +33,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data import is_image_file, load_rgb
 from finetune.data.preprocessing import TTA_MODES, Preprocessing
-from finetune.errors import SettingError
+from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR, build_trainer
@@ -81,7 +82,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             failed[0]["error"],
         )
     if len(failed) == len(rows):
-        raise RuntimeError(f"None of the {len(rows)} input(s) could be predicted: every one failed to load ({output}).")
+        raise DataError(f"None of the {len(rows)} input(s) could be predicted: every one failed to load ({output}).")
     print(f"Predicted {len(rows) - len(failed)} image(s) with {cfg.ckpt_path}: {output}")
     return rows
 
@@ -90,9 +91,9 @@ def output_path(cfg: DictConfig) -> Path:
     """Where the predictions go; an existing file is only replaced with ``overwrite=true``."""
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).predictions
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output={output}: the file must end in .csv or .json (that chooses the format).")
+        raise SettingError(f"output={output}: the file must end in .csv or .json (that chooses the format).")
     if output.exists() and not cfg.get("overwrite", False) and os.environ.get("LOCAL_RANK", "0") == "0":
-        raise FileExistsError(f"output={output} already exists: pass overwrite=true to replace it, or another file.")
+        raise OverwriteError(f"output={output} already exists: pass overwrite=true to replace it, or another file.")
     return output
 
 
@@ -109,7 +110,7 @@ def find_inputs(spec: str) -> list[str]:
             if is_image_file(name)
         ]
         if not found:
-            raise ValueError(
+            raise SettingError(
                 f"inputs={spec}: the folder holds no images (files ending in {', '.join(IMG_EXTENSIONS)})."
             )
         return found
@@ -117,9 +118,9 @@ def find_inputs(spec: str) -> list[str]:
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         found = [m for m in matches if os.path.isfile(m) and is_image_file(m)]
         if not found:
-            raise FileNotFoundError(f"inputs={spec}: the pattern matches no image files ({len(matches)} match(es)).")
+            raise PathError(f"inputs={spec}: the pattern matches no image files ({len(matches)} match(es)).")
         return found
-    raise FileNotFoundError(f"inputs={spec}: no such file or folder (pass an image, a folder of images, or a glob).")
+    raise PathError(f"inputs={spec}: no such file or folder (pass an image, a folder of images, or a glob).")
 
 
 class ImageFiles(Dataset):
@@ -201,7 +202,7 @@ def table_columns(classes: list[str]) -> list[str]:
     """``path, label, score``, one column per class (named after it), ``error``."""
     columns = [*FIXED_COLUMNS, *classes, "error"]
     if len(set(columns)) != len(columns):
-        raise ValueError(f"Class names {classes} clash with the columns {FIXED_COLUMNS + ('error',)} or repeat.")
+        raise SettingError(f"Class names {classes} clash with the columns {FIXED_COLUMNS + ('error',)} or repeat.")
     return columns
 
 
@@ -232,6 +233,7 @@ def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,9 +36,10 @@ from torchvision.datasets import ImageFolder
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
 from finetune.data.preprocessing import TTA_MODES, Preprocessing
-from finetune.errors import PathError, SettingError, UserError
+from finetune.errors import PathError, SettingError
 from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint import class_names, load_for_inference
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.metrics import TestMetrics
@@ -319,12 +319,9 @@ def write_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="robustness")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
-    try:
-        robustness(cfg)
-    except UserError as err:
-        print(f"finetune.robustness: {err}", file=sys.stderr)
-        sys.exit(2)
+    robustness(cfg)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import is_timm, preprocessing
+from finetune.errors import PathError, SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
@@ -36,7 +38,7 @@ def _config_dir() -> str:
     for candidate in (here / "conf", here.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate.resolve())
-    raise FileNotFoundError(
+    raise PathError(
         f"finetune's Hydra configs are missing: neither {here / 'conf'} nor {here.parents[1] / 'conf'} holds "
         "train.yaml. Reinstall the package (pip install finetune, or pip install -e . in a checkout)."
     )
@@ -59,7 +61,7 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     """The image DataModule, with its data fetched (the head's size depends on the class folders).
 
     ``test_only`` (evaluation): only the images scored are needed (``test/<class>/`` or ``<class>/``), and the
-    train/val settings are ignored, not checked.
+    train/val settings are ignored, not checked. A training run with ``test_after_fit=false`` needs no ``test/``.
 
     With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
     ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
@@ -67,9 +69,33 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     """
     filled = backbone_preprocessing(cfg, backbone)
     check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled}, test_only=test_only)
-    datamodule = instantiate(cfg.data, **filled, **({"test_only": True} if test_only else {}), _convert_="all")
+    how = {"test_only": True} if test_only else {}
+    if not test_only and cfg.get("test_after_fit", True) is False:
+        how["require_test"] = False  # a run that never tests needs no test/ folder
+    datamodule = instantiate(cfg.data, **filled, **how, _convert_="all")
     datamodule.prepare_data()
+    check_output_outside_data(cfg, datamodule)
     return datamodule
+
+
+def check_output_outside_data(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Refuse a run folder inside the folders the data is read from (``hydra.run.dir=D/train/hot_dog/run1``): its
+    ``confusion_matrix.png`` and the like would be images of a class to the next run."""
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    folders = getattr(datamodule, "data_folders", None)
+    if not output_dir or folders is None:
+        return
+    output = Path(os.path.abspath(os.path.expanduser(str(output_dir)))).resolve()
+    root = str(OmegaConf.select(cfg, "data.root", default=""))
+    for folder in folders():
+        data = Path(os.path.abspath(folder)).resolve()
+        if output.is_relative_to(data):
+            raise SettingError(
+                f"The run folder {str(output_dir)!r} (hydra.run.dir / paths.output_dir) is inside {str(folder)!r}, "
+                f"which data.root={root!r} reads its class folders from: the run's figures, logs and checkpoints "
+                "would be read as images by the next run. Put the run folder outside data.root's "
+                "train/ and test/ (leave hydra.run.dir unset and runs go to paths.log_dir/runs/)."
+            )
 
 
 def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:

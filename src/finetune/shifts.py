@@ -84,7 +84,7 @@ def object_scale(
     elif background == "blur":
         canvas = image.filter(ImageFilter.GaussianBlur(radius=max(width, height) / 16))
     else:
-        raise ValueError(f"background must be 'grey' or 'blur', got {background!r}")
+        raise SettingError(f"background must be 'grey' or 'blur', got {background!r}")
     # Each axis: within the outer quarter of the free space, on a side drawn per image (never centred).
     position = []
     for side, offset, slack in zip(sides, offsets, (width - small.width, height - small.height), strict=True):

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
+from finetune.harness.exits import ends_user_errors_cleanly, user_errors
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.harness.run_folder import RunFolder
@@ -32,6 +33,7 @@ from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
 from finetune.run import CONFIG_DIR, assemble
+from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import sweep_params_from_argv
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@ends_user_errors_cleanly
 def hydra_main(cfg: DictConfig) -> float | None:
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
     with job_scope():  # DDP ranks start from this job (multiruns included), and leave nothing behind
@@ -187,8 +190,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, then Hydra runs."""
-    sys.argv = with_run_overrides(sys.argv)
+    """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, ``hydra.sweeper.params.K=V``
+    becomes the sweep override ``K=V`` (which Hydra takes), then Hydra runs."""
+    with user_errors():  # a refused resume or sweep override, before Hydra starts
+        sys.argv = sweep_params_from_argv(with_run_overrides(sys.argv))
     hydra_main()
 
 

@@ -38,13 +38,14 @@ from torchvision.transforms.v2 import functional as F
 
 from finetune.data.folders import load_rgb
 from finetune.data.stale import remove_stale, temp_name
+from finetune.errors import SettingError
 from finetune.progress import track
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: EXIF orientation applied (a cache of version 1 holds photos as stored)
 
 
 class ShrinkShorterSide:
@@ -67,7 +68,7 @@ class PackedImages:
 
     def __init__(self, buffer: torch.Tensor | np.memmap, offsets: Sequence[int], shapes: Sequence[Sequence[int]]):
         if len(offsets) != len(shapes):
-            raise ValueError(f"PackedImages needs one offset per shape, got {len(offsets)} and {len(shapes)}.")
+            raise SettingError(f"PackedImages needs one offset per shape, got {len(offsets)} and {len(shapes)}.")
         self.buffer = buffer
         self.offsets = list(offsets)
         self.shapes = [tuple(shape) for shape in shapes]
@@ -92,7 +93,7 @@ class CachedImageDataset(Dataset):
 
     def __init__(self, images: PackedImages, targets: Sequence[int], transform: Callable | None = None) -> None:
         if len(images) != len(targets):
-            raise ValueError(f"{len(images)} cached images but {len(targets)} targets.")
+            raise SettingError(f"{len(images)} cached images but {len(targets)} targets.")
         self.images = images
         self.targets = list(targets)
         self.transform = transform
@@ -161,7 +162,7 @@ def build_cache(
     behind, and the temporary files of killed runs are removed by the next one.
     """
     if mode not in ("memory", "disk"):
-        raise ValueError(f"Unknown cache mode {mode!r}: data.cache must be one of {CACHE_MODES}.")
+        raise SettingError(f"Unknown cache mode {mode!r}: data.cache must be one of {CACHE_MODES}.")
     start = time.perf_counter()
     if mode == "memory":
         images = list(_decoded(paths, prepare, num_workers))
@@ -173,7 +174,7 @@ def build_cache(
         return packed
 
     if cache_dir is None:
-        raise ValueError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
+        raise SettingError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(cache_dir, ".*.", ".tmp")  # half-written caches of runs that were killed

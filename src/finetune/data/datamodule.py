@@ -29,11 +29,13 @@ from finetune.data.download import download_and_extract
 from finetune.data.folders import (
     check_split,
     corrupt_images,
+    evaluation_folder,
+    find_duplicates,
     fold_split,
-    is_image_file,
     load_rgb,
     preview,
     printable,
+    report_duplicates,
     scan_image_folder,
     scan_test_folder,
     stratified_split,
@@ -53,6 +55,18 @@ from finetune.workers import worker_context
 log = logging.getLogger(__name__)
 
 
+class ScannedImageFolder(ImageFolder):
+    """``ImageFolder`` over the class folders the scan found and the images it kept: a run's output folder inside the
+    data (skipped by the scan) is neither a class nor a source of images."""
+
+    def __init__(self, root: Path, classes: Sequence[str], transform, is_valid_file) -> None:
+        self._scanned_classes = list(classes)
+        super().__init__(str(root), transform, loader=load_rgb, is_valid_file=is_valid_file)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._scanned_classes, {name: index for index, name in enumerate(self._scanned_classes)}
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Train/val/test loaders over ``root/train/<class>/*`` and ``root/test/<class>/*``.
 
@@ -60,6 +74,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     With ``download`` (a mapping with ``url`` and ``sha1``) the folder is fetched and verified first.
     A corrupt image stops ``setup()`` naming the file; ``skip_corrupt=True`` leaves such images out with a warning.
     ``verify_images=False`` skips decoding every image up front (for very large, known-good folders).
+    ``duplicates``: byte-identical images in train and test, or in two classes, are named in a warning (``"warn"``),
+    stop ``setup()`` (``"refuse"``), or are not looked for (``"ignore"``); copies within a class are a warning.
     ``augment=False`` trains on the eval transform; ``augment="trivial"|"randaugment"|"autoaugment"`` adds that
     torchvision policy after the book's crop and flip, ``random_erasing=p`` erases a random patch with probability p
     (both on the loader path only). ``cache="memory"|"disk"`` decodes every image once (see
@@ -81,6 +97,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ``test_only=True`` (what ``finetune.evaluate`` builds): only the images that are scored are needed, in
     ``root/test/<class>/`` or, without a ``test/`` folder, ``root/<class>/``; no ``train/`` folder, and the
     train/val settings (``val_fraction``, ``folds``, augmentation) are not used.
+    ``require_test=False`` (a run that never tests: ``test_after_fit=false``): ``root`` may lack ``test/``.
     """
 
     def __init__(
@@ -109,7 +126,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         crop_scale: Sequence[float] = CROP_SCALE,
         eval_resize: str = "square",
         random_erasing: float = 0.0,
+        duplicates: str = "warn",
         test_only: bool = False,
+        require_test: bool = True,
     ) -> None:
         super().__init__()
         root = os.path.expanduser(root)  # data.root=~/photos
@@ -119,8 +138,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         interpolation = interpolation or "bilinear"
         if isinstance(crop_scale, Sequence) and not isinstance(crop_scale, str):
             crop_scale = list(crop_scale)  # a plain list in hparams and checkpoints, not Hydra's ListConfig
-        self.save_hyperparameters(ignore=["test_only"])  # the values in effect, so a checkpoint records them
+        # the values in effect, so a checkpoint records them (test_only, require_test: how a run uses the data)
+        self.save_hyperparameters(ignore=["test_only", "require_test"])
         self.test_only = test_only
+        self.require_test = require_test
         self._test_dir: Path | None = None  # test_only: root/test or root, once scanned
         self.augment = augment
         # The eval preprocessing, once: val/test transforms, the eval cache and checkpoints all derive from it.
@@ -132,6 +153,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_eval_set: Dataset | None = None
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
+        self._duplicates_checked = False
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
         # Test-time views of the test split (finetune.evaluate tta=...): see Preprocessing.views.
         self.test_views = "none"
@@ -144,9 +166,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         sizes = {name: targets.count(index) for index, name in enumerate(classes)}
         smallest = min(sizes, key=sizes.get)
         if sizes[smallest] < hp.folds:
+            if sizes[smallest] >= 2:
+                advice = f"Use data.folds between 2 and {sizes[smallest]}, or add images to that class."
+            else:  # no number of folds (they start at 2), nor a held-out fraction, can split a 1-image class
+                advice = (
+                    f"Every validation split needs at least 2 images in each class (one to train on, one to "
+                    f"validate): add images to {smallest!r}, or leave the class out."
+                )
             raise DataError(
                 f"data.folds={hp.folds} is larger than the smallest class ({smallest!r}: {sizes[smallest]} training "
-                f"images): some folds would validate without that class. Use data.folds <= {sizes[smallest]}."
+                f"image(s)): some folds would validate without that class. {advice}"
             )
         return fold_split(targets, hp.folds, hp.fold, hp.split_seed)
 
@@ -196,6 +225,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"{layout} (for example data.root=/data/hotdog)."
             )
 
+    def data_folders(self) -> list[Path]:
+        """The folders whose class folders this module reads: ``train/`` and ``test/`` (``test_only``: the folder
+        scored). A run that wrote inside one would have its figures read as images by the next run."""
+        if self.test_only:
+            return [evaluation_folder(self.root)]
+        return [self.root / "train", self.root / "test"]
+
     def eval_transform(self) -> v2.Compose:
         """The val/test transform, built from :attr:`preprocessing` (which checkpoints record)."""
         return self.preprocessing.transform()
@@ -208,15 +244,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        self._check_duplicates()
         eval_tf = self.eval_transform()
         train_tf = self.train_transform() if self.augment else eval_tf
         if self.augments_on_device:
             train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
         if stage in ("fit", "validate", None) and self.train_set is None and not self.test_only:
             keep = self._usable_images("train")
-            self._usable_images("test")  # a corrupt test image must stop the run now, not after training
-            augmented = ImageFolder(self._split_dir("train"), train_tf, loader=load_rgb, is_valid_file=keep)
-            plain = ImageFolder(self._split_dir("train"), eval_tf, loader=load_rgb, is_valid_file=keep)
+            if "test" in self._scan():
+                self._usable_images("test")  # a corrupt test image must stop the run now, not after training
+            augmented = self._folder("train", train_tf, keep)
+            plain = self._folder("train", eval_tf, keep)
             self.classes = augmented.classes
             train_idx, val_idx = self._split(augmented.targets, augmented.classes)
             check_split(augmented, train_idx, val_idx, hp.val_fraction)
@@ -232,9 +270,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
+            if "test" not in self._scan():
+                if stage is None:
+                    return
+                raise PathError(
+                    f"{str(self.root)!r} has no test/ folder to {stage} on (this run was set up without one: "
+                    "test_after_fit=false). Add test/<class>/<image> folders, or evaluate another folder."
+                )
             keep = self._usable_images("test")
             test_tf = self.preprocessing.views(self.test_views)
-            self.test_set = ImageFolder(self._split_dir("test"), test_tf, loader=load_rgb, is_valid_file=keep)
+            self.test_set = self._folder("test", test_tf, keep)
             self.classes = self.test_set.classes
             if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
                 self.test_set = self._cached(self.test_set, "test", augmented=False)
@@ -331,7 +376,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 by_class, others, self._test_dir = scan_test_folder(self.root)
                 self._layout = {"test": by_class}
             else:
-                self._layout, others = scan_image_folder(self.root)
+                self._layout, others = scan_image_folder(self.root, require_test=self.require_test)
             if others:
                 log.warning(
                     "Ignoring %d file(s) in %s that are not images (by extension: %s): %s",
@@ -342,11 +387,24 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
         return self._layout
 
+    def _check_duplicates(self) -> None:
+        """Byte-identical images across the splits and classes read (``data.duplicates``), once."""
+        if not self._duplicates_checked:
+            policy = self.hparams.get("duplicates", "warn")
+            if policy != "ignore":
+                report_duplicates(find_duplicates(self._scan()), self.root, policy)
+            self._duplicates_checked = True
+
+    def _folder(self, split: str, transform, keep) -> ScannedImageFolder:
+        return ScannedImageFolder(self._split_dir(split), sorted(self._scan()[split]), transform, keep)
+
     def _usable_images(self, split: str):
-        """The ``is_valid_file`` test for ``split``: an image file that decodes, checked once for the whole split."""
+        """The ``is_valid_file`` test for ``split``: an image the scan found (not in a run folder) that decodes,
+        checked once for the whole split."""
         if split not in self._corrupt:
             hp, by_class = self.hparams, self._scan()[split]
             split_dir = self._split_dir(split)
             self._corrupt[split] = corrupt_images(split_dir, by_class, hp.verify_images, hp.skip_corrupt)
         corrupt = self._corrupt[split]
-        return lambda path: is_image_file(path) and path not in corrupt
+        usable = {path for images in self._scan()[split].values() for path in images if path not in corrupt}
+        return usable.__contains__

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from finetune.data.stale import remove_stale, temp_name
+from finetune.errors import DownloadError, SettingError
 from finetune.progress import copy_with_progress
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
         extracted = tmp / root.name
         if not extracted.is_dir():
             top = sorted(p.name for p in tmp.iterdir())
-            raise ValueError(f"{archive} does not contain a top-level folder {root.name!r} (it holds {top}).")
+            raise SettingError(f"{archive} does not contain a top-level folder {root.name!r} (it holds {top}).")
         try:
             extracted.rename(root)
         except OSError:
@@ -78,7 +79,7 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
             copy_with_progress(response, out, size, f"Downloading {archive.name}")
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused or cut connections
         part.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise DownloadError(
             f"Could not download {url} ({err}). Offline, put the extracted dataset at {root} yourself, "
             "or point the run at a local copy: data=folder data.root=PATH (a folder with train/<class>/ and "
             "test/<class>/). Pretrained weights need the same care offline: model.weights=PATH to a local "
@@ -88,7 +89,7 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
     if actual != sha1:
         size = part.stat().st_size
         part.unlink()
-        raise RuntimeError(
+        raise DownloadError(
             f"Downloaded {url} is corrupt or incomplete: sha1 {actual} ({size} bytes"
             + (f" of {expected_size} announced" if expected_size else "")
             + f"), expected {sha1}. The file was deleted; run again to retry the download."

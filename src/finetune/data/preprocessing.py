@@ -25,6 +25,7 @@ from finetune.data.transforms import (
     interpolation_mode,
     to_normalized_tensor,
 )
+from finetune.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Preprocessing:
         A model averages its probabilities over the views (:meth:`finetune.module.FineTuneModule.forward`).
         """
         if tta not in TTA_MODES:
-            raise ValueError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
+            raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
         if tta == "none":
             return self.transform()
         return TestViews(self, tta)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from finetune.errors import SettingError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -29,7 +31,7 @@ def book_resize_size(image_size: int) -> int:
 def interpolation_mode(interpolation: str) -> InterpolationMode:
     """``"bilinear"`` | ``"bicubic"`` | ``"nearest"`` -> torchvision's ``InterpolationMode``."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"Unknown interpolation {interpolation!r}: choose one of {INTERPOLATIONS}.")
+        raise SettingError(f"Unknown interpolation {interpolation!r}: choose one of {INTERPOLATIONS}.")
     return InterpolationMode(interpolation)
 
 
@@ -69,7 +71,7 @@ def augment_policy(policy: str, interpolation: InterpolationMode = Interpolation
         return v2.RandAugment(interpolation=interpolation)
     if policy == "autoaugment":
         return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
-    raise ValueError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
+    raise SettingError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
 
 
 def eval_transform(
@@ -105,7 +107,7 @@ def eval_geometry(
     if resize_size is None:
         resize_size = book_resize_size(image_size)
     if eval_resize not in EVAL_RESIZES:
-        raise ValueError(f"Unknown eval_resize {eval_resize!r}: choose one of {EVAL_RESIZES}.")
+        raise SettingError(f"Unknown eval_resize {eval_resize!r}: choose one of {EVAL_RESIZES}.")
     size = [resize_size, resize_size] if eval_resize == "square" else resize_size
     resize = v2.Resize(size, interpolation=interpolation_mode(interpolation), antialias=True)
     return v2.Compose([resize, v2.CenterCrop(image_size)])

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
+from finetune.errors import SettingError
+
 
 def override_keys(overrides: Iterable[str]) -> set[str]:
     """The keys (or config groups) that ``overrides`` set: ``{"data.image_size", "experiment", ...}``."""
@@ -26,7 +28,7 @@ def quote(text: str) -> str:
     except HydraException:
         same = False
     if not same or "${" in text:
-        raise ValueError(f"{text!r} cannot be passed to Hydra as one plain value")
+        raise SettingError(f"{text!r} cannot be passed to Hydra as one plain value")
     return value
 
 

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.data.preprocessing import PREPROCESSING, Preprocessing
 from finetune.errors import OverwriteError, PathError, ResumeError, SettingError
 from finetune.harness.checkpoint import CheckpointFolderError, check_checkpoint_file, load_checkpoint
+from finetune.harness.exits import fail
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 from finetune.harness.writable import check_writable
 
@@ -91,7 +92,7 @@ class ClaimRunFolder(HydraCallback):
         try:
             claim_run_folder(config.hydra.run.dir)
         except (FileExistsError, PathError) as err:
-            raise SystemExit(f"Error: {err}") from err  # Hydra turns a callback's Exception into a mere warning
+            fail(str(err))  # a SystemExit: Hydra turns a callback's Exception into a mere warning
         _CLAIMED_BY_HYDRA.add(Path(config.hydra.run.dir).resolve())
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -107,8 +108,8 @@ class ClaimRunFolder(HydraCallback):
             else []
         )
         if taken:
-            raise SystemExit(
-                f"Error: sweep folder {str(sweep)!r} already holds runs ({', '.join(taken[:5])}); a multirun never "
+            fail(
+                f"sweep folder {str(sweep)!r} already holds runs ({', '.join(taken[:5])}); a multirun never "
                 "writes into an earlier sweep. Leave hydra.sweep.dir unset so that every multirun gets a new folder."
             )
 
@@ -191,8 +192,8 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     except (FileNotFoundError, ValueError):
         return argv  # train() reports it, with the fix
     if not saved.is_file():
-        raise SystemExit(
-            f"Error: resume={value}: {saved} does not exist, so that run's settings cannot be brought back (it was "
+        fail(
+            f"resume={value}: {saved} does not exist, so that run's settings cannot be brought back (it was "
             "not started by finetune.train, or its .hydra folder was removed). Continue it with "
             "ckpt_path=CHECKPOINT and the run's original overrides repeated on the command line."
         )

@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.parsing import AttributeDict
 from finetune.data.cache import CACHE_MODES
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
+from finetune.data.folders import DUPLICATES
 from finetune.data.loading import AUTO
 from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
 from finetune.errors import SettingError
@@ -171,6 +172,7 @@ def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) ->
             "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
             "empty nor all of train. The book-sized default is data.val_fraction=0.1."
         )
+    check_choice("duplicates", hp.duplicates, DUPLICATES, "byte-identical images in train and test, or in two classes")
     for key in ("skip_corrupt", "verify_images"):
         if not isinstance(hp[key], bool):
             raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")

@@ -6,7 +6,10 @@ the part this project needs, on Optuna's ask-and-tell interface:
 
 - the search space in Hydra's override grammar (``hydra.sweeper.params`` and sweep overrides on the command line):
   ``interval(a, b)`` (``tag(log, interval(a, b))`` for a log scale; integers give an integer range), ``choice(...)``
-  or ``a,b,c``, ``range(a, b[, step])``; any other override is passed to every job as it is;
+  or ``a,b,c``, ``range(a, b[, step])``; any other override is passed to every job as it is, and a plain value on
+  the command line for a key that ``params`` searches fixes it instead. ``hydra.sweeper.params.<key>=<sweep>`` on
+  the command line is the sweep override ``<key>=<sweep>`` (Hydra itself refuses a sweep inside ``hydra.``, and a
+  dotted key such as ``optimizer.lr`` is not one node of ``params``): :func:`sweep_params_from_argv` rewrites it;
 - the objective is what the task returns: ``finetune.train`` returns the best validation accuracy, and a search
   never tests (it refuses ``test_after_fit=true``);
 - ``folds: K`` runs every trial on the K stratified folds (``data.folds=K data.fold=0..K-1``) and reports their
@@ -14,8 +17,12 @@ the part this project needs, on Optuna's ask-and-tell interface:
 - the study lives in ``optuna.db`` (SQLite) in the sweep folder (``logs/searches/<study_name>/``), so running the
   same command again continues it: ``n_trials`` is the study's total, trials left running by a stopped invocation
   are marked failed, and job folders are numbered on from the last one, never reused;
+- the study records its search space and its data (``data.root`` resolved, the split settings, the folds) in its
+  user attributes, and a later invocation that changes either is refused, by setting, before it runs anything:
+  trials of two searches, or of two datasets, would otherwise be ranked together;
 - ``n_jobs`` trials are launched together (to use a parallel launcher); ``best.yaml`` in the sweep folder holds the
-  best trial's value and overrides so far.
+  best trial's value and the overrides that compose its config (the ``hparams_search`` preset included; its fold
+  selection aside), and the command that trains that setting and tests it once.
 
 This module imports nothing heavy at import time: Hydra imports every ``hydra_plugins`` module when any app starts
 (without registering it in ``sys.modules``, hence no ``from __future__ import annotations`` for the dataclass).
@@ -23,6 +30,8 @@ This module imports nothing heavy at import time: Hydra imports every ``hydra_pl
 
 import logging
 import math
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf 2.3 reads typing's forms in structured configs
@@ -35,10 +44,16 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.errors import SettingError
+from finetune.harness.exits import user_errors
+
 log = logging.getLogger(__name__)
 
 STUDY_DB = "optuna.db"  # finetune.harness.resume lets a search continue in a sweep folder that holds one
 JOBS_ATTR = "jobs_launched"  # study user attribute: how many job folders the study's invocations have numbered
+SPACE_ATTR = "search_space"  # study user attribute: {key: the Optuna distribution, as JSON} the study searches
+DATA_ATTR = "data"  # study user attribute: what decides the trials' train and validation images (see search_data)
+FIXED_ATTR = "fixed_overrides"  # trial user attribute: the overrides besides its values that its jobs ran with
 
 
 @dataclass
@@ -59,8 +74,8 @@ class OptunaSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="finetune_optuna", node=OptunaSweeperConf, provider="finetune")
 
 
-class SearchError(ValueError):
-    """A search configuration that cannot run, worded for the user."""
+class SearchError(SettingError):
+    """A search configuration that cannot run, worded for the user (a setting error: no traceback)."""
 
 
 class OptunaSweeper(Sweeper):
@@ -101,8 +116,12 @@ class OptunaSweeper(Sweeper):
                     fixed.append(override.input_line)
                     continue
                 raise SearchError(_NO_TEST.format(what=f"{override.input_line!r} in the search"))
+            fixed = [f for f in fixed if _key_of(f) != key]  # the last override of a key wins, as in Hydra
             if not override.is_sweep_override():
-                fixed.append(f"{key}={override.get_value_element_as_str()}")
+                space.pop(key, None)  # a plain value fixes a key that params searches
+                fixed.append(
+                    override.input_line if override.is_delete() else f"{key}={override.get_value_element_as_str()}"
+                )
                 continue
             space[key] = _distribution(override, dist)
         if not space:
@@ -117,17 +136,25 @@ class OptunaSweeper(Sweeper):
 
     # --- the study --------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
+        with user_errors(job=False):  # a refused study or setting: one Error: line and exit code 2, as in the jobs
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
         s = self.settings
         space, fixed = self.split_arguments(arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        job_config = self.hydra_context.config_loader.load_sweep_config(
+            master_config=self.config, sweep_overrides=fixed
+        )
         storage = s.storage or f"sqlite:///{(sweep_dir / STUDY_DB).resolve()}"
         study = optuna.create_study(
             study_name=s.study_name, storage=storage, direction=s.direction, load_if_exists=True
         )
+        check_same_study(study, space_record(space), search_data(job_config, s.folds))
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # after the check: a refused rerun leaves it as it was
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             log.warning("Trial %d was left running by a stopped invocation: marked failed", trial.number)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -173,6 +200,7 @@ class OptunaSweeper(Sweeper):
             results.append(launched)
             for offset, (trial, job) in enumerate(zip(list(alive), launched, strict=True)):
                 trial.set_user_attr(f"job_{fold}", first + offset)
+                trial.set_user_attr(FIXED_ATTR, fixed)  # best.yaml's, should this trial win a later invocation
                 value = _value(job)
                 if value is None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -197,9 +225,8 @@ class OptunaSweeper(Sweeper):
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
             return
-        best = study.best_trial
-        kept = [o for o in fixed if not o.lstrip("+~").startswith(("hparams_search=", "test_after_fit=", "hydra."))]
-        overrides = kept + _trial_overrides(best)
+        best = study.best_trial  # its own overrides: a later invocation may have changed a setting outside the data
+        overrides = best_overrides(best.user_attrs.get(FIXED_ATTR, fixed), best.params)
         record = {
             "study_name": self.settings.study_name,
             "trials": len(study.trials),
@@ -208,9 +235,93 @@ class OptunaSweeper(Sweeper):
             "best_value": best.value,
             "best_params": dict(best.params),
             "objective": "mean validation score over folds" if self.settings.folds else "validation score",
-            "overrides": overrides,  # python -m finetune.train <these>: the chosen setting, to test once
+            # python -m finetune.train <these>: the best trial's config (the preset included), less the fold it ran
+            "overrides": overrides,
+            "test_command": " ".join(["python -m finetune.train", *map(shlex.quote, overrides), "test_after_fit=true"]),
         }
         OmegaConf.save(OmegaConf.create(record), sweep_dir / "best.yaml")
+
+
+def best_overrides(fixed: list[str], params: dict[str, Any]) -> list[str]:
+    """Overrides that compose a trial's config in a single run: the search's own (``hparams_search=`` included, whose
+    fixed settings, such as probe's frozen head on cached features, the trial ran with) and the trial's values.
+
+    Only the fold selection (``data.folds``/``data.fold``, one per job of the trial) is not among them; ``hydra.*``
+    overrides, which never reach a task's config, are left out.
+    """
+    keys = set(params)
+    kept = [o for o in fixed if not o.lstrip("+~").startswith("hydra.") and _key_of(o) not in keys]
+    return kept + [f"{key}={_format(value)}" for key, value in params.items()]
+
+
+def space_record(space: dict[str, Any]) -> dict[str, str]:
+    """The search space as the study records it: ``{key: the distribution as Optuna's JSON}``."""
+    import optuna.distributions as dist
+
+    return {key: dist.distribution_to_json(value) for key, value in sorted(space.items())}
+
+
+def search_data(cfg: DictConfig, folds: int | None) -> dict[str, Any]:
+    """What decides a trial's train and validation images, from a job's composed config: the data config chosen,
+    ``data.root`` resolved against the folder the search runs in (where the jobs run: ``hydra.job.chdir=false``),
+    and the split (``data.split_seed``, then the folds, or ``data.val_fraction`` without folds)."""
+    data = cfg.get("data") or {}
+    root = OmegaConf.select(cfg, "data.root", default=None, throw_on_missing=False)
+    record: dict[str, Any] = {
+        "data": OmegaConf.select(cfg, "hydra.runtime.choices.data", default=None),
+        "data.root": str(Path(str(root)).expanduser().resolve()) if root not in (None, "???") else None,
+        "data.split_seed": data.get("split_seed"),
+    }
+    if folds:
+        record["hydra.sweeper.folds"] = folds
+    elif data.get("folds"):
+        record.update({"data.folds": data.get("folds"), "data.fold": data.get("fold")})
+    else:
+        record["data.val_fraction"] = data.get("val_fraction")
+    return record
+
+
+def check_same_study(study, space: dict[str, str], data: dict[str, Any]) -> None:
+    """Refuse to add trials to a study that has trials of another search space or of other data; record both in a
+    study that has none yet (a new one, or one from before they were recorded)."""
+    name = study.study_name
+    if study.trials:
+        for attr, current, what in ((SPACE_ATTR, space, "of another search space"), (DATA_ATTR, data, "on other data")):
+            recorded = study.user_attrs.get(attr)
+            if recorded is None:
+                log.warning("Study %r has no record of its %s: recording this invocation's", name, what)
+                continue
+            changed = [k for k in sorted({*recorded, *current}) if recorded.get(k) != current.get(k)]
+            if changed:
+                show = _show_distribution if attr == SPACE_ATTR else _show_value
+                differences = "; ".join(
+                    f"{key}: {show(recorded.get(key))} in the study, {show(current.get(key))} now" for key in changed
+                )
+                raise SearchError(
+                    f"Study {name!r} has {len(study.trials)} trial(s) {what} ({differences}). Its trials "
+                    f"cannot be ranked with this search's: give a new study name (hydra.sweeper.study_name=NEW, which "
+                    f"also gives a new folder under searches/) to start another study, or the study's own settings "
+                    f"to continue it."
+                )
+    study.set_user_attr(SPACE_ATTR, space)
+    study.set_user_attr(DATA_ATTR, data)
+
+
+def _show_distribution(text: str | None) -> str:
+    if text is None:
+        return "not searched"
+    import optuna.distributions as dist
+
+    return repr(dist.json_to_distribution(text))
+
+
+def _show_value(value: Any) -> str:
+    return "not set" if value is None else repr(value)
+
+
+def _key_of(override: str) -> str:
+    """The key of an override as ``split_arguments`` writes it (``+``/``++``/``~`` prefix included)."""
+    return override.split("=", 1)[0]
 
 
 _NO_TEST = (
@@ -260,3 +371,47 @@ def _value(job) -> float | None:
         log.error("Job %s returned %r, not a finite number: its trial fails", job.working_dir, value)
         return None
     return float(value)
+
+
+_PARAM_ON_COMMAND_LINE = re.compile(r"(?P<prefix>[+~]*)hydra\.sweeper\.params\.(?P<key>[^=]+)(?:=(?P<value>.*))?", re.S)
+
+
+def sweep_params_from_argv(argv: list[str]) -> list[str]:
+    """``argv`` with every ``hydra.sweeper.params.<key>=<value>`` as the override ``<key>=<value>``.
+
+    Hydra cannot take such an override itself: in a multirun it refuses a sweep inside ``hydra.`` ("Sweeping over
+    Hydra's configuration is not supported"), and a dotted key (``optimizer.lr``, one key of ``params``) is read as
+    nested nodes that do not exist. The sweeper reads ``params`` and the command line's sweep overrides alike, the
+    command line last, so ``<key>=<value>`` does what was asked: a sweep replaces the preset's for that key, a plain
+    value fixes it. A value quoted so that Hydra reads it as a string (``'interval(0.001, 0.1)'``) is unquoted.
+    """
+    args = list(argv[1:])
+    if not any(_PARAM_ON_COMMAND_LINE.fullmatch(arg) for arg in args):
+        return list(argv)
+    out = [argv[0]]
+    for arg in args:
+        match = _PARAM_ON_COMMAND_LINE.fullmatch(arg)
+        if not match:
+            out.append(arg)
+            continue
+        key, value = match["key"], match["value"]
+        if "~" in match["prefix"] or value is None:
+            raise SearchError(
+                f"{arg}: to stop searching {key}, give it one value instead ({key}=VALUE on the command line "
+                "fixes a key that the search's params would search)."
+            )
+        out.append(f"{key}={_unquoted(value)}")
+    return out
+
+
+def _unquoted(value: str) -> str:
+    """``value`` without the quotes that would make Hydra read a sweep as a plain string."""
+    stripped = value.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        try:
+            parsed = OverridesParser.create().parse_override(f"key={stripped}").value()
+        except Exception:  # noqa: BLE001 - not one quoted string: Hydra reads it as it is, and says what is wrong
+            return value
+        if isinstance(parsed, str):
+            return parsed
+    return value

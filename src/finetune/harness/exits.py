@@ -1,0 +1,73 @@
+"""How an entry point ends on a user's mistake: one ``Error: ...`` line on stderr and exit code 2, no traceback.
+
+A :class:`~finetune.errors.UserError` (a setting, a file, a folder, a refused resume or overwrite, a bad checkpoint)
+is the user's to fix, so its message is all they need; any other exception is a bug and keeps its traceback (Hydra
+prints it). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to the run's log file
+(``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+from finetune.errors import UserError
+
+USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def full_errors() -> bool:
+    """``HYDRA_FULL_ERROR=1``: every error with its stack, user errors included."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def fail(message: str) -> NoReturn:
+    """End the program on a user's mistake: ``Error: message`` on stderr (and in the log file), exit code 2."""
+    line = f"Error: {message}"
+    _log_to_files(line)
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+@contextmanager
+def user_errors(job: bool = True) -> Iterator[None]:
+    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``, or inside a
+    multirun's ``job``, whose error Hydra records while the other jobs go on)."""
+    try:
+        yield
+    except UserError as err:
+        if full_errors() or (job and _in_a_multirun_job()):
+            raise  # a multirun job's error: Hydra records it and its other jobs still run
+        fail(str(err))
+
+
+def ends_user_errors_cleanly(main: F) -> F:
+    """Decorator for an entry point's task function (inside ``@hydra.main``): see :func:`user_errors`."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_errors():
+            return main(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _in_a_multirun_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _log_to_files(line: str) -> None:
+    """The line into the log files the root logger writes (Hydra's ``train.log``), not again on the console."""
+    record = logging.LogRecord("finetune", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
