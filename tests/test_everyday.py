@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune.errors import SettingError
 from finetune.evaluate import evaluate
+from finetune.harness.settings import check_devices, check_seed
 from finetune.predict import predict
 
 from .conftest import REPO, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
@@ -136,3 +138,64 @@ def test_a_quoted_data_root_under_home_written_with_a_tilde_is_found(run, tmp_pa
     # quoted, as Hydra's override grammar needs for a leading ~
     results = evaluate(eval_config(run["best_checkpoint"], "'~/photos'", tmp_path / "eval"))
     assert sum(map(sum, results["test/confusion_matrix"]["matrix"])) == 8
+
+
+# --- settings that Lightning would take without naming them ----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1])
+def test_a_seed_in_lightnings_range_is_used_as_given(seed):
+    assert check_seed(seed) == seed
+
+
+@pytest.mark.parametrize("seed", ["abc", -1, 2**32, 1.5, True, None])
+def test_a_seed_lightning_would_fail_on_or_replace_by_a_random_one_is_refused(seed):
+    with pytest.raises(SettingError, match=r"^seed must be an integer from 0 to 4294967295, got "):
+        check_seed(seed)
+
+
+@pytest.mark.parametrize("devices", ["auto", 1, 2, -1, [0], [0, 1], "0,1", "2"])
+def test_device_settings_lightning_reads_are_accepted(devices):
+    check_devices(devices, 1)
+
+
+@pytest.mark.parametrize("devices", [0, -2, [], "", "abc", "0,x", True, [-1]])
+def test_device_settings_that_use_no_device_are_refused_by_name(devices):
+    with pytest.raises(SettingError, match=r"^trainer.devices must be auto, a number of devices >= 1"):
+        check_devices(devices, 1)
+    with pytest.raises(SettingError, match=r"^trainer.num_nodes must be an integer >= 1"):
+        check_devices(1, 0)
+
+
+@pytest.mark.parametrize(("setting", "named"), [("seed=abc", "seed must be"), ("trainer.devices=0", "trainer.devices")])
+def test_a_bad_seed_or_device_count_on_the_command_line_is_one_error_line(tmp_path, tiny_folder, setting, named):
+    done = run_cli([*tiny_overrides(tiny_folder, tmp_path / "run"), "trainer.max_epochs=1", setting], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {named}") and "Traceback" not in done.stderr
+
+
+def test_a_read_only_log_dir_is_named_before_the_run_starts(tmp_path, tiny_folder):
+    """As a user without root's override of permissions (``nobody`` when the tests run as root)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as name:
+        shared = Path(name)
+        shared.chmod(0o777)
+        data = shutil.copytree(tiny_folder, shared / "data")
+        read_only = shared / "logs"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        args = [*without(tiny_overrides(data, shared), "paths."), f"paths.log_dir={read_only}", "trainer.max_epochs=1"]
+        command = cli_command(args)
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root, and no setpriv to run the command as another user")
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        env = {**cli_env(), "HOME": str(shared)}
+        done = subprocess.run(command, cwd=shared, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and "not writable" in errors[0] and "paths.log_dir" in errors[0], done.stderr
+        assert str(read_only) in errors[0] and not any(read_only.iterdir())

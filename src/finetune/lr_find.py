@@ -28,6 +28,7 @@ from finetune.errors import SettingError
 from finetune.harness import distributed
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
+from finetune.harness.settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
 
 def lr_find(cfg: DictConfig) -> dict[str, Any]:
     """Run the range test of ``cfg``; write ``lr_find.json`` (and ``lr_find.png``) into ``cfg.paths.output_dir``."""
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(check_seed(cfg.seed), workers=True)
     settings = cfg.lr_find
     test = RangeTest(settings.min_lr, settings.max_lr, settings.num_training, settings.early_stop_threshold)
     run = assemble(range_test_config(cfg), [test])

@@ -42,6 +42,7 @@ from finetune.harness.checkpoint import class_names, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
+from finetune.harness.settings import check_seed
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
 from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
@@ -188,7 +189,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SettingError(f"shift_seed must be an integer, got {seed!r}.")
     device = resolve_device(str(cfg.get("device", "auto")))
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)

@@ -35,7 +35,7 @@ from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_f
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_alpha, check_alphas
+from finetune.harness.settings import check_alpha, check_alphas, check_seed
 from finetune.module import TEMPERATURE
 from finetune.run import CONFIG_DIR, assemble
 
@@ -113,7 +113,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         raise SettingError(f"A soup needs at least two checkpoints in ckpts=[...]; got {len(paths)}.")
     alpha = check_alpha(cfg.get("alpha"))
     alphas = check_alphas(OmegaConf.to_container(cfg.alphas) if cfg.get("alphas") is not None else None)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}

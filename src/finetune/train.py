@@ -30,6 +30,7 @@ from finetune.harness.results import fit_record, run_results, summary, write_jso
 from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.run_state import EpochHistory, RngState
+from finetune.harness.settings import check_seed
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
 from finetune.run import CONFIG_DIR, assemble
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rank: every process then exits with 130 or 143, after saving ``checkpoints/interrupted.ckpt``); or ``failed``,
     with the error (under DDP naming a rank that died, when rank 0 can tell).
     """
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
     absolute_input_paths(cfg)

@@ -37,8 +37,9 @@ _CLAIMED_BY_HYDRA: set[Path] = set()
 _NOT_INHERITED = {"resume", "ckpt_path", "paths.output_dir", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"}
 
 
-def claim_run_folder(output_dir: str | Path) -> None:
-    """Own ``output_dir`` for this run, or refuse: it holds another run, or another process claimed it first.
+def claim_run_folder(output_dir: str | Path, log_dir: str | Path | None = None) -> None:
+    """Own ``output_dir`` for this run, or refuse: it holds another run, or another process claimed it first, or it
+    cannot be written (naming ``paths.log_dir`` when the folder is made below ``log_dir``).
 
     Only the global rank 0 claims: the other DDP ranks run in rank 0's folder.
     """
@@ -52,11 +53,7 @@ def claim_run_folder(output_dir: str | Path) -> None:
     if _is_this_multirun_job(folder.path):
         found = [f for f in found if f != f"{HYDRA}/"]  # Hydra's record of this very job, written as it started
     if not found:
-        try:  # e.g. below a read-only paths.log_dir: said before any work
-            check_writable(folder.path, "paths.output_dir")
-        except PathError as err:
-            hint = "A run's folder is made below paths.log_dir unless paths.output_dir is given."
-            raise PathError(f"{err} ({hint})") from None
+        _check_run_folder_writable(folder.path, log_dir)  # e.g. below a read-only paths.log_dir: before any work
         try:
             folder.claim()
             return
@@ -67,6 +64,17 @@ def claim_run_folder(output_dir: str | Path) -> None:
         f"another run's folder. To continue that run, pass resume={output_dir} (it writes to a new folder); "
         "otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
     )
+
+
+def _check_run_folder_writable(folder: Path, log_dir: str | Path | None) -> None:
+    if log_dir is not None and folder.absolute().is_relative_to(Path(log_dir).expanduser().absolute()):
+        check_writable(folder, "paths.log_dir", log_dir)  # the folder the user chose; the run's name is Hydra's
+        return
+    try:
+        check_writable(folder, "paths.output_dir")
+    except PathError as err:
+        hint = "A run's folder is made below paths.log_dir unless paths.output_dir is given."
+        raise PathError(f"{err} ({hint})") from None
 
 
 def _is_this_multirun_job(folder: Path) -> bool:
@@ -90,7 +98,7 @@ class ClaimRunFolder(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # the folder's name may use ${hydra:...}; Hydra sets it next anyway
         try:
-            claim_run_folder(config.hydra.run.dir)
+            claim_run_folder(config.hydra.run.dir, OmegaConf.select(config, "paths.log_dir", default=None))
         except (FileExistsError, PathError) as err:
             fail(str(err))  # a SystemExit: Hydra turns a callback's Exception into a mere warning
         _CLAIMED_BY_HYDRA.add(Path(config.hydra.run.dir).resolve())
