@@ -319,11 +319,6 @@ class ShardsDataModule(ImageFolderDataModule):
         self, *args: Any, classes: Sequence[str] | None = None, storage_options: dict | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.hparams.cache != "none":
-            raise SettingError(
-                f"data.cache={self.hparams.cache} does not apply to data=shards: the shards stream encoded images "
-                "and decode each as it arrives. Use data.cache=none (the default) with shards, or data=folder."
-            )
         self.manifest: dict[str, Any] | None = None
         self.streams: dict[str, Any] = {}  # split -> its StreamingDataset, what the loaders read
 
@@ -339,6 +334,11 @@ class ShardsDataModule(ImageFolderDataModule):
 
     def prepare_data(self) -> None:
         _litdata()
+        if self.hparams.cache != "none":
+            raise SettingError(
+                f"data.cache={self.hparams.cache} does not apply to data=shards: the shards stream encoded images "
+                "and decode each as it arrives. Use data.cache=none (the default) with shards, or data=folder."
+            )
         if self.manifest is None:
             manifest = read_manifest(self.shards_root, self.hparams.storage_options)
             check_manifest(manifest, dict(self.hparams), self.shards_root)
