@@ -237,3 +237,70 @@ def test_a_run_stopped_mid_epoch_resumes_the_stream_where_it_stopped(tmp_path, f
     assert a["global_step"] == b["global_step"] == 8
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+class SeenImages(pl.Callback):
+    """Test-only: which flat-colour images (their index, read back from the colour) each rank saw, per stage and
+    epoch, written to ``folder/rank<N>.json``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.seen = Path(folder), {"train": [], "val": [], "test": []}
+
+    @staticmethod
+    def _ids(batch) -> list[int]:
+        red = batch[0][:, 0, 0, 0].double() * 0.229 + 0.485  # data.mean/std: ImageNet's
+        return [round(float(value) * 255 / 5) for value in red]
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.seen["train"].append([])
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.seen["val"].append([])
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.seen["test"].append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen["train"][-1] += self._ids(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.seen["val"][-1] += self._ids(batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.seen["test"][-1] += self._ids(batch)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+@pytest.mark.slow
+def test_under_ddp_each_rank_streams_its_own_images_and_evaluation_sees_every_image_once(tmp_path):
+    """2 gloo processes. 23 training images: 18 train, 5 val; 7 test. Batch 4 per rank."""
+    images = flat_folder(tmp_path / "images")
+    output = tmp_path / "shards"
+    write(images, output)
+    seen = tmp_path / "seen"
+    args = on_shards(flat_overrides(images, tmp_path / "run", 4), images, output) + [
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "calibrate=false",
+        "+callbacks.seen._target_=tests.test_shards.SeenImages",
+        f"+callbacks.seen.folder={seen}",
+    ]
+    run_cli(args)
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
+    manifest = json.loads((output / MANIFEST).read_text())
+    train_ids = {i for i in range(30)} - {i for i in range(23, 30)}  # indices 0..22 are the train folder's images
+    for epoch in range(3):
+        a, b = (rank["train"][epoch] for rank in ranks)
+        assert len(a) == len(b)  # the same number of steps on both ranks, or DDP would hang
+        assert not set(a) & set(b) and len(set(a)) == len(a) and len(set(b)) == len(b)  # no image twice
+        assert set(a) | set(b) <= train_ids
+        assert len(a) + len(b) > manifest["splits"]["train"]["count"] - 2 * 4  # fewer than ranks x batch left out
+    assert ranks[0]["train"][0] != ranks[0]["train"][1]  # a new order every epoch
+    for stage, split in (("val", "val"), ("test", "test")):
+        every = sorted(ranks[0][stage][-1] + ranks[1][stage][-1])
+        assert len(every) == len(set(every)) == manifest["splits"][split]["count"]  # each image exactly once
+    assert sorted(ranks[0]["test"][-1] + ranks[1]["test"][-1]) == list(range(23, 30))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -386,21 +387,30 @@ class ShardsDataModule(ImageFolderDataModule):
         return self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
 
     def val_dataloader(self) -> Any:
-        return self._loader(self.streams.get("val"))
+        return self._eval_loader(self.streams.get("val"))
 
     def test_dataloader(self) -> Any:
-        return self._loader(self.streams.get("test"))
+        return self._eval_loader(self.streams.get("test"))
+
+    def _eval_loader(self, stream: Any) -> Any:
+        """Every image once across ranks. LitData deals whole batches to ranks and the rest to the last one, so a
+        split smaller than ranks x batch_size would leave a rank without any; here images are dealt one by one
+        (the loader still batches them), as evaluation never needs equal shares."""
+        return self._loader(stream, one_by_one=True)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False, collate_fn=None, epoch_of=None):
+    def _loader(
+        self, dataset, shuffle: bool = False, drop_last: bool = False, collate_fn=None, epoch_of=None, one_by_one=False
+    ):
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a data loader.")
         workers = self.num_workers
         return EpochStreamingDataLoader(
             dataset,
             epoch_of=epoch_of,
+            one_by_one=one_by_one,
             batch_size=self.batch_size,
             num_workers=workers,
             collate_fn=collate_fn,
@@ -416,13 +426,22 @@ def _streaming_loader_class() -> type:
     class EpochStreamingDataLoader(StreamingDataLoader):
         """LitData's loader, its shuffle epoch taken from the trainer: the same order after a resume."""
 
-        def __init__(self, *args: Any, epoch_of: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, epoch_of: Callable[[], int] | None = None, one_by_one: bool = False, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
-            self.epoch_of = epoch_of
+            self.epoch_of, self.one_by_one = epoch_of, one_by_one
+
+        def __len__(self) -> int:
+            if not self.one_by_one:
+                return super().__len__()
+            return math.ceil(self.dataset.get_len(self.num_workers, 1) / self.batch_size)
 
         def __iter__(self):
             if self.epoch_of is not None and not self.restore:
                 self.current_epoch = self.epoch_of()  # StreamingDataLoader counts on from here: epoch + 1
+            if self.one_by_one:  # the stream's share per rank and worker, computed for batches of one image
+                self.dataset.set_batch_size(1)
             yield from super().__iter__()
 
     return EpochStreamingDataLoader
