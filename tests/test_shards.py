@@ -17,11 +17,14 @@ pytest.importorskip("litdata", reason="data=shards needs litdata: pip install -e
 
 from finetune.data.shards import MANIFEST  # noqa: E402
 from finetune.errors import PathError, SettingError  # noqa: E402
+from finetune.evaluate import evaluate  # noqa: E402
+from finetune.predict import predict  # noqa: E402
 from finetune.run import build_datamodule  # noqa: E402
 from finetune.shards import shards  # noqa: E402
 from finetune.train import train  # noqa: E402
 
 from .conftest import compose_config, make_image_folder, run_cli, tiny_overrides  # noqa: E402
+from .inference import eval_config, predict_config  # noqa: E402
 from .test_resume import RECIPE  # noqa: E402
 
 TOL = {"rel": 1e-4, "abs": 1e-6}
@@ -118,11 +121,16 @@ def test_writing_into_an_existing_output_is_refused_unless_overwrite(folder, wri
 def test_shards_of_another_split_or_other_classes_are_refused_by_name(folder, written, tmp_path):
     base = on_shards(tiny_overrides(folder, tmp_path / "out"), folder, written)
     with pytest.raises(SettingError, match=r"another split \(data.split_seed: 0 in the shards, 5 now\)"):
-        build_datamodule(compose_config([*base, "data.split_seed=5"]))
+        datamodule([*base, "data.split_seed=5"])
     with pytest.raises(SettingError, match=r"data.val_fraction: 0.2 in the shards, 0.3 now"):
-        build_datamodule(compose_config([*base, "data.val_fraction=0.3"]))
+        datamodule([*base, "data.val_fraction=0.3"])
     with pytest.raises(SettingError, match=r"data.folds: None in the shards, 2 now"):
-        build_datamodule(compose_config([*base, "data.folds=2", "data.fold=0"]))
+        datamodule([*base, "data.folds=2", "data.fold=0"])
+    # Evaluation reads only the test split, which no split setting changes: another val_fraction is no reason to
+    # refuse it.
+    test_only = build_datamodule(compose_config([*base, "data.val_fraction=0.3"]))
+    test_only.setup("test")
+    assert len(test_only.test_set) == 8
     with pytest.raises(SettingError, match=r"hold the classes \['cat', 'dog'\], but data.classes=\['cat', 'bird'\]"):
         build_datamodule(compose_config([*base, "data.classes=[cat,bird]"]))
     with pytest.raises(PathError, match=r"Cannot read the shards manifest .*nowhere/manifest.json"):
@@ -196,6 +204,46 @@ def test_a_run_on_shards_gives_the_folders_numbers_and_record(tmp_path):
     b = torch.load(tmp_path / "streamed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["classes"] == b["classes"] == ["a", "b"] and a["preprocessing"] == b["preprocessing"]
     assert b["datamodule_hyper_parameters"]["root"] == str(output)
+    assert set(streamed) == set(on_folder)  # results.json: the same record
+    assert json.loads((tmp_path / "streamed" / "results.json").read_text())["status"] == "completed"
+
+    # Evaluate: the shards-trained checkpoint on the shards scores as the folder-trained one on the folder.
+    ckpt = {name: tmp_path / name / "checkpoints" / "last.ckpt" for name in ("folder", "streamed")}
+    scored = evaluate(eval_config(ckpt["streamed"], output, tmp_path / "eval_streamed", "data=shards"))
+    plain = evaluate(eval_config(ckpt["folder"], images, tmp_path / "eval_folder"))
+    for key in ("test/acc", "test/loss"):
+        assert scored[key] == pytest.approx(plain[key], **TOL), key
+    assert (tmp_path / "eval_streamed" / "eval_results.json").is_file()
+    # Predict (image files): the same probabilities from either checkpoint.
+    rows = {
+        name: predict(predict_config(ckpt[name], images / "test", tmp_path / f"predict_{name}"))
+        for name in ("folder", "streamed")
+    }
+    assert [r["path"] for r in rows["streamed"]] == [r["path"] for r in rows["folder"]]
+    for got, want in zip(rows["streamed"], rows["folder"], strict=True):
+        assert got["label"] == want["label"] and not got["error"]
+        for name in ("score", "a", "b"):
+            assert got[name] == pytest.approx(want[name], **TOL)
+
+
+def test_device_side_augmentation_streams_shards_as_it_does_the_folder(tmp_path):
+    """data.augment_on=device: the loader hands over undecoded-size uint8 images, cropped and flipped after the
+    transfer; on flat images every crop gives the same pixels, so shards and folder must give the same numbers."""
+    images = flat_folder(tmp_path / "images")
+    output = tmp_path / "shards"
+    write(images, output)
+    device = ["data.augment_on=device", "trainer.max_epochs=2", "calibrate=false"]
+    on_folder = train(compose_config([*flat_overrides(images, tmp_path / "folder", 18), *device]))
+    streamed = train(
+        compose_config([*on_shards(flat_overrides(images, tmp_path / "streamed", 18), images, output), *device])
+    )
+    assert streamed["status"] == on_folder["status"] == "completed"
+    for key in ("val/acc", "test/acc", "test/loss"):
+        assert streamed[key] == pytest.approx(on_folder[key], **TOL), key
+    for got, want in zip(streamed["history"], on_folder["history"], strict=True):
+        assert got["train/loss"] == pytest.approx(want["train/loss"], **TOL), want["epoch"]
+    checkpoint = torch.load(tmp_path / "streamed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["ShardsDataModule"]["device_augment"] == {"seed": 0, "batches": 2}  # 18 images, batch 18
 
 
 class StopAt(pl.Callback):

@@ -220,8 +220,21 @@ def read_manifest(root: str, storage_options: dict | None = None) -> dict[str, A
     return manifest
 
 
-def check_manifest(manifest: dict[str, Any], settings: dict[str, Any], root: str) -> None:
-    """Refuse shards whose split or classes are not the ones the config asks for, naming each difference."""
+def check_classes(manifest: dict[str, Any], settings: dict[str, Any], root: str) -> None:
+    """Refuse shards holding other classes than ``data.classes`` (when it is a list)."""
+    wanted = settings.get("classes")
+    if wanted is not None and list(wanted) != list(manifest["classes"]):
+        raise SettingError(
+            f"The shards at {root} hold the classes {manifest['classes']}, but data.classes={list(wanted)}. Point "
+            "data.root at shards of these classes, or set data.classes to the shards' (null: take theirs)."
+        )
+
+
+def check_split(manifest: dict[str, Any], settings: dict[str, Any], root: str) -> None:
+    """Refuse shards whose train/val split is not the one the config asks for, naming each differing setting.
+
+    Only training reads the train/val split; evaluation reads the test split, which no split setting changes.
+    """
     split = manifest["split"]
     kfold = settings.get("folds") is not None or split.get("folds") is not None
     keys = ("split_seed", "folds", "fold") if kfold else ("split_seed", "val_fraction")  # what defines the split
@@ -235,12 +248,6 @@ def check_manifest(manifest: dict[str, Any], settings: dict[str, Any], root: str
             f"The shards at {root} were written with another split ({'; '.join(differ)}). Set those data.* values "
             "to the shards' (a run's validation split must be the one its shards hold), or write shards for this "
             "split with python -m finetune.shards."
-        )
-    wanted = settings.get("classes")
-    if wanted is not None and list(wanted) != list(manifest["classes"]):
-        raise SettingError(
-            f"The shards at {root} hold the classes {manifest['classes']}, but data.classes={list(wanted)}. Point "
-            "data.root at shards of these classes, or set data.classes to the shards' (null: take theirs)."
         )
 
 
@@ -342,7 +349,7 @@ class ShardsDataModule(ImageFolderDataModule):
             )
         if self.manifest is None:
             manifest = read_manifest(self.shards_root, self.hparams.storage_options)
-            check_manifest(manifest, dict(self.hparams), self.shards_root)
+            check_classes(manifest, dict(self.hparams), self.shards_root)
             self.manifest, self.classes = manifest, list(manifest["classes"])
 
     def _stream(self, split: str, transform: Callable, shuffle: bool) -> Any:
@@ -363,6 +370,8 @@ class ShardsDataModule(ImageFolderDataModule):
         return stream
 
     def _fit_sets(self, train_tf, eval_tf) -> tuple[Dataset, Dataset, Dataset]:
+        self.prepare_data()
+        check_split(self.manifest, dict(self.hparams), self.shards_root)
         self.streams["train"] = self._stream("train", train_tf, shuffle=True)
         self.streams["val"] = self._stream("val", eval_tf, shuffle=False)
         plain_train = self._stream("train", eval_tf, shuffle=False)
