@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 from torchmetrics import Metric
 from torchmetrics.classification import (
     MulticlassAUROC,
@@ -130,8 +130,8 @@ class TestMetrics(nn.Module):
 def batch_indices(dataloader: Any) -> list[list[int]] | None:
     """The dataset indices of each batch this rank's test loader yields (``None`` if they cannot be known)."""
     batch_sampler = getattr(dataloader, "batch_sampler", None)
-    if batch_sampler is None:
-        return None
+    if batch_sampler is None or isinstance(getattr(dataloader, "dataset", None), IterableDataset):
+        return None  # a stream (shards) has no sampler to read its order from (its sampler never ends)
     return [list(batch) for batch in batch_sampler]
 
 

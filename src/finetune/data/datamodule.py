@@ -250,39 +250,51 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.augments_on_device:
             train_tf = v2.PILToTensor()  # decoded uint8; the crop, flip and normalisation run on the device
         if stage in ("fit", "validate", None) and self.train_set is None and not self.test_only:
-            keep = self._usable_images("train")
-            if "test" in self._scan():
-                self._usable_images("test")  # a corrupt test image must stop the run now, not after training
-            augmented = self._folder("train", train_tf, keep)
-            plain = self._folder("train", eval_tf, keep)
-            self.classes = augmented.classes
-            train_idx, val_idx = self._split(augmented.targets, augmented.classes)
-            check_split(augmented, train_idx, val_idx, hp.val_fraction)
-            self.train_set = Subset(augmented, train_idx)
-            self.train_eval_set = Subset(plain, train_idx)  # the training images through the eval transform
-            self.val_set = Subset(plain, val_idx)
-            if hp.cache != "none":
-                self.train_set = self._cached(self.train_set, "train", augmented=self.augment)
-                self.val_set = self._cached(self.val_set, "val", augmented=False)
+            self.train_set, self.train_eval_set, self.val_set = self._fit_sets(train_tf, eval_tf)
             if self.augments_on_device and self.device_augment is None:
                 self.device_augment = DeviceAugment(
                     hp.image_size, hp.mean, hp.std, scale=tuple(hp.crop_scale), resampling=hp.device_resampling
                 )
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
-            if "test" not in self._scan():
-                if stage is None:
-                    return
-                raise PathError(
-                    f"{str(self.root)!r} has no test/ folder to {stage} on (this run was set up without one: "
-                    "test_after_fit=false). Add test/<class>/<image> folders, or evaluate another folder."
-                )
-            keep = self._usable_images("test")
-            test_tf = self.preprocessing.views(self.test_views)
-            self.test_set = self._folder("test", test_tf, keep)
-            self.classes = self.test_set.classes
-            if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
-                self.test_set = self._cached(self.test_set, "test", augmented=False)
+            self.test_set = self._test_set(self.preprocessing.views(self.test_views), stage)
+
+    # --- the data source: the image folder (finetune.data.shards.ShardsDataModule reads shards instead) --------
+    def _fit_sets(self, train_tf, eval_tf) -> tuple[Dataset, Dataset, Dataset]:
+        """(train, train through the eval transform, val) of the train folder, split and checked; cached if asked."""
+        hp = self.hparams
+        keep = self._usable_images("train")
+        if "test" in self._scan():
+            self._usable_images("test")  # a corrupt test image must stop the run now, not after training
+        augmented = self._folder("train", train_tf, keep)
+        plain = self._folder("train", eval_tf, keep)
+        self.classes = augmented.classes
+        train_idx, val_idx = self._split(augmented.targets, augmented.classes)
+        check_split(augmented, train_idx, val_idx, hp.val_fraction)
+        train_set: Dataset = Subset(augmented, train_idx)
+        train_eval_set = Subset(plain, train_idx)  # the training images through the eval transform
+        val_set: Dataset = Subset(plain, val_idx)
+        if hp.cache != "none":
+            train_set = self._cached(train_set, "train", augmented=self.augment)
+            val_set = self._cached(val_set, "val", augmented=False)
+        return train_set, train_eval_set, val_set
+
+    def _test_set(self, test_tf, stage: str | None) -> Dataset | None:
+        """The test folder through ``test_tf``; None for ``setup()`` of a run set up without one."""
+        hp = self.hparams
+        if "test" not in self._scan():
+            if stage is None:
+                return None
+            raise PathError(
+                f"{str(self.root)!r} has no test/ folder to {stage} on (this run was set up without one: "
+                "test_after_fit=false). Add test/<class>/<image> folders, or evaluate another folder."
+            )
+        keep = self._usable_images("test")
+        test_set = self._folder("test", test_tf, keep)
+        self.classes = test_set.classes
+        if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
+            return self._cached(test_set, "test", augmented=False)
+        return test_set
 
     def train_dataloader(self) -> DataLoader:
         collate = pad_collate if self.augments_on_device else None

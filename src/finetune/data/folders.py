@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,10 +49,16 @@ def load_rgb(path: str, draft: bool = False) -> Image.Image:
     ``draft`` decodes JPEGs at 1/8 scale (still reading the whole file): enough to check that it decodes.
     """
     with open(path, "rb") as file:
-        image = Image.open(file)
-        if draft and image.format == "JPEG":
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-        image.load()
+        return decode_rgb(file, path, draft)
+
+
+def decode_rgb(file: BinaryIO, name: str | os.PathLike, draft: bool = False) -> Image.Image:
+    """:func:`load_rgb` of an open binary file (an image file's bytes, e.g. from a shard); ``name`` for messages."""
+    path = name
+    image = Image.open(file)
+    if draft and image.format == "JPEG":
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+    image.load()
     if exif_orientation(image) in _TURNING_ORIENTATIONS:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":

@@ -44,7 +44,7 @@ def write_figures(
     written = []
     worst = record.get("test/top_losses") or []
     drawings = [(folder.confusion_matrix, lambda path: confusion_matrix_figure(report["confusion"], classes, path))]
-    if dataset is not None and worst:
+    if dataset is not None and worst and all(entry["index"] >= 0 for entry in worst):
         drawings.append((folder.top_losses, lambda path: top_losses_figure(worst, dataset, preprocessing or {}, path)))
     else:
         log.warning("Skipping %s: the test images are not available to draw.", folder.top_losses.name)

@@ -1,0 +1,464 @@
+"""Streaming shards: an image folder's train/val/test splits written as LitData chunks, read back as a stream.
+
+:func:`write_shards` takes the split of :class:`~finetune.data.datamodule.ImageFolderDataModule` (the same
+``split_seed``, ``val_fraction``, ``folds``/``fold``, the same image checks) and stores every image's encoded file
+bytes, its class and its name with ``litdata.optimize`` into ``OUTPUT/{train,val,test}/``, then ``manifest.json``
+(the classes, the split settings, per split the count, the count per class and a digest of the file list).
+
+:class:`ShardsDataModule` reads them with ``litdata.StreamingDataset`` and ``StreamingDataLoader`` (a local folder
+or any URI LitData streams from: ``s3://``, ``gs://``, ``azure://``, ...) and decodes each image with the folder
+path's own loader and transforms, so a run on shards trains, validates and tests as a run on the folder does.
+Under DDP each rank streams its own part: val and test see every image exactly once across ranks; train gives
+every rank the same number of whole batches, each image at most once per epoch (see :meth:`train_dataloader`).
+The train loader's position is part of every checkpoint, so a run resumed mid-epoch continues the stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.device_augment import pad_collate
+from finetune.data.folders import decode_rgb, printable
+from finetune.data.loading import pin_memory
+from finetune.errors import PathError, SettingError
+from finetune.workers import worker_context
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+FORMAT = "finetune-shards"
+VERSION = 1
+SPLIT_KEYS = ("val_fraction", "split_seed", "folds", "fold")
+INDEX = "index.json"  # LitData's own index of a split's chunks
+INSTALL = 'data=shards and finetune.shards need the litdata package: pip install -e ".[shards]" (or litdata).'
+
+
+def _litdata():
+    try:
+        import litdata
+    except ImportError as err:  # pragma: no cover - the message is the point
+        raise SettingError(INSTALL) from err
+    return litdata
+
+
+def is_uri(root: str | os.PathLike) -> bool:
+    """``s3://bucket/x`` and the like (streamed by LitData), as opposed to a local folder."""
+    return "://" in str(root)
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+def split_samples(images: ImageFolderDataModule) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """The classes and ``{split: [(image path, class index)]}`` of the folder, split as a run on it splits it."""
+    images.setup("fit")
+    images.setup("test")
+    samples = {}
+    for split, dataset in (("train", images.train_set), ("val", images.val_set), ("test", images.test_set)):
+        folder, indices = (dataset.dataset, dataset.indices) if hasattr(dataset, "indices") else (dataset, None)
+        chosen = folder.samples if indices is None else [folder.samples[i] for i in indices]
+        samples[split] = [(path, int(target)) for path, target in chosen]
+    return list(images.classes), samples
+
+
+def _read_sample(items: Sequence[tuple[str, int, str]], position: int) -> dict[str, Any]:
+    """One shard record: the image file's bytes as they are on disk (never decoded pixels), its class, its name.
+
+    LitData is handed positions, not paths: it treats path strings among its inputs as files to stage itself.
+    """
+    path, label, name = items[position]
+    with open(path, "rb") as file:
+        return {"image": file.read(), "label": label, "name": name}
+
+
+def _digest(records: Sequence[tuple[str, int]]) -> str:
+    """sha256 of the split's ``(name, class index)`` list in name order: which files went into it."""
+    text = json.dumps(sorted(records), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def write_shards(
+    images: ImageFolderDataModule,
+    output: str | Path,
+    overwrite: bool = False,
+    chunk_bytes: str | int = "64MB",
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Write ``images``' train/val/test splits as shards into ``output``; return the manifest written there.
+
+    ``output`` must be a local folder that does not exist or is empty; with ``overwrite`` it may hold shards that
+    this function wrote before (a folder with ``manifest.json``), which are replaced once the new ones are complete.
+    Any other content is never deleted.
+    """
+    litdata = _litdata()
+    if is_uri(output):
+        raise SettingError(
+            f"output={output}: shards are written to a local folder; copy the folder to object storage afterwards "
+            "(e.g. aws s3 cp --recursive) and train with data.root=URI."
+        )
+    output = Path(output)
+    existing = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if output.exists() and not output.is_dir():
+        raise PathError(f"output={output} is a file, not a folder: choose a folder for the shards.")
+    if existing and not overwrite:
+        raise PathError(
+            f"output={output} already holds {', '.join(existing[:5])}: shards never overwrite a folder. Choose "
+            "another output, or pass overwrite=true to replace shards written there before."
+        )
+    if existing and not (output / MANIFEST).is_file():
+        raise PathError(
+            f"output={output} holds {', '.join(existing[:5])} but no {MANIFEST}: it is not a shards folder, and "
+            "overwrite=true only replaces shards written by finetune.shards. Choose another (empty) output folder."
+        )
+    classes, samples = split_samples(images)
+    root = images.root
+    hp = images.hparams
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=output))
+    splits: dict[str, Any] = {}
+    try:
+        for split in SPLITS:
+            items = [(path, label, os.path.relpath(path, root)) for path, label in samples[split]]
+            log.info("Writing %d %s images into %s", len(items), split, output / split)
+            litdata.optimize(
+                fn=functools.partial(_read_sample, items),
+                inputs=list(range(len(items))),
+                output_dir=str(staging / split),
+                chunk_bytes=chunk_bytes,
+                num_workers=max(1, min(num_workers, len(items))),
+                reorder_files=False,
+                verbose=True,
+            )
+            written = _indexed_count(staging / split)
+            if written != len(items):
+                raise RuntimeError(
+                    f"LitData wrote {written} of the {len(items)} {split} images into {staging / split}; see the "
+                    "errors above. Nothing was written to the output folder."
+                )
+            records = [(name, label) for _, label, name in items]
+            per_class = {name: 0 for name in classes}
+            for _, label in records:
+                per_class[classes[label]] += 1
+            splits[split] = {"count": len(records), "per_class": per_class, "digest": _digest(records)}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "classes": classes,
+            "split": {key: hp[key] for key in SPLIT_KEYS},
+            "source": str(Path(root).resolve()),
+            "splits": splits,
+            "litdata": litdata.__version__,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in (MANIFEST, *SPLITS):  # the old manifest goes first: a half-replaced folder reads as no shards
+            old = output / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        for split in SPLITS:
+            os.replace(staging / split, output / split)
+        os.replace(staging / MANIFEST, output / MANIFEST)  # last: the shards are complete once it is there
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _indexed_count(folder: Path) -> int:
+    """The samples LitData's index of ``folder`` records (0 when it wrote no index)."""
+    try:
+        chunks = json.loads((folder / INDEX).read_text())["chunks"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(int(chunk["chunk_size"]) for chunk in chunks)
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_manifest(root: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The manifest of the shards at ``root`` (a folder or a URI), refused by name when missing or unreadable."""
+    where = f"{root.rstrip('/')}/{MANIFEST}"
+    try:
+        if is_uri(root):
+            from litdata.streaming.downloader import get_downloader
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, MANIFEST)
+                get_downloader(root, tmp, [], storage_options).download_file(where, local)
+                text = Path(local).read_text()
+        else:
+            text = Path(where).read_text()
+        manifest = json.loads(text)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise PathError(
+            f"Cannot read the shards manifest {where} ({type(err).__name__}: {err}). data.root must be a folder (or "
+            "URI) written by python -m finetune.shards data=folder data.root=IMAGES output=SHARDS."
+        ) from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PathError(f"{where} is not a finetune shards manifest: write the shards with python -m finetune.shards.")
+    if manifest.get("version") != VERSION:
+        raise PathError(
+            f"{where} is version {manifest.get('version')} of the shards format; this finetune reads version "
+            f"{VERSION}. Write the shards again with python -m finetune.shards."
+        )
+    return manifest
+
+
+def check_classes(manifest: dict[str, Any], settings: dict[str, Any], root: str) -> None:
+    """Refuse shards holding other classes than ``data.classes`` (when it is a list)."""
+    wanted = settings.get("classes")
+    if wanted is not None and list(wanted) != list(manifest["classes"]):
+        raise SettingError(
+            f"The shards at {root} hold the classes {manifest['classes']}, but data.classes={list(wanted)}. Point "
+            "data.root at shards of these classes, or set data.classes to the shards' (null: take theirs)."
+        )
+
+
+def check_split(manifest: dict[str, Any], settings: dict[str, Any], root: str) -> None:
+    """Refuse shards whose train/val split is not the one the config asks for, naming each differing setting.
+
+    Only training reads the train/val split; evaluation reads the test split, which no split setting changes.
+    """
+    split = manifest["split"]
+    kfold = settings.get("folds") is not None or split.get("folds") is not None
+    keys = ("split_seed", "folds", "fold") if kfold else ("split_seed", "val_fraction")  # what defines the split
+    differ = [
+        f"data.{key}: {split.get(key)!r} in the shards, {settings.get(key)!r} now"
+        for key in keys
+        if split.get(key) != settings.get(key)
+    ]
+    if differ:
+        raise SettingError(
+            f"The shards at {root} were written with another split ({'; '.join(differ)}). Set those data.* values "
+            "to the shards' (a run's validation split must be the one its shards hold), or write shards for this "
+            "split with python -m finetune.shards."
+        )
+
+
+def check_chunks(root: str, split: str) -> None:
+    """Every chunk file of a local split is there with the size LitData's index records; names the file if not."""
+    if is_uri(root):
+        return  # object storage: LitData reports a missing or short chunk when it fetches it
+    folder = Path(root) / split
+    index_path = folder / INDEX
+    try:
+        chunks = json.loads(index_path.read_text())["chunks"]
+    except (OSError, ValueError, KeyError) as err:
+        raise PathError(
+            f"Cannot read the shard index {index_path} ({type(err).__name__}: {err}): the {split} shards are "
+            "missing or damaged. Write the shards again with python -m finetune.shards ... overwrite=true."
+        ) from err
+    for chunk in chunks:
+        path = folder / chunk["filename"]
+        if not path.is_file():
+            raise PathError(
+                f"Shard {path} is missing ({index_path} lists it). Copy the whole shards folder again, or write "
+                "the shards again with python -m finetune.shards ... overwrite=true."
+            )
+        if path.stat().st_size != chunk["chunk_bytes"]:
+            raise PathError(
+                f"Shard {path} is corrupt: {path.stat().st_size} bytes, {index_path} records {chunk['chunk_bytes']}. "
+                "Copy it again, or write the shards again with python -m finetune.shards ... overwrite=true."
+            )
+
+
+class DecodeSample:
+    """A shard record -> ``(transform(8-bit RGB image), class)``, decoded as :func:`~finetune.data.load_rgb` does."""
+
+    def __init__(self, transform: Callable, where: str) -> None:
+        self.transform, self.where = transform, where
+
+    def __call__(self, record: dict[str, Any]) -> tuple[Any, int]:
+        name = f"{self.where}: {record['name']}"
+        try:
+            image = decode_rgb(io.BytesIO(record["image"]), name)
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
+            raise PathError(
+                f"Image {printable(record['name'])} in the shards {self.where} does not decode ({type(err).__name__}: "
+                f"{err}). Fix or delete the source image and write the shards again (overwrite=true)."
+            ) from err
+        return self.transform(image), int(record["label"])
+
+
+class ShardSplit(Dataset):
+    """One split of the shards as a map-style dataset of ``(image, class)``: the whole split on every rank, in the
+    shards' order (for calibration, feature extraction and the test report, which read the split themselves)."""
+
+    def __init__(self, stream: Any, count: int) -> None:
+        self.stream, self.count = stream, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.count:
+            raise IndexError(f"index {index} out of range for a split of {self.count} images")
+        return self.stream[index]
+
+
+class ShardsDataModule(ImageFolderDataModule):
+    """:class:`ImageFolderDataModule` over shards written by ``python -m finetune.shards``: ``root`` is their folder
+    or URI. The same transforms, eval preprocessing and checkpoint record; the split is the one stored, checked
+    against ``val_fraction``, ``split_seed``, ``folds``/``fold``; ``classes`` (a list) refuses other classes.
+    ``storage_options``: LitData's, for object storage (credentials, endpoint). ``cache`` is not available (the
+    stream decodes each image as it arrives); the remaining folder settings (download, image checks) do not apply.
+
+    The loaders stream :attr:`streams` (LitData ``StreamingDataset``, one per split); ``train_set``, ``val_set``,
+    ``test_set`` and ``train_eval_set`` are whole splits (:class:`ShardSplit`) for the code that reads a split itself.
+    """
+
+    def __init__(
+        self, *args: Any, classes: Sequence[str] | None = None, storage_options: dict | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.manifest: dict[str, Any] | None = None
+        self.streams: dict[str, Any] = {}  # split -> its StreamingDataset, what the loaders read
+
+    @property
+    def shards_root(self) -> str:
+        return str(self.hparams.root).rstrip("/")
+
+    @property
+    def num_classes(self) -> int:
+        if not self.classes:
+            self.prepare_data()
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        _litdata()
+        if self.hparams.cache != "none":
+            raise SettingError(
+                f"data.cache={self.hparams.cache} does not apply to data=shards: the shards stream encoded images "
+                "and decode each as it arrives. Use data.cache=none (the default) with shards, or data=folder."
+            )
+        if self.manifest is None:
+            manifest = read_manifest(self.shards_root, self.hparams.storage_options)
+            check_classes(manifest, dict(self.hparams), self.shards_root)
+            self.manifest, self.classes = manifest, list(manifest["classes"])
+
+    def _stream(self, split: str, transform: Callable, shuffle: bool) -> Any:
+        from litdata import StreamingDataset
+
+        self.prepare_data()
+        check_chunks(self.shards_root, split)
+        where = f"{self.shards_root}/{split}"
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the run's seed (seed_everything): its shuffle
+        stream = StreamingDataset(
+            where,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=None if shuffle else False,
+            storage_options=self.hparams.storage_options,
+            transform=DecodeSample(transform, where),
+        )
+        return stream
+
+    def _fit_sets(self, train_tf, eval_tf) -> tuple[Dataset, Dataset, Dataset]:
+        self.prepare_data()
+        check_split(self.manifest, dict(self.hparams), self.shards_root)
+        self.streams["train"] = self._stream("train", train_tf, shuffle=True)
+        self.streams["val"] = self._stream("val", eval_tf, shuffle=False)
+        plain_train = self._stream("train", eval_tf, shuffle=False)
+        return (
+            ShardSplit(self.streams["train"], self._count("train")),
+            ShardSplit(plain_train, self._count("train")),
+            ShardSplit(self.streams["val"], self._count("val")),
+        )
+
+    def _check_duplicates(self) -> None:
+        """Nothing to look for: the shards hold the split that ``finetune.shards`` wrote (it checked the folder)."""
+
+    def _test_set(self, test_tf, stage: str | None) -> Dataset:
+        self.streams["test"] = self._stream("test", test_tf, shuffle=False)
+        return ShardSplit(self.streams["test"], self._count("test"))
+
+    def _count(self, split: str) -> int:
+        self.prepare_data()
+        return int(self.manifest["splits"][split]["count"])
+
+    def train_dataloader(self) -> Any:
+        """Shuffled by the run's seed and the epoch. Under DDP LitData gives every rank the same number of whole
+        batches (``drop_last``): per epoch fewer than ``ranks x batch_size`` images are left out, others each epoch."""
+        collate = pad_collate if self.augments_on_device else None
+        return self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
+
+    def val_dataloader(self) -> Any:
+        return self._eval_loader(self.streams.get("val"))
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader(self.streams.get("test"))
+
+    def _eval_loader(self, stream: Any) -> Any:
+        """Every image once across ranks. LitData deals whole batches to ranks and the rest to the last one, so a
+        split smaller than ranks x batch_size would leave a rank without any; here images are dealt one by one
+        (the loader still batches them), as evaluation never needs equal shares."""
+        return self._loader(stream, one_by_one=True)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _loader(
+        self, dataset, shuffle: bool = False, drop_last: bool = False, collate_fn=None, epoch_of=None, one_by_one=False
+    ):
+        if dataset is None:
+            raise RuntimeError("Call setup() before asking for a data loader.")
+        workers = self.num_workers
+        return EpochStreamingDataLoader(
+            dataset,
+            epoch_of=epoch_of,
+            one_by_one=one_by_one,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory(self.trainer),
+            multiprocessing_context=worker_context(workers),
+        )
+
+
+@functools.cache
+def _streaming_loader_class() -> type:
+    from litdata import StreamingDataLoader
+
+    class EpochStreamingDataLoader(StreamingDataLoader):
+        """LitData's loader, its shuffle epoch taken from the trainer: the same order after a resume."""
+
+        def __init__(
+            self, *args: Any, epoch_of: Callable[[], int] | None = None, one_by_one: bool = False, **kwargs: Any
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.epoch_of, self.one_by_one = epoch_of, one_by_one
+
+        def __len__(self) -> int:
+            if not self.one_by_one:
+                return super().__len__()
+            return math.ceil(self.dataset.get_len(self.num_workers, 1) / self.batch_size)
+
+        def __iter__(self):
+            if self.epoch_of is not None and not self.restore:
+                self.current_epoch = self.epoch_of()  # StreamingDataLoader counts on from here: epoch + 1
+            if self.one_by_one:  # the stream's share per rank and worker, computed for batches of one image
+                self.dataset.set_batch_size(1)
+            yield from super().__iter__()
+
+    return EpochStreamingDataLoader
+
+
+def EpochStreamingDataLoader(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class, built once litdata imports
+    """A ``litdata.StreamingDataLoader`` whose epoch (the shuffle's) follows ``epoch_of()`` (the trainer's)."""
+    return _streaming_loader_class()(*args, **kwargs)
