@@ -9,7 +9,6 @@ per split the counts and a digest of the file list (:func:`finetune.data.shards.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
@@ -17,7 +16,8 @@ from omegaconf import DictConfig
 
 from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
-from finetune.errors import SettingError, UserError
+from finetune.errors import SettingError
+from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.run import CONFIG_DIR, build_datamodule
 
 
@@ -39,12 +39,9 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="shards")
+@ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
-    try:
-        shards(cfg)
-    except UserError as err:
-        print(f"finetune.shards: {err}", file=sys.stderr)
-        sys.exit(2)
+    shards(cfg)
 
 
 if __name__ == "__main__":
