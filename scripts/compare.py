@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{','.join(sweep.experiments)} x seeds {','.join(map(str, sweep.seeds))})",
             file=sys.stderr,
         )
-    print("Wrote " + ", ".join(str(p) for p in paths))
+    print("Wrote " + ", ".join(str(Path(p).resolve()) for p in paths))
     if figure_error is not None:
         again = shlex.join(["--from", str(sweep_dir), *(["--out", str(args.out)] if args.out else [])])
         print(f"compare: {figure_error}, then rerun scripts/compare.py {again}", file=sys.stderr)

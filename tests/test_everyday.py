@@ -88,6 +88,20 @@ def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "PathError" in done.stderr
 
 
+def test_a_user_error_in_one_multirun_job_is_its_message_alone_and_the_other_jobs_run(tmp_path, tiny_folder):
+    sweep = tmp_path / "sweep"
+    args = [*without(tiny_overrides(tiny_folder, tmp_path), "paths.output_dir", "data.root"), "trainer.max_epochs=1"]
+    done = run_cli(
+        ["-m", f"data.root={tmp_path / 'missing'},{tiny_folder}", f"hydra.sweep.dir={sweep}", *args], check=False
+    )
+    assert done.returncode == 1, done.stderr[-3000:]  # Hydra's exit status for a sweep with a failed job
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert f"Dataset folder '{tmp_path / 'missing'}' (data.root) does not exist" in done.stderr
+    failed, completed = (json.loads((sweep / f"{i}_finetune_seed0" / "results.json").read_text()) for i in (0, 1))
+    assert failed["status"] == "failed" and "does not exist" in failed["error"]
+    assert completed["status"] == "completed"
+
+
 @pytest.mark.parametrize(
     ("module", "args"),
     [

@@ -132,14 +132,16 @@ def test_results_without_a_metric_or_truncated_count_as_failed(tmp_path):
     write_job(sweep, 0, "finetune", 0, results_for("finetune", 0) | {"test/acc": None})
     RunFolder(write_job(sweep, 1, "finetune", 1, None)).results.write_text("{truncated")
     write_job(sweep, 2, "finetune", 2, results_for("finetune", 2) | {"history": None})
-    loaded = load_sweep(sweep, ["finetune"], [0, 1, 2])
+    write_job(sweep, 3, "finetune", 3, {"status": "failed", "error": "PathError: data.root does not exist"})
+    loaded = load_sweep(sweep, ["finetune"], [0, 1, 2, 3])
     assert [p.split(": ", 2)[2] for p in loaded.problems] == [
         "results.json has no numeric 'test/acc' (got None)",
         "unreadable results.json (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
         "results.json has no per-epoch 'history' list",
+        "results.json says status 'failed', not 'completed': PathError: data.root does not exist",  # the why, too
     ]
     assert loaded.completed("finetune") == []
-    assert "| finetune | 0/3 | n/a | n/a | n/a | n/a |" in to_markdown(loaded)
+    assert "| finetune | 0/4 | n/a | n/a | n/a | n/a |" in to_markdown(loaded)
 
 
 def test_expected_grid_comes_from_the_sweep_or_the_caller(full_sweep):

@@ -123,6 +123,7 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
         cfg.trainer.max_steps = cfg.lr_find.num_training
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_model_summary = False  # the layer table says nothing about the rate
     return cfg
 
 

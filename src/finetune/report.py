@@ -174,7 +174,9 @@ def _results_problem(results: Any) -> str | None:
         return f"{RESULTS} does not hold a JSON object"
     status = results.get("status", "completed")
     if status != "completed":
-        return f"{RESULTS} says status {status!r}, not 'completed'"
+        error = results.get("error")
+        because = f": {error}" if isinstance(error, str) and error else ""
+        return f"{RESULTS} says status {status!r}, not 'completed'{because}"
     for key, *_ in METRICS:
         value = results.get(key)
         if key == "test/acc" and value is None and results.get("test_after_fit") is False:

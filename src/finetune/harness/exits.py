@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
+from hydra.errors import CompactHydraException
+
 from finetune.errors import UserError
 
 USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
@@ -37,14 +39,22 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def user_errors(job: bool = True) -> Iterator[None]:
-    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``, or inside a
-    multirun's ``job``, whose error Hydra records while the other jobs go on)."""
+    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``). Inside a
+    multirun's ``job`` it becomes a :class:`MultirunJobError` instead: Hydra records the failed job, runs the others,
+    and prints the message without a stack."""
     try:
         yield
     except UserError as err:
-        if full_errors() or (job and _in_a_multirun_job()):
-            raise  # a multirun job's error: Hydra records it and its other jobs still run
+        if full_errors():
+            raise
+        if job and _in_a_multirun_job():
+            _log_to_files(f"Error: {err}")
+            raise MultirunJobError(str(err)) from err
         fail(str(err))
+
+
+class MultirunJobError(CompactHydraException):
+    """A user error inside one multirun job: Hydra prints its message alone, not a traceback, after the batch."""
 
 
 def ends_user_errors_cleanly(main: F) -> F:
