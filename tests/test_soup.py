@@ -94,6 +94,16 @@ def test_uniform_and_greedy_soups(family, tmp_path):
     singles = [c["val/acc"] for c in greedy["candidates"][:2]]
     assert greedy["chosen"]["val/acc"] >= max(singles)  # greedy never ends below its best ingredient
     assert greedy["ingredients"][0] in {family["tuned0"], family["tuned1"]}
+    [trial] = greedy["candidates"][2:]  # the one soup tried: the best single checkpoint with the other
+    assert sorted(trial["ingredients"]) == sorted([family["tuned0"], family["tuned1"]])
+    assert trial["kept"] == (len(greedy["ingredients"]) == 2) == (trial["val/acc"] >= max(singles))
+    soup_state = torch.load(tmp_path / "g" / "soup.ckpt", weights_only=True)["state_dict"]
+    expected = (
+        (a[key] + b[key]) / 2
+        if trial["kept"]
+        else {family["tuned0"]: a, family["tuned1"]: b}[greedy["ingredients"][0]][key]
+    )
+    assert torch.allclose(soup_state[key], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, "half", True])

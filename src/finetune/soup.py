@@ -156,17 +156,22 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     else:
         singles = [{"checkpoint": str(p), **score(s)} for p, s in zip(paths, states, strict=True)]
         order = sorted(range(len(paths)), key=lambda i: -singles[i]["val/acc"])
-        ingredients, kept, best = [], [], None
+        ingredients, kept, best, trials = [], [], None, []
         for i in order:
+            if not kept:  # the best single checkpoint starts the soup; its score is known
+                kept, best, ingredients = [i], singles[i], [str(paths[i])]
+                continue
             trial = interpolate([states[j] for j in [*kept, i]], [1 / (len(kept) + 1)] * (len(kept) + 1))
             result = score(trial)
-            if best is None or result["val/acc"] >= best["val/acc"]:
+            joins = result["val/acc"] >= best["val/acc"]
+            trials.append({"ingredients": [*ingredients, str(paths[i])], **result, "kept": joins})
+            if joins:
                 kept.append(i)
                 best = result
                 ingredients.append(str(paths[i]))
         final = interpolate([states[j] for j in kept], [1 / len(kept)] * len(kept))
-        chosen = {"ingredients": ingredients, **best}
-        candidates = [*singles, chosen]
+        chosen = {"ingredients": ingredients, **{k: best[k] for k in ("val/acc", "val/nll")}}
+        candidates = [*singles, *trials]  # every soup tried, "kept" where its checkpoint joined
 
     checkpoint = {key: base[key] for key in KEPT_KEYS if key in base}
     checkpoint["state_dict"] = final
