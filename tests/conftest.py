@@ -125,6 +125,35 @@ def cli_command(args: list[str], module: str = "finetune.train") -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """``command`` as a user without root's override of file permissions: itself when the tests do not run as root,
+    else run as ``nobody`` through ``setpriv``. Skips when that is impossible: no ``setpriv``, or an environment that
+    ``nobody`` cannot read (a virtual environment inside a private folder imports nothing as another user)."""
+    if os.geteuid() != 0:
+        return command
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and no setpriv to run the command as another user")
+    probe = subprocess.run(
+        [*NOBODY, sys.executable, "-c", "import hydra, finetune"],
+        env=cli_env(),
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            f"running as root, and user nobody cannot import this environment's packages ({sys.prefix} is not "
+            "readable by others; make its folders world-readable to run this test)"
+        )
+    return [*NOBODY, *command]
+
+
 def run_cli(
     args: list[str], timeout: float = 600, check: bool = True, module: str = "finetune.train"
 ) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -29,7 +28,16 @@ from finetune.robustness import robustness
 from finetune.soup import soup
 from finetune.train import train
 
-from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides, without
+from .conftest import (
+    REPO,
+    as_unprivileged,
+    cli_command,
+    cli_env,
+    compose_config,
+    make_image_folder,
+    tiny_overrides,
+    without,
+)
 from .inference import eval_config, evil_checkpoint, predict_config, trained_run
 
 BEST = "epoch01-val_acc0.9000.ckpt"
@@ -239,13 +247,9 @@ def test_a_command_into_a_read_only_folder_stops_before_loading_anything(module)
         read_only.chmod(0o555)
         extra, named = COMMANDS[module]
         args = [f"ckpt_path={shared / 'missing.ckpt'}", *extra(read_only, images), f"paths.log_dir={shared / 'logs'}"]
-        command = cli_command(args, module)
-        if os.geteuid() == 0:
-            if shutil.which("setpriv") is None:
-                pytest.skip("running as root, and no setpriv to run the command as another user")
-            (shared / "logs").mkdir()
-            (shared / "logs").chmod(0o777)
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        command = as_unprivileged(cli_command(args, module))
+        (shared / "logs").mkdir()
+        (shared / "logs").chmod(0o777)
         env = {**cli_env(), "HOME": str(shared)}
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode != 0

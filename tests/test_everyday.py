@@ -14,7 +14,7 @@ from finetune.evaluate import evaluate
 from finetune.harness.settings import check_devices, check_seed
 from finetune.predict import predict
 
-from .conftest import REPO, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
+from .conftest import REPO, as_unprivileged, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
 from .inference import eval_config, predict_config, trained_run
 
 
@@ -191,7 +191,6 @@ def test_a_bad_seed_or_device_count_on_the_command_line_is_one_error_line(tmp_pa
 
 def test_a_read_only_log_dir_is_named_before_the_run_starts(tmp_path, tiny_folder):
     """As a user without root's override of permissions (``nobody`` when the tests run as root)."""
-    import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as name:
@@ -202,11 +201,7 @@ def test_a_read_only_log_dir_is_named_before_the_run_starts(tmp_path, tiny_folde
         read_only.mkdir()
         read_only.chmod(0o555)
         args = [*without(tiny_overrides(data, shared), "paths."), f"paths.log_dir={read_only}", "trainer.max_epochs=1"]
-        command = cli_command(args)
-        if os.geteuid() == 0:
-            if shutil.which("setpriv") is None:
-                pytest.skip("running as root, and no setpriv to run the command as another user")
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        command = as_unprivileged(cli_command(args))
         env = {**cli_env(), "HOME": str(shared)}
         done = subprocess.run(command, cwd=shared, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr[-3000:]
