@@ -1,0 +1,51 @@
+"""Copy a run's validation split into a folder that ``finetune.evaluate`` can score, to choose on validation.
+
+    python scripts/val_split_folder.py VAL data=folder data.root=PHOTOS [data.split_seed=... data.val_fraction=...]
+    python -m finetune.evaluate ckpt_path=CKPT data=folder data.root=VAL tta=full
+
+The split is the one ``finetune.train`` and ``finetune.soup`` use for the same data settings (the DataModule makes
+it), so a setting that only evaluation has, such as ``tta=``, can be chosen on the photos a run selected on, never on
+the test split. The photos are copied into ``VAL/test/<class>/``; an existing, non-empty ``VAL`` is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
+
+
+def write_val_folder(output: Path, overrides: list[str]) -> int:
+    """Copy the validation photos of the data the ``overrides`` describe into ``output/test/<class>/``; their count."""
+    from finetune.run import build_datamodule, compose_config
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise SystemExit(f"Error: {str(output)!r} already exists and is not an empty folder: choose another output.")
+    images = build_datamodule(compose_config(overrides))
+    images.setup("fit")
+    val = images.val_set
+    if not hasattr(val, "indices"):  # data.cache wraps the split: copy from the folder, not from a cache
+        raise SystemExit("Error: pass data.cache=none: the validation photos are copied from the folder.")
+    for index in val.indices:
+        path, target = val.dataset.samples[index]
+        destination = output / "test" / val.dataset.classes[target] / Path(path).name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
+    return len(val.indices)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output", type=Path, help="the folder to write (VAL/test/<class>/<photo>)")
+    parser.add_argument("overrides", nargs="+", help="the runs' data settings, e.g. data=folder data.root=PHOTOS")
+    args = parser.parse_args(argv)
+    count = write_val_folder(args.output, args.overrides)
+    print(f"Copied {count} validation photos into {args.output.resolve() / 'test'}")
+
+
+if __name__ == "__main__":
+    main()
