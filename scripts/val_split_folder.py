@@ -24,12 +24,12 @@ def write_val_folder(output: Path, overrides: list[str]) -> int:
     from finetune.run import build_datamodule, compose_config
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise SystemExit(f"Error: {str(output)!r} already exists and is not an empty folder: choose another output.")
+        raise FileExistsError(f"{str(output)!r} already exists and is not an empty folder: choose another output.")
     images = build_datamodule(compose_config(overrides))
     images.setup("fit")
     val = images.val_set
     if not hasattr(val, "indices"):  # data.cache wraps the split: copy from the folder, not from a cache
-        raise SystemExit("Error: pass data.cache=none: the validation photos are copied from the folder.")
+        raise ValueError("pass data.cache=none: the validation photos are copied from the folder.")
     for index in val.indices:
         path, target = val.dataset.samples[index]
         destination = output / "test" / val.dataset.classes[target] / Path(path).name
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", type=Path, help="the folder to write (VAL/test/<class>/<photo>)")
     parser.add_argument("overrides", nargs="+", help="the runs' data settings, e.g. data=folder data.root=PHOTOS")
     args = parser.parse_args(argv)
-    count = write_val_folder(args.output, args.overrides)
+    from finetune.errors import UserError
+
+    try:
+        count = write_val_folder(args.output, args.overrides)
+    except (UserError, FileExistsError, ValueError) as error:  # a mistake: one line, exit code 2
+        parser.exit(2, f"Error: {error}\n")
     print(f"Copied {count} validation photos into {args.output.resolve() / 'test'}")
 
 

@@ -34,6 +34,13 @@ def test_an_existing_output_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "data")
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "kept.txt").write_text("a user's file")
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         val_split_folder.write_val_folder(tmp_path / "val", ["data=folder", f"data.root={root}"])
     assert (tmp_path / "val" / "kept.txt").read_text() == "a user's file"
+
+
+def test_a_missing_data_root_is_one_error_line_and_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        val_split_folder.main([str(tmp_path / "val"), "data=folder", f"data.root={tmp_path / 'nothing'}"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("Error: Dataset folder") and not (tmp_path / "val").exists()
