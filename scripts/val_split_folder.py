@@ -32,7 +32,9 @@ def write_val_folder(output: Path, overrides: list[str]) -> int:
         raise ValueError("pass data.cache=none: the validation photos are copied from the folder.")
     for index in val.indices:
         path, target = val.dataset.samples[index]
-        destination = output / "test" / val.dataset.classes[target] / Path(path).name
+        name = val.dataset.classes[target]
+        within = Path(path).relative_to(Path(val.dataset.root) / name)  # a class's subfolders kept: no name clashes
+        destination = output / "test" / name / within
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, destination)
     return len(val.indices)
