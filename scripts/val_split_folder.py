@@ -21,15 +21,16 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where ano
 
 def write_val_folder(output: Path, overrides: list[str]) -> int:
     """Copy the validation photos of the data the ``overrides`` describe into ``output/test/<class>/``; their count."""
+    from finetune.errors import OverwriteError, SettingError
     from finetune.run import build_datamodule, compose_config
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{str(output)!r} already exists and is not an empty folder: choose another output.")
+        raise OverwriteError(f"{str(output)!r} already exists and is not an empty folder: choose another output.")
     images = build_datamodule(compose_config(overrides))
     images.setup("fit")
     val = images.val_set
     if not hasattr(val, "indices"):  # data.cache wraps the split: copy from the folder, not from a cache
-        raise ValueError("pass data.cache=none: the validation photos are copied from the folder.")
+        raise SettingError("pass data.cache=none: the validation photos are copied from the folder.")
     for index in val.indices:
         path, target = val.dataset.samples[index]
         name = val.dataset.classes[target]
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         count = write_val_folder(args.output, args.overrides)
-    except (UserError, FileExistsError, ValueError) as error:  # a mistake: one line, exit code 2
+    except UserError as error:  # a mistake: one line, exit code 2; a bug keeps its traceback
         parser.exit(2, f"Error: {error}\n")
     print(f"Copied {count} validation photos into {args.output.resolve() / 'test'}")
 
