@@ -27,7 +27,7 @@ number of loader workers for every variant:
 3. data loading alone (no model): images/second through the DataModule's train loader (uncached, memory cache,
    disk cache) and through the plain loop's loader, over one epoch after the first batch;
 4. the frozen experiment: per-epoch wall time (train + validation + checkpoint) with and without
-   ``model.cache_features``; the ratio uses the epochs after the first.
+   ``features=cached``; the ratio uses the epochs after the first.
 
 Everything is printed as tables, with the ratios template/plain; ``--json`` also writes the raw figures.
 """
@@ -61,7 +61,8 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
-from finetune.backbones import find_head, load_backbone_weights  # noqa: E402
+from finetune.backbones import load_backbone_weights  # noqa: E402
+from finetune.backbones.torchvision import find_head  # noqa: E402
 from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
@@ -70,10 +71,10 @@ DEFAULT_DATA = SHARED / "data" / "hotdog-kaggle"
 DEFAULT_WEIGHTS = {"mobilenet_v2": SHARED / "weights" / "mobilenet_v2-imagenet-features.pth"}
 TEMPLATE_VARIANTS = {
     "template": [],
-    "template+channels_last": ["model.channels_last=true"],
+    "template+channels_last": ["+callbacks=channels_last"],
     "template+cache": ["data.cache=disk"],
-    "template+fast": ["model.channels_last=true", "data.cache=disk"],
-    "template+device": ["model.channels_last=true", "data.cache=memory", "data.augment_on=device"],
+    "template+fast": ["+callbacks=channels_last", "data.cache=disk"],
+    "template+device": ["+callbacks=channels_last", "data.cache=memory", "data.augment_on=device"],
 }
 ALL_VARIANTS = ["plain", *TEMPLATE_VARIANTS]
 BUSY_CORES = 0.25  # a timed window during which other processes used this many cores is reported as not quiet
@@ -316,7 +317,7 @@ def run_loading(args, workdir: Path) -> dict[str, list[dict]]:
 # --- frozen: cached features ----------------------------------------------------------------------------------
 def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
     overrides = common_overrides(args, workdir, "frozen")
-    overrides += [f"model.cache_features={str(cache_features).lower()}", "data.augment=false"]
+    overrides += [*(["features=cached"] if cache_features else []), "data.augment=false"]
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
     cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -8,14 +8,14 @@
 Everything runs in this process (one CUDA start-up, no data verification per row) and is built by
 ``finetune.run.assemble`` from the composed ``experiment=finetune`` config, as ``finetune.train`` builds it. Rows per
 backbone (``--backbones``, default mobilenet_v2 and resnet18), all at ``trainer.precision=bf16-mixed``
-(``--precision``) and ``model.channels_last=true`` unless the row says otherwise:
+(``--precision``) and ``+callbacks=channels_last`` unless the row says otherwise:
 
 - ``step``, ``step NCHW``, ``step compiled``: the training step alone (forward, backward, optimizer) on one synthetic
-  batch already on the device, with channels_last, without it, and with ``model.compile=true``;
+  batch already on the device, with channels_last, without it, and with ``+callbacks=compile``;
 - ``loader``: end to end with the default loader (``data.augment_on=loader data.cache=none``);
 - ``loader+cache``: ``data.cache=memory`` (decoded once; crop, flip and normalisation still in the workers);
 - ``device``: ``data.cache=memory data.augment_on=device`` (workers copy pixels; the device crops);
-- ``device+compile``: the same with ``model.compile=true``;
+- ``device+compile``: the same with ``+callbacks=compile``;
 - ``device ddp``: the ``device`` row under ``trainer.strategy=ddp`` on one device (DDP's own cost).
 
 Each row times ``--timed`` batches after ``--warmup`` batches (end to end: from the end of the last warm-up batch, so
@@ -61,7 +61,7 @@ from finetune.data.device_augment import RawBatch  # noqa: E402
 from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
-FAST = ["model.channels_last=true"]
+FAST = ["+callbacks=channels_last"]
 CACHED = ["data.cache=memory"]
 DEVICE = [*CACHED, "data.augment_on=device"]
 # name -> (overrides, synthetic on-device batches?, seconds the row needs at least), in the order they run (every
@@ -71,10 +71,10 @@ ROWS = {
     "loader": ([*FAST, "data.augment_on=loader", "data.cache=none"], False, 30),
     "loader+cache": ([*FAST, *CACHED], False, 30),
     "device": ([*FAST, *DEVICE], False, 30),
-    "step NCHW": (["model.channels_last=false"], True, 20),
+    "step NCHW": ([], True, 20),
     "device ddp": ([*FAST, *DEVICE, "trainer.strategy=ddp"], False, 40),
-    "device+compile": ([*FAST, *DEVICE, "model.compile=true"], False, 90),
-    "step compiled": ([*FAST, "model.compile=true"], True, 60),
+    "device+compile": ([*FAST, *DEVICE, "+callbacks=compile"], False, 90),
+    "step compiled": ([*FAST, "+callbacks=compile"], True, 60),
 }
 LOADERS = {
     "loader": ["data.augment_on=loader", "data.cache=none"],

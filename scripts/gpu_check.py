@@ -50,7 +50,7 @@ def configurations(gpus: int, cpu: bool) -> dict[str, tuple[list[str], str]]:
             ["trainer.precision=16-mixed"],
             "needs CUDA (Lightning runs bf16 instead on a CPU)" if cpu else "",
         ),
-        "bf16-channels_last": (["trainer.precision=bf16-mixed", "model.channels_last=true"], ""),
+        "bf16-channels_last": (["trainer.precision=bf16-mixed", "+callbacks=channels_last"], ""),
         f"ddp-bf16-x{ddp_devices}": (
             ["trainer.precision=bf16-mixed", "trainer.strategy=ddp", f"trainer.devices={ddp_devices}"],
             "",

@@ -14,14 +14,14 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
-from finetune.harness.calibrate import fit_checkpoint_temperature
-from finetune.harness.checkpoint import load_for_inference
+from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
+from finetune.harness.checkpoint_io import load_for_inference, save_checkpoint
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_seed
+from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
+from finetune.temperature import calibrate_checkpoint
 
 CALIBRATED = "calibrated.ckpt"
 RECORD = "calibration.json"
@@ -39,11 +39,9 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     run.images.setup("fit")
     check_classes(checkpoint, model, run.images, ckpt_path)
     output = output_dir / CALIBRATED
-    record = {
-        "checkpoint": str(ckpt_path),
-        **fit_checkpoint_temperature(model, run.images, ckpt_path, output),
-        "calibrated_checkpoint": str(output),
-    }
+    record = {"checkpoint": str(ckpt_path), **calibrate_checkpoint(model, run.images, checkpoint)}
+    save_checkpoint(checkpoint, output)
+    record["calibrated_checkpoint"] = str(output)
     write_json_atomic(output_dir / RECORD, record)
     print(
         f"temperature {record['val/temperature']:.3f}: val ECE {record['val/ece_uncalibrated']:.3f} -> "

@@ -23,14 +23,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from finetune.data import file_digest
-from finetune.data.preprocessing import Preprocessing
+from finetune.data.transforms import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, SettingError
-from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR
+from finetune.scoring import TEMPERATURE, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,14 @@ ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx.export (dynamo) needs both;
 
 
 class ExportedClassifier(nn.Module):
-    """The backbone and head, returning probabilities (softmax over classes) or logits, both of the logits divided
+    """The scorer's network, returning probabilities (softmax over classes) or logits, both of the logits divided
     by the checkpoint's ``temperature`` (1 for an uncalibrated one), as ``finetune.predict`` scores them."""
 
-    def __init__(self, net: nn.Module, outputs: str = "probabilities", temperature: float = 1.0) -> None:
+    def __init__(self, scorer: Scorer, outputs: str = "probabilities") -> None:
         super().__init__()
-        self.net = net
+        self.net = scorer.model.net
         self.softmax = outputs == "probabilities"
-        self.temperature = float(temperature)
+        self.temperature = scorer.temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.net(images)
@@ -80,11 +81,11 @@ def export(cfg: DictConfig) -> Path:
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, ckpt_path)
-    preprocessing = Preprocessing.from_checkpoint(checkpoint, ckpt_path)
-    checkpoint_transform(preprocessing)  # refuses a preprocessing this version cannot build
-    exported = ExportedClassifier(model.net, outputs, model.temperature).eval()
+    eval_preprocessing = preprocessing(checkpoint, ckpt_path)
+    temperature = float(checkpoint.get(TEMPERATURE, 1.0))
+    exported = ExportedClassifier(Scorer(model, temperature), outputs).eval()
     output.parent.mkdir(parents=True, exist_ok=True)
-    example = example_batch(preprocessing.image_size, 2)
+    example = example_batch(eval_preprocessing.image_size, 2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; the user asked for it
@@ -93,15 +94,15 @@ def export(cfg: DictConfig) -> Path:
             else:
                 with torch.no_grad():
                     torch.jit.trace(exported, example).save(str(output))
-            difference = check_parity(exported, output, fmt, preprocessing.image_size)
+            difference = check_parity(exported, output, fmt, eval_preprocessing.image_size)
     except BaseException:
         output.unlink(missing_ok=True)  # never leave a model file that failed its check (or half written)
         raise
-    description = sidecar_record(fmt, output, outputs, classes, preprocessing, model.hparams.backbone, ckpt_path)
-    description["temperature"] = model.temperature
+    description = sidecar_record(fmt, output, outputs, classes, eval_preprocessing, model.hparams.backbone, ckpt_path)
+    description["temperature"] = temperature
     description["output_description"] += (
-        f"; calibrated: the model divides its logits by the temperature {model.temperature:.4g} fitted on validation"
-        if model.temperature != 1.0
+        f"; calibrated: the model divides its logits by the temperature {temperature:.4g} fitted on validation"
+        if temperature != 1.0
         else "; uncalibrated (temperature 1)"
     )
     description["max_abs_difference_to_pytorch"] = difference

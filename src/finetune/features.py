@@ -1,7 +1,7 @@
 """Cached backbone features for the frozen experiment: run the frozen backbone once per split, train the head only.
 
 With ``model.freeze=backbone`` every epoch pushes the same images through the same frozen network, so all but the
-head's work is repeated. ``model.cache_features=true`` computes what the head receives once per split (train, val,
+head's work is repeated. ``features=cached`` computes what the head receives once per split (train, val,
 test), with the *eval* transform and the backbone in eval mode, keeps it in memory, and trains the head on it.
 
 What changes, and what does not:
@@ -19,56 +19,58 @@ What changes, and what does not:
 
 Features are computed lazily, the first time Lightning asks for a split's loader (the model is then on its device).
 
-With ``model.unfreeze_at_epoch=N`` (``experiment=lpft``) only the first N epochs use the cache: the loaders serve
+With ``callbacks.unfreeze.epoch=N`` (``experiment=lpft``, see :mod:`finetune.callbacks.unfreeze`) only the first N epochs use the cache: the loaders serve
 features while the model's backbone is frozen and the image loaders after (with train-time augmentation: the
 training features come from the eval transform of the training images instead); the trainer reloads its loaders
 at epoch N for that (``reload_every``, which the assembly gives the trainer). Those N epochs are the frozen
-experiment's on cached features, step for step.
+experiment's on cached features, step for step. Under DDP the backbone joins the graph of those epochs with an
+exact 0: DDP syncs the gradient of every parameter that required grad when it wrapped the model.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from finetune.backbones import random_layers_inside_backbone
 from finetune.errors import SettingError
 from finetune.progress import track
 from finetune.workers import ordered_loader
 
 log = logging.getLogger(__name__)
+UNFREEZE = "finetune.callbacks.unfreeze.BackboneUnfreeze"
+MIXUP = "finetune.callbacks.mixup.MixUpCutMix"
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
     """Serves ``(features, target)`` batches computed once per split by ``model``'s frozen backbone.
 
-    Wraps the image DataModule (which still finds, splits and transforms the images) and the model whose
-    backbone computes the features. Same batch size and shuffling as the image loaders; no loader workers
-    (the features are already in memory).
+    Wraps the image DataModule (which still finds, splits and transforms the images) and the model whose backbone
+    computes the features. Same batch size and shuffling as the image loaders; no loader workers (the features are
+    already in memory). ``unfreeze_epoch``: the epoch a :class:`~finetune.callbacks.unfreeze.BackboneUnfreeze`
+    trains the backbone from; the cache serves the epochs before it.
     """
 
-    def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule) -> None:
+    def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule, unfreeze_epoch: int | None = None):
         super().__init__()
-        if not model.hparams.get("cache_features"):
-            raise SettingError(
-                "Cached features need a model built with model.cache_features=true (input_mode='features', which "
-                "needs model.freeze=backbone): it trains the head on them and refuses images."
-            )
-        self.staged = bool(getattr(model, "unfreeze_at_epoch", 0))  # features for the frozen epochs only
+        self.staged = unfreeze_epoch is not None  # features for the frozen epochs only
+        self.unfreeze_epoch = unfreeze_epoch
         if getattr(images, "augment", False) and not self.staged:
             log.warning(
-                "model.cache_features=true: train-time augmentation is dropped; the head trains on features of "
-                "the eval transform (centre crop) of each training image. Set data.augment=false to silence this."
+                "features=cached: train-time augmentation is dropped; the head trains on features of the eval "
+                "transform (centre crop) of each training image. Set data.augment=false to silence this."
             )
             images.augment = False
         skipped = random_layers_inside_backbone(model.net, model.head_name)
         if skipped:
             log.warning(
-                "model.cache_features=true: random layers inside the frozen backbone act at train time without "
-                "the cache but not on cached features: %s",
+                "features=cached: random layers inside the frozen backbone act at train time without the cache but "
+                "not on cached features: %s",
                 ", ".join(skipped),
             )
         self.images = images
@@ -76,6 +78,23 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.save_hyperparameters(dict(images.hparams))  # checkpoints record the image data's settings
         self.batch_size = images.batch_size
         self._features: dict[str, TensorDataset] = {}
+
+    @staticmethod
+    def check_settings(features: DictConfig, cfg: DictConfig) -> None:
+        """Features can only be cached while the backbone does not train, and of unmixed images."""
+        callbacks = [str(c.get("_target_")) for c in (cfg.get("callbacks") or {}).values() if c]
+        freeze = cfg.model.get("freeze") if cfg.get("model") else "backbone"
+        if freeze != "backbone" and UNFREEZE not in callbacks:
+            raise SettingError(
+                f"features=cached needs model.freeze=backbone or +callbacks=unfreeze (got model.freeze={freeze!r}): "
+                "features can only be cached while the backbone does not train. Use experiment=frozen or "
+                "experiment=lpft, or leave features unset."
+            )
+        if MIXUP in callbacks:
+            raise SettingError(
+                "callbacks.mixup mixes training images, but features=cached trains on cached features of unmixed "
+                "images: leave features unset, or drop the mixup callback."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +108,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def reload_every(self) -> int | None:
         """The ``reload_dataloaders_every_n_epochs`` that switches to the image loaders at the unfreeze epoch (and
         reloads harmlessly at its multiples); ``None`` when every epoch uses the cache."""
-        return self.model.unfreeze_at_epoch if self.staged else None
+        return self.unfreeze_epoch if self.staged else None
 
     def prepare_data(self) -> None:
         self.images.prepare_data()
@@ -97,19 +116,21 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.images.trainer = self.trainer  # the image loaders shard val/test by the trainer's processes
         self.images.setup(stage)
+        if self.staged and stage == "fit" and self.trainer is not None and self.trainer.world_size > 1:
+            join_backbone_to_graph(self.model)
 
     def train_dataloader(self) -> DataLoader:
-        if self.model.input_mode != "features":
+        if not self.model.backbone_frozen:
             return self.images.train_dataloader()
         return DataLoader(self.features("train"), batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self.model.input_mode != "features":
+        if not self.model.backbone_frozen:
             return self.images.val_dataloader()
         return DataLoader(self.features("val"), batch_size=self.batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        if self.model.input_mode != "features":
+        if not self.model.backbone_frozen:
             return self.images.test_dataloader()
         return DataLoader(self.features("test"), batch_size=self.batch_size, shuffle=False)
 
@@ -130,6 +151,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return self._features[split]
 
 
+def unfreeze_epoch(cfg: DictConfig) -> int | None:
+    """The epoch ``callbacks.unfreeze`` (if configured) trains the backbone from."""
+    for node in (cfg.get("callbacks") or {}).values():
+        if node and str(node.get("_target_")) == UNFREEZE:
+            return int(node.epoch)
+    return None
+
+
 @torch.no_grad()
 def extract_features(
     model: pl.LightningModule,
@@ -138,9 +167,8 @@ def extract_features(
     num_workers: int,
     description: str = "Extracting features",
 ) -> TensorDataset:
-    """Run ``model.head_inputs`` over ``dataset`` in eval mode, leaving the run's random stream untouched.
-
-    Progress (in batches) is shown when it takes more than a few seconds (see :mod:`finetune.progress`).
+    """What ``model``'s head receives for every item of ``dataset``, in eval mode, leaving the run's random stream
+    untouched. Progress (in batches) is shown when it takes more than a few seconds (see :mod:`finetune.progress`).
     """
     loader = ordered_loader(dataset, batch_size, num_workers)
     features, targets = [], []
@@ -149,10 +177,72 @@ def extract_features(
         model.eval()
         try:
             for images, labels in track(loader, total=len(loader), description=description, unit="batches"):
-                features.append(model.head_inputs(images.to(model.device)).float().cpu())
+                features.append(head_input(model.net, model.head_name, images.to(model.device)).float().cpu())
                 targets.append(labels)
         finally:
             model.train(was_training)
     if not features:
         return TensorDataset(torch.empty(0, 0), torch.empty(0, dtype=torch.long))
     return TensorDataset(torch.cat(features), torch.cat(targets))
+
+
+def join_backbone_to_graph(model: pl.LightningModule) -> None:
+    """While the backbone is frozen, add an exact 0 that depends on every backbone parameter to the head's output:
+    DDP fails on a parameter that required grad when it wrapped the model but that the loss does not reach."""
+
+    def add_zero(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if model.training and model.backbone_frozen:
+            return output + 0.0 * sum(p.sum() for p in model.backbone_parameters())
+        return None
+
+    model.net.get_submodule(model.head_name).register_forward_hook(add_zero)
+
+
+# --- network structure: what the head receives, and the random layers around it ---------------------------------
+_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd,)
+_STOCHASTIC_DEPTH = ("StochasticDepth", "DropPath")  # torchvision's and timm's per-sample residual drop
+
+
+def head_input(net: nn.Module, head_name: str, images: torch.Tensor) -> torch.Tensor:
+    """What ``net``'s head layer receives for ``images`` (captured by a forward pre-hook on the head)."""
+    captured: list[torch.Tensor] = []
+    handle = net.get_submodule(head_name).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        net(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def head_forward(net: nn.Module, head_name: str, features: torch.Tensor) -> torch.Tensor:
+    """The head on cached features, after the Dropout layers right in front of it (as they run in ``net``)."""
+    for name in dropouts_before_head(net, head_name):
+        features = net.get_submodule(name)(features)
+    return net.get_submodule(head_name)(features)
+
+
+def dropouts_before_head(net: nn.Module, head_name: str) -> list[str]:
+    """Names of the Dropout layers directly in front of the head in its ``nn.Sequential`` (in order)."""
+    parent_name, _, child = head_name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    if not isinstance(parent, nn.Sequential):
+        return []
+    names = [name for name, _ in parent.named_children()]
+    found: list[str] = []
+    for name in reversed(names[: names.index(child)]):
+        if not isinstance(parent.get_submodule(name), _RANDOM_LAYERS):
+            break
+        found.insert(0, f"{parent_name}.{name}" if parent_name else name)
+    return found
+
+
+def random_layers_inside_backbone(net: nn.Module, head_name: str) -> list[str]:
+    """Dropout / stochastic-depth layers that cached features cannot reproduce (they sit inside the backbone)."""
+    kept = set(dropouts_before_head(net, head_name))
+    return [
+        name
+        for name, module in net.named_modules()
+        if name not in kept
+        and (isinstance(module, _RANDOM_LAYERS) or type(module).__name__ in _STOCHASTIC_DEPTH)
+        and (getattr(module, "p", 0) or getattr(module, "drop_prob", 0) or 0) > 0
+    ]

@@ -8,8 +8,9 @@ every group, so a head that trains at 10x would be tested at 1x.) The rate it su
 backbone's: it prints the override to paste, and writes ``lr_find.json`` and ``lr_find.png`` (matplotlib, the
 optional ``figures`` extra) into its folder, ``logs/lr_find/<date>_<time>_<experiment>/``.
 
-What it tests is the phase that trains every group: ``model.unfreeze_at_epoch`` and ``model.ema_decay`` are turned
-off, the scheduler is left out and nothing is validated or checkpointed. Under DDP the loss is averaged over the
+What it tests is the phase that trains every group: the callbacks (``unfreeze``, ``ema``, ...) and the scheduler are
+left out, and nothing is validated or checkpointed; ``features=cached`` is kept only where the backbone is frozen
+for good (``model.freeze=backbone``). Under DDP the loss is averaged over the
 processes, so every process stops at the same step.
 """
 
@@ -28,7 +29,7 @@ from finetune.errors import SettingError
 from finetune.harness import distributed
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
-from finetune.harness.settings import check_seed
+from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,11 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
     """The train config with what a range test must not have: schedules, scheduler, validation, checkpoints."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        model = cfg.model
-        if model.get("unfreeze_at_epoch"):
-            log.info(
-                "lr_find: model.unfreeze_at_epoch=%s left out: the test trains every group", model.unfreeze_at_epoch
-            )
-            model.unfreeze_at_epoch = 0
-            model.cache_features = bool(model.get("cache_features")) and model.get("freeze") == "backbone"
-        model.ema_decay = None
+        left_out = [name for name in (cfg.get("callbacks") or {}) if name not in ("model_checkpoint", "epoch_summary")]
+        if left_out:
+            log.info("lr_find: callbacks %s left out: the test trains every group, unaveraged", ", ".join(left_out))
+        if cfg.get("features") and cfg.model.get("freeze") != "backbone":
+            cfg.features = None  # the cache served frozen epochs, which the test leaves out
         cfg.scheduler = None
         cfg.callbacks = None
         cfg.logger = None

@@ -1,115 +1,95 @@
-"""The LightningModule: a pretrained backbone, a fresh head with its own learning rate, optional freezing."""
+"""The book's LightningModule: a pretrained backbone, a fresh head with its own learning rate, optional freezing.
+
+What a researcher swaps is injected, built by Hydra from config: the loss (``model.criterion``), the optimizer
+(``optimizer=``, a factory called with this module's parameter groups) and the scheduler (``scheduler=``: a factory
+plus Lightning's ``interval`` and ``frequency``). The recipe extras are components of their own around it:
+``finetune.callbacks`` (unfreezing, EMA, mixup/cutmix, compile, channels-last), ``finetune.scoring`` (temperature
+and test-time views when a trained model is scored) and ``finetune.features`` (the head trained on cached features).
+"""
 
 from __future__ import annotations
 
-import logging
+import inspect
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from torchvision.transforms import v2
 
-from finetune.backbones import IMAGENET, build_backbone, dropouts_before_head, head_input
-from finetune.data.preprocessing import CLASSES, PREPROCESSING
-from finetune.metrics import TestMetrics, batch_indices
-from finetune.schedules import BackboneUnfreeze, WeightAverage
-
-log = logging.getLogger(__name__)
+from finetune.backbones import IMAGENET, build_backbone
+from finetune.errors import SettingError
+from finetune.features import head_forward
+from finetune.checks import check_choice, check_int, check_number, check_optimizer
 
 FREEZE_MODES = ("none", "backbone")
-TEMPERATURE = "temperature"  # the checkpoint key of the fitted temperature
+INTERVALS = ("step", "epoch")  # Lightning's: the scheduler steps after every optimizer step, or every epoch
 # The layers with running statistics (torchvision's and timm's BatchNorm layers subclass these).
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-INPUT_MODES = ("images", "features")
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 
 
 class FineTuneModule(pl.LightningModule):
-    """Classifier = torchvision backbone + new ``Linear`` head.
+    """Classifier = backbone (``finetune.backbones``) + a new Xavier-initialised ``Linear`` head.
 
-    Optimiser parameter groups carry an ``lr_scale`` (as timm's do): the backbone 1 and the head ``head_lr_mult``
-    (a single group when ``head_lr_mult == 1`` or the backbone is frozen); the optimizer's ``lr`` is scaled by it.
-    ``freeze="backbone"`` trains only the head, and keeps every BatchNorm of the frozen backbone in eval mode so its
-    running statistics never move. ``cache_features`` (frozen only) sets ``input_mode="features"``: the module then
-    takes 2-D batches of cached head inputs (see ``finetune.features``) and refuses images, and the other way round.
-    ``net_runner``: how ``net`` is called, where a run compiles it (``model.compile=true``, see
-    :func:`finetune.harness.guards.compile_network`); None calls it eagerly.
-    ``unfreeze_at_epoch=N`` freezes the backbone (BatchNorm included) for the first N epochs of a fit, then trains
-    it in its own group; with ``cache_features`` those N epochs train the head on cached features. ``ema_decay``
-    validates, tests and checkpoints an EMA of the weights. Both live in :mod:`finetune.schedules`.
-    ``label_smoothing``, ``mixup_alpha``, ``cutmix_alpha`` change the training loss only (torchvision's batch
-    ``MixUp``/``CutMix``, one of the two per batch when both are on; the loss takes their soft targets, the training
-    accuracy counts the larger share): val and test losses stay the plain NLL. ``temperature`` divides the logits
-    at inference; it is fitted on validation after a fit (:mod:`finetune.calibration`) and kept in checkpoints.
+    The optimizer gets two named parameter groups, each with an ``lr_scale`` (as timm's groups have): ``backbone``
+    1 and ``head`` ``head_lr_mult`` (only ``head`` when the backbone is frozen). Every group's rate is its
+    ``lr_scale`` times the schedule's rate at every step (:meth:`lr_scheduler_step`), so the ratio also holds under
+    schedules that set absolute rates (``OneCycleLR``, ``CyclicLR``). ``freeze="backbone"`` trains the head only and
+    keeps the backbone's BatchNorm layers in eval mode, so their running statistics never move.
+
+    ``scheduler``: Lightning's ``lr_scheduler`` dictionary with a factory under ``scheduler`` (called with the
+    optimizer, and with ``total_steps`` when it takes one that the config leaves unset: the run's number of scheduler
+    steps) and ``interval`` / ``frequency``.
     """
 
     def __init__(
         self,
         num_classes: int,
         backbone: str = "resnet18",
-        weights: str | Path | None = IMAGENET,
+        weights: str | None = IMAGENET,
         freeze: str = "none",
         head_lr_mult: float = 10.0,
-        channels_last: bool = False,
-        cache_features: bool = False,
-        unfreeze_at_epoch: int = 0,
-        ema_decay: float | None = None,
-        label_smoothing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
+        criterion: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # Optimiser/scheduler factories come from the run's config; checkpoints keep only the model's recipe.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        built = build_backbone(backbone, num_classes, None if weights is None else str(weights))
-        self.net = built.model
-        self.head_name = built.head_name
-        self.freeze = freeze
-        self.head_lr_mult = head_lr_mult
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.unfreeze_at_epoch = unfreeze_at_epoch
-        self.recipe_callbacks: list[pl.Callback] = []
-        if unfreeze_at_epoch:
-            self.recipe_callbacks.append(BackboneUnfreeze(unfreeze_at_epoch))
-        self.weight_average = WeightAverage(ema_decay) if ema_decay is not None else None
-        if self.weight_average is not None:
-            self.recipe_callbacks.append(self.weight_average)
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])  # the model's recipe, for checkpoints
+        built = build_backbone(backbone, num_classes, weights)
+        self.net, self.head_name = built.model, built.head_name
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.optimizer_factory, self.scheduler_config = optimizer, scheduler
+        self.frozen_epochs = 0  # a fit's first epochs with the backbone frozen: set by BackboneUnfreeze
         if freeze == "backbone":
             for param in self.backbone_parameters():
                 param.requires_grad_(False)
-        self.net_runner: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by model.compile=true
-        self._fitting = False
-
-        self.loss = nn.CrossEntropyLoss()
-        self.train_loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []
-        mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else []
-        self.batch_mix = v2.RandomChoice(mixes) if mixes else None
-        self.temperature = 1.0  # > 0; the logits are divided by it outside training (1: uncalibrated)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        # Epoch losses as torchmetrics too: weighted by samples, and exact across DDP ranks with uneven shards.
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        # The test report (per class, confusion matrix, AUROC, ECE, worst images): see finetune.metrics.
-        self.test_metrics = TestMetrics(num_classes)
-        self.test_report: dict[str, Any] | None = None
-        self._test_batches: list[list[int]] | None = None
-        # What the data was: class names in order and the eval preprocessing; saved in every checkpoint.
-        self.data_spec: dict[str, Any] | None = None
+        # Epoch losses as torchmetrics: weighted by samples, and exact across DDP ranks with uneven shards.
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
 
-    # --- parameters -------------------------------------------------------------------------------------
+    @staticmethod
+    def check_settings(model: DictConfig, cfg: DictConfig) -> None:
+        """``model.*`` and ``optimizer.*``, before anything is built (``finetune.run`` calls it)."""
+        if model.get("freeze") not in FREEZE_MODES:
+            raise SettingError(
+                f"Unknown model.freeze={model.get('freeze')!r}: choose one of {FREEZE_MODES} (none trains every "
+                "layer; backbone trains the head only, as experiment=frozen)."
+            )
+        advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
+        check_number("model.head_lr_mult", model.get("head_lr_mult"), "> 0", lambda x: x > 0, advice)
+        check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+        scheduler = cfg.get("scheduler")
+        if scheduler:
+            check_choice("scheduler.interval", scheduler.get("interval"), INTERVALS, "how often the schedule steps")
+            check_int("scheduler.frequency", scheduler.get("frequency", 1), 1, "steps or epochs between its steps")
+
+    # --- parameter groups and their rates -------------------------------------------------------------------
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.net.get_submodule(self.head_name).parameters()
 
@@ -117,63 +97,48 @@ class FineTuneModule(pl.LightningModule):
         head = {id(p) for p in self.head_parameters()}
         return (p for p in self.net.parameters() if id(p) not in head)
 
-    def parameter_groups(self) -> list[dict]:
-        """The trainable parameters in named groups, each with the ``lr_scale`` the optimizer applies to its lr."""
-        head = list(self.head_parameters())
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters in named groups, each with the ``lr_scale`` applied to the schedule's rate."""
         backbone = [p for p in self.backbone_parameters() if p.requires_grad]
-        if not backbone:
-            return [{"name": "head", "params": head, "lr_scale": self.head_lr_mult}]
-        if self.head_lr_mult == 1 and not self.unfreeze_at_epoch:
-            return [{"name": "all", "params": backbone + head, "lr_scale": 1.0}]
-        return [
-            {"name": "backbone", "params": backbone, "lr_scale": 1.0},
-            {"name": "head", "params": head, "lr_scale": self.head_lr_mult},
-        ]
+        groups = [{"name": "backbone", "params": backbone, "lr_scale": 1.0}] if backbone else []
+        return [*groups, {"name": "head", "params": list(self.head_parameters()), "lr_scale": self.hparams.head_lr_mult}]
 
-    def optimizer_class(self) -> str | None:
-        """The optimizer's class (``torch.optim.SGD``), recorded in checkpoints so a resume can check it."""
-        factory = self.optimizer_factory
-        target = getattr(factory, "func", factory)
-        return None if target is None else f"{target.__module__}.{target.__qualname__}"
-
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise RuntimeError("FineTuneModule was built without an optimizer factory; it can only evaluate.")
-        optimizer = scale_learning_rates(self.optimizer_factory(self.parameter_groups()))
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+            raise RuntimeError("FineTuneModule was built without an optimizer factory; it can only be scored.")
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_config is None:
+            return scale_rates(optimizer, up=True)
+        config = dict(self.scheduler_config)
+        factory = config.pop("scheduler")
+        scheduler = factory(optimizer, **self._schedule_length(factory, config))  # sees the unscaled rates
+        return {"optimizer": scale_rates(optimizer, up=True), "lr_scheduler": {"scheduler": scheduler, **config}}
 
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """The recipe's schedules (``unfreeze_at_epoch``, ``ema_decay``): the same objects for every fit and test."""
-        return list(self.recipe_callbacks)
+    def _schedule_length(self, factory: Any, config: dict[str, Any]) -> dict[str, int]:
+        """``total_steps`` for a schedule that takes it and was not given one: the scheduler steps of the run."""
+        takes = "total_steps" in inspect.signature(getattr(factory, "func", factory)).parameters
+        if not takes or getattr(factory, "keywords", {}).get("total_steps") is not None:
+            return {}
+        steps = self.trainer.estimated_stepping_batches if config.get("interval") == "step" else self.trainer.max_epochs
+        return {"total_steps": max(1, int(steps) // int(config.get("frequency", 1)))}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step the schedule on the groups' unscaled rates, then give each group ``lr_scale`` times its rate."""
+        scale_rates(scheduler.optimizer, up=False)
+        scheduler.step() if metric is None else scheduler.step(metric)
+        scale_rates(scheduler.optimizer, up=True)
 
     # --- frozen BatchNorm ---------------------------------------------------------------------------------
+    @property
     def backbone_frozen(self) -> bool:
-        """Whether the backbone is frozen now: always with ``freeze="backbone"``, else before the unfreeze epoch
-        of a fit (outside a fit, e.g. when testing, the model is the whole network)."""
-        if self.freeze == "backbone":
-            return True
-        return bool(self.unfreeze_at_epoch) and self._fitting and self.current_epoch < self.unfreeze_at_epoch
-
-    @property
-    def compiled(self) -> bool:
-        """Whether ``net`` runs compiled now (``model.compile=true``, and compiling has not failed)."""
-        return bool(getattr(self.net_runner, "compiled", False))
-
-    def teardown(self, stage: str) -> None:
-        self._fitting = False
-
-    @property
-    def input_mode(self) -> str:
-        """``features`` (2-D cached head inputs) while a ``cache_features`` model's backbone is frozen, else images."""
-        return "features" if self.hparams.cache_features and self.backbone_frozen() else "images"
+        """Whether the backbone is frozen now: always with ``freeze="backbone"``, else in the first
+        ``frozen_epochs`` of a fit (``finetune.callbacks.unfreeze``)."""
+        return self.hparams.freeze == "backbone" or self.current_epoch < self.frozen_epochs
 
     def train(self, mode: bool = True) -> FineTuneModule:
-        """Lightning switches modes before every epoch; frozen BatchNorm layers must stay in eval()."""
+        """Lightning switches modes before every epoch; a frozen backbone's BatchNorm layers must stay in eval()."""
         super().train(mode)
-        if self.backbone_frozen():
+        if self.backbone_frozen:
             for module in self.frozen_batchnorms():
                 module.eval()
         return self
@@ -182,140 +147,38 @@ class FineTuneModule(pl.LightningModule):
         self.train(True)  # re-assert after Lightning's own mode bookkeeping
 
     def frozen_batchnorms(self) -> list[nn.Module]:
-        head = self.net.get_submodule(self.head_name)
-        head_modules = {id(m) for m in head.modules()}
-        return [m for m in self.net.modules() if isinstance(m, BATCHNORMS) and id(m) not in head_modules]
-
-    # --- checkpoints ----------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Note whether this is a fit, and the class names and eval preprocessing of the datamodule (set up before
-        the module's hook)."""
-        self._fitting = stage == "fit"
-        if self._fitting:
-            self.temperature = 1.0  # a temperature belongs to the weights it was fitted on, which a fit changes
-        datamodule = self.trainer.datamodule
-        images = getattr(datamodule, "images", datamodule)  # the image data behind a feature cache
-        preprocessing = getattr(images, "preprocessing", None)
-        if preprocessing is not None and getattr(images, "classes", None):
-            self.data_spec = {CLASSES: list(images.classes), PREPROCESSING: preprocessing.to_dict()}
+        head = {id(m) for m in self.net.get_submodule(self.head_name).modules()}
+        return [m for m in self.net.modules() if isinstance(m, BATCHNORMS) and id(m) not in head]
 
     # --- steps --------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["optimizer_class"] = self.optimizer_class()
-        checkpoint[TEMPERATURE] = self.temperature
-        if self.data_spec is not None:
-            checkpoint.update(self.data_spec)  # "classes", "preprocessing": what predict and export rely on
-        if self.weight_average is not None:
-            self.weight_average.write_average(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.temperature = float(checkpoint.get(TEMPERATURE, 1.0))  # older checkpoints: uncalibrated
-        if checkpoint.get(CLASSES):
-            self.data_spec = {CLASSES: list(checkpoint[CLASSES]), PREPROCESSING: checkpoint.get(PREPROCESSING)}
-
-    # --- steps --------------------------------------------------------------------------------------------
-
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images (``NCHW``), or of cached head inputs (``NC``) in ``input_mode="features"``.
+        """Logits for images (``NCHW``), or for cached head inputs (``NC``, see ``finetune.features``)."""
+        return head_forward(self.net, self.head_name, inputs) if inputs.ndim == 2 else self.net(inputs)
 
-        Test-time views (``NVCHW``, :meth:`finetune.data.preprocessing.Preprocessing.views`): the log of the mean of
-        the views' probabilities, which a softmax turns back into that mean.
-        """
-        if inputs.ndim == 5 and self.input_mode == "images":
-            count, views = inputs.shape[:2]
-            probs = self(inputs.flatten(0, 1)).float().softmax(dim=-1).view(count, views, -1).mean(dim=1)
-            return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        expected = 2 if self.input_mode == "features" else 4
-        if inputs.ndim != expected:
-            raise ValueError(
-                f"FineTuneModule in input_mode={self.input_mode!r} takes {expected}-D batches, got shape "
-                f"{tuple(inputs.shape)}. Cached features (model.cache_features=true) are 2-D, images are 4-D."
-            )
-        logits = self.forward_head(inputs) if self.input_mode == "features" else self.forward_images(inputs)
-        return logits if self.training or self.temperature == 1.0 else logits / self.temperature
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = self.criterion(logits, targets)  # targets may be soft (N, classes): mixup and cutmix
+        hard = targets.argmax(dim=1) if targets.ndim == 2 else targets  # the larger share, for the accuracy
+        self._log("train", logits, hard, loss, self.train_acc, self.train_loss)
+        return loss
 
-    def forward_images(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return (self.net_runner or self.net)(images)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        logits = self(inputs)
+        self._log("val", logits, targets, F.cross_entropy(logits, targets), self.val_acc, self.val_loss)
 
-    def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """What the head receives for ``images``: the features that ``cache_features`` stores."""
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return head_input(self.net, self.head_name, images)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """The head on cached features, after the Dropout that sits right in front of it (as in ``net``)."""
-        for name in dropouts_before_head(self.net, self.head_name):
-            features = self.net.get_submodule(name)(features)
-        return self.net.get_submodule(self.head_name)(features)
-
-    def _shared_step(self, batch, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
-        return self._log_step(logits, targets, stage, accuracy, mean_loss)
-
-    def _log_step(
-        self, logits, targets, stage: str, accuracy: MulticlassAccuracy, mean_loss: MeanMetric, loss=None
-    ) -> torch.Tensor:
-        """Log the step's loss (the plain NLL unless the training loss is given) and accuracy."""
-        loss = self.loss(logits, targets) if loss is None else loss
+    def _log(self, stage: str, logits, targets, loss, accuracy: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
         accuracy(logits, targets)
         mean_loss.update(loss.detach(), weight=targets.shape[0])
         # Metric objects: Lightning computes them once per epoch over every sample of every DDP rank.
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
-        soft = None
-        if self.batch_mix is not None:
-            images, soft = self.batch_mix(images, targets)  # soft: (N, classes) shares of the two mixed images
-        logits = self(images)
-        loss = self.train_loss_fn(logits, targets if soft is None else soft)
-        hard = targets if soft is None else soft.argmax(dim=1)  # the larger share, for the training accuracy
-        self._log_step(logits, hard, "train", self.train_acc, self.train_loss, loss)
-        if self.input_mode == "features" and self.unfreeze_at_epoch and self.trainer.world_size > 1:
-            # DDP syncs the gradient of every parameter that required grad when it wrapped the model, and fails
-            # on one the loss does not reach: the backbone joins the graph with an exact 0 (see schedules.py).
-            loss = loss + 0.0 * sum(p.sum() for p in self.backbone_parameters())
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val", self.val_acc, self.val_loss)
-
-    def on_test_epoch_start(self) -> None:
-        self.test_metrics.reset()
-        self.test_report = None
-        self._test_batches = batch_indices(self.trainer.test_dataloaders)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        images, targets = batch
-        logits = self(images)
-        self._log_step(logits, targets, "test", self.test_acc, self.test_loss)
-        temperature = self.temperature if images.ndim < 5 else None  # averaged views have no raw logits
-        self.test_metrics.update(logits, targets, self._sample_indices(batch_idx, len(targets)), temperature)
-
-    def on_test_epoch_end(self) -> None:
-        self.test_report = self.test_metrics.compute()  # synced over DDP ranks: every test image once
-        self.test_metrics.reset()
-
-    def _sample_indices(self, batch_idx: int, size: int) -> torch.Tensor:
-        """The test set indices of this batch's samples (-1 where the loader's order is unknown)."""
-        batches = self._test_batches
-        if batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == size:
-            return torch.tensor(batches[batch_idx], dtype=torch.long, device=self.device)
-        return torch.full((size,), -1, dtype=torch.long, device=self.device)
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(dim=-1)
 
 
-def scale_learning_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Multiply each parameter group's ``lr`` by its ``lr_scale`` (once, when the optimizer is built)."""
+def scale_rates(optimizer: torch.optim.Optimizer, up: bool) -> torch.optim.Optimizer:
+    """Multiply (``up``) or divide every group's ``lr`` by its ``lr_scale``."""
     for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        scale = group.get("lr_scale", 1.0)
+        group["lr"] = group["lr"] * scale if up else group["lr"] / scale
     return optimizer

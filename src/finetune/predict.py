@@ -6,7 +6,7 @@ input order, with ``path``, ``label`` (the class name), ``score`` (its probabili
 (named after it) and ``error`` (empty, or why that file could not be read). The images go through the checkpoint's
 own eval preprocessing, so a photo gets the probabilities ``finetune.evaluate`` computes for it (divided by the
 checkpoint's temperature, when it was calibrated). ``tta=flip|five_crop|full`` averages the probabilities of
-test-time views of each image (:data:`finetune.data.preprocessing.TTA_MODES`), as ``finetune.evaluate tta=...``
+test-time views of each image (:mod:`finetune.tta`), as ``finetune.evaluate tta=...``
 does. Any ``trainer.*`` flag applies; on several devices
 each input is predicted once (unpadded shards) and the rows are gathered back into input order.
 """
@@ -32,13 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data import is_image_file, load_rgb
-from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
-from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
+from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR, build_trainer
+from finetune.scoring import TEMPERATURE, Scorer
+from finetune.tta import TTA_MODES, views_transform
 from finetune.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,12 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     inputs = find_inputs(str(cfg.inputs))
     model, checkpoint = load_for_inference(cfg.ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)
-    preprocessing = Preprocessing.from_checkpoint(checkpoint, cfg.ckpt_path)
-    checkpoint_transform(preprocessing)  # refuses a preprocessing this version cannot build
-    data = PredictData(ImageFiles(inputs, preprocessing.views(tta)), cfg.batch_size, cfg.num_workers)
+    eval_preprocessing = preprocessing(checkpoint, cfg.ckpt_path)
+    transform = views_transform(eval_preprocessing, tta) or eval_preprocessing.transform()
+    data = PredictData(ImageFiles(inputs, transform), cfg.batch_size, cfg.num_workers)
     trainer = build_trainer(cfg)
-    outputs = trainer.predict(Predictor(model), datamodule=data, return_predictions=True) or []
+    scorer = Scorer(model, checkpoint.get(TEMPERATURE, 1.0))
+    outputs = trainer.predict(Predictor(scorer), datamodule=data, return_predictions=True) or []
     results = gather(outputs, len(inputs))
     if not trainer.is_global_zero:
         return []
@@ -166,8 +168,8 @@ class PredictData(pl.LightningDataModule):
 
 
 class Predictor(pl.LightningModule):
-    """Softmax probabilities of a :class:`~finetune.module.FineTuneModule` (averaged over test-time views, when the
-    inputs are ``NVCHW``)."""
+    """Softmax probabilities of a :class:`~finetune.scoring.Scorer` (averaged over test-time views, when the inputs
+    are ``NVCHW``)."""
 
     def __init__(self, model: pl.LightningModule) -> None:
         super().__init__()

@@ -35,17 +35,19 @@ from torchvision.datasets import ImageFolder
 
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
-from finetune.data.preprocessing import TTA_MODES, Preprocessing
+from finetune.data.transforms import Preprocessing
 from finetune.errors import PathError, SettingError
-from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
-from finetune.harness.checkpoint import class_names, load_for_inference
+from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
+from finetune.harness.checkpoint_io import class_names, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_seed
+from finetune.harness.run_settings import check_seed
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
+from finetune.scoring import TEMPERATURE, Scorer
 from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
+from finetune.tta import TTA_MODES, views_transform
 from finetune.workers import ordered_loader
 
 log = logging.getLogger(__name__)
@@ -208,7 +210,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
         raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
-    transform = preprocessing.views(tta)
+    transform = views_transform(preprocessing, tta) or preprocessing.transform()
     root = Path(data.root)
     if data.get("download"):
         download_and_extract(data.download["url"], data.download["sha1"], root)
@@ -230,7 +232,8 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         start = time.perf_counter()
         folders[f"{shift}-{severity}"] = make_shifted_folder(split_dir, shift, severity, seed, cache, max(1, workers))
         log.info("%s-%d: %s (%.1f s)", shift, severity, folders[f"{shift}-{severity}"], time.perf_counter() - start)
-    logits_fn = logits_fn or model_logits(model, device)
+    scorer = Scorer(model, checkpoint.get(TEMPERATURE, 1.0))
+    logits_fn = logits_fn or model_logits(scorer, device)
     sets: dict[str, dict[str, Any]] = {}
     datasets = {CLEAN: clean, **{n: ImageFolder(str(f), transform, loader=load_rgb) for n, f in folders.items()}}
     for name, dataset in datasets.items():
@@ -246,7 +249,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "classes": classes,
         "preprocessing": preprocessing.to_dict(),
         "tta": tta,
-        "temperature": model.temperature,
+        "temperature": scorer.temperature,
         "source": str(split_dir),
         "shift_seed": seed,
         "shift_cache": str(cache),

@@ -1,12 +1,18 @@
 """Config -> (datamodule, model, trainer): the one place that assembles a run from a composed config.
 
-``finetune.train``, ``finetune.evaluate`` and ``scripts/benchmark.py`` all build their objects here, so a new
-setting is wired once. Objects come from ``hydra.utils.instantiate``; the optimizer and scheduler configs are
-``_partial_`` factories that the module calls with its own parameter groups.
+``finetune.train``, ``finetune.evaluate`` and ``scripts/benchmark.py`` all build their objects here. Objects come
+from ``hydra.utils.instantiate``: a new component is a class with a ``_target_`` in a config file, and nothing here
+changes. The optimizer and scheduler configs are ``_partial_`` factories that the module calls with its own
+parameter groups.
+
+Every setting is checked before anything is built or any data is read (:func:`check_settings`): the run's own rules,
+then one check per configured component, which owns its settings (a ``check_settings(node, cfg)`` static method of
+the component's class, beside its code).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Sequence
@@ -22,13 +28,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
-from finetune.backbones import is_timm, preprocessing
+from finetune.backbones import preprocessing
 from finetune.errors import PathError, SettingError
-from finetune.features import FeatureCacheDataModule
+from finetune.features import FeatureCacheDataModule, unfreeze_epoch
+from finetune.harness.checkpointing import CheckpointRecord
 from finetune.harness.distributed import set_timeout
-from finetune.harness.guards import OutOfMemoryAdvice, compile_network
+from finetune.harness.out_of_memory import OutOfMemoryAdvice
 from finetune.harness.quiet import quiet_known_warnings
-from finetune.harness.settings import check_data_settings, check_run_settings
+from finetune.harness.run_settings import check_run_settings
 
 
 def _config_dir() -> str:
@@ -57,22 +64,47 @@ class Run:
     trainer: pl.Trainer
 
 
+def check_settings(cfg: DictConfig, model_configured: bool = True) -> None:
+    """The run's own rules (:mod:`finetune.harness.run_settings`), then each configured component's
+    ``check_settings(node, cfg)``: the model (with its optimizer and scheduler), the feature cache, the callbacks.
+    ``model_configured=False``: the model comes from a checkpoint. The data is checked in :func:`build_datamodule`,
+    once the backbone's preprocessing has filled its nulls, before any image is read."""
+    check_run_settings(cfg)
+    nodes = {"model": cfg.model} if model_configured else {}
+    nodes |= {"features": cfg.features} if cfg.get("features") else {}
+    nodes |= {f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items() if node}
+    for key, node in nodes.items():
+        check = getattr(component(key, node), "check_settings", None)
+        if check is not None:
+            check(node, cfg)
+
+
+def component(key: str, node: DictConfig) -> Any:
+    """The class (or function) a config node builds, named by its ``_target_``; refused by name when it is missing."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise SettingError(f"{key} has no _target_: it must name the class that it configures.")
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SettingError(f"{key}._target_={target} cannot be imported ({err}). Check the spelling.") from None
+
+
 def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bool = False) -> pl.LightningDataModule:
-    """The image DataModule, with its data fetched (the head's size depends on the class folders).
+    """The image DataModule, checked and with its data fetched (the head's size depends on the class folders).
 
     ``test_only`` (evaluation): only the images scored are needed (``test/<class>/`` or ``<class>/``), and the
     train/val settings are ignored, not checked. A training run with ``test_after_fit=false`` needs no ``test/``.
-
-    With a ``model`` (or a ``backbone``, e.g. a checkpoint's), the null ``data.image_size``, ``resize_size``,
-    ``mean``, ``std``, ``interpolation`` are the backbone's pretrained preprocessing
-    (:func:`finetune.backbones.preprocessing`).
+    The null ``data.image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation`` are the backbone's pretrained
+    preprocessing (:func:`finetune.backbones.preprocessing`; the configured model's, or ``backbone``'s).
     """
-    filled = backbone_preprocessing(cfg, backbone)
-    check_data_settings({**OmegaConf.to_container(cfg.data, resolve=True), **filled}, test_only=test_only)
+    settings = {**OmegaConf.to_container(cfg.data, resolve=True), **backbone_preprocessing(cfg, backbone)}
+    component("data", cfg.data).check_settings(settings, test_only=test_only)
     how = {"test_only": True} if test_only else {}
     if not test_only and cfg.get("test_after_fit", True) is False:
         how["require_test"] = False  # a run that never tests needs no test/ folder
-    datamodule = instantiate(cfg.data, **filled, **how, _convert_="all")
+    datamodule = instantiate({**settings, **how}, _convert_="all")
     datamodule.prepare_data()
     check_output_outside_data(cfg, datamodule)
     return datamodule
@@ -99,50 +131,35 @@ def check_output_outside_data(cfg: DictConfig, datamodule: pl.LightningDataModul
 
 
 def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:
-    """The ``data.*`` settings left null that the backbone's pretrained config fills; explicit values win.
-
-    A given ``data.image_size`` with a null ``data.resize_size`` keeps the backbone's crop fraction: the book's
-    256/224 ratio for torchvision backbones (the datamodule's null), ``floor(image_size / crop_pct)`` for timm.
-    """
+    """The ``data.*`` settings left null that the backbone's pretrained config fills; explicit values win. A given
+    ``data.image_size`` keeps the backbone's crop fraction for a null ``data.resize_size``."""
     backbone = backbone or OmegaConf.select(cfg, "model.backbone", default=None)
     if not backbone:
         return {}
-    expected = preprocessing(str(backbone))
     data = cfg.data
-    filled = {k: list(expected[k]) for k in ("mean", "std") if data.get(k) is None}
-    if data.get("interpolation") is None:
-        filled["interpolation"] = expected["interpolation"]
-    if data.get("image_size") is None:
-        filled["image_size"] = expected["image_size"]
-    if data.get("resize_size") is None and is_timm(str(backbone)):
-        image_size = filled.get("image_size", data.get("image_size"))
-        filled["resize_size"] = math.floor(image_size / expected["crop_pct"]) if isinstance(image_size, int) else None
-    return filled
+    image_size = data.get("image_size")
+    expected = preprocessing(str(backbone), image_size if isinstance(image_size, int) else None)
+    return {key: value for key, value in expected.items() if data.get(key) is None}
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
-    """The configured model, its optimizer and scheduler factories attached; ``model.compile=true`` compiles its
-    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`)."""
-    settings = OmegaConf.to_container(cfg.model, resolve=True)
-    compile_net = settings.pop("compile", False)
+    """The configured model (its criterion built from ``model.criterion``), its optimizer and scheduler factories
+    attached."""
     scheduler = cfg.get("scheduler")
-    model = instantiate(
-        settings,
+    return instantiate(
+        cfg.model,
         num_classes=num_classes,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(scheduler) if scheduler else None,
+        scheduler=instantiate(scheduler, _convert_="all") if scheduler else None,
         _convert_="all",
     )
-    if compile_net:
-        compile_network(model)
-    return model
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
     quiet_known_warnings()  # every entry point builds its Trainer here: the filters are in place before Lightning talks
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
-    callbacks.append(OutOfMemoryAdvice())
+    callbacks += [CheckpointRecord(cfg), OutOfMemoryAdvice()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
@@ -160,16 +177,18 @@ def assemble(
     """Build a run's objects; ``model`` (e.g. one loaded from a checkpoint) replaces the configured one;
     ``test_only``: a run that only tests (``finetune.evaluate``), see :func:`build_datamodule`.
 
-    Every setting is checked first (:mod:`finetune.harness.settings`), before the data is fetched. With
-    ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features (while
-    it is frozen: see ``model.unfreeze_at_epoch``).
+    Every setting is checked first (:func:`check_settings`), before the data is fetched. With ``features=cached``
+    the frozen backbone runs once per split and the trainer sees the features (while it is frozen: see
+    ``callbacks.unfreeze``).
     """
-    check_run_settings(cfg, model_configured=model is None)
+    check_settings(cfg, model_configured=model is None)
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
         model = build_model(cfg, images.num_classes)
-    datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
+    datamodule = images
+    if cfg.get("features") and not test_only:
+        datamodule = instantiate(cfg.features, images=images, model=model, unfreeze_epoch=unfreeze_epoch(cfg))
     trainer = build_trainer(cfg, extra_callbacks)
     if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:
         every = trainer.reload_dataloaders_every_n_epochs

@@ -16,7 +16,6 @@ read. Writes ``soup.ckpt`` (a normal checkpoint: evaluate, predict, export and t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from finetune.calibration import calibration_record, collect_logits, fit_temperature
-from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
+from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.errors import SettingError
-from finetune.evaluate import check_classes, use_checkpoint_geometry
-from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_for_inference
+from finetune.harness.checkpoint_data import check_classes, use_checkpoint_geometry
+from finetune.harness.checkpoint_io import CheckpointError, load_checkpoint, load_for_inference, save_checkpoint
+from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_alpha, check_alphas, check_seed
-from finetune.module import TEMPERATURE
+from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
+from finetune.scoring import TEMPERATURE
+from finetune.temperature import calibration_record, collect_logits, fit_temperature
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,23 @@ KEPT_KEYS = (
 )
 
 State = dict[str, torch.Tensor]
+
+
+def check_alpha(alpha: Any) -> float | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise SettingError(
+            f"alpha must be a number in [0, 1] (0: the first checkpoint, 1: the second) or null to choose it on "
+            f"validation, got {alpha!r}."
+        )
+    return float(alpha)
+
+
+def check_alphas(alphas: Any) -> list[float]:
+    if not isinstance(alphas, Sequence) or isinstance(alphas, str) or not alphas:
+        raise SettingError(f"alphas must be a list of numbers in [0, 1], e.g. [0, 0.5, 1], got {alphas!r}.")
+    return [check_alpha(a) for a in alphas]
 
 
 def check_ingredients(checkpoints: dict[str, dict[str, Any]]) -> None:
@@ -82,7 +99,7 @@ def check_ingredients(checkpoints: dict[str, dict[str, Any]]) -> None:
 
 
 def _preprocessing(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return Preprocessing.from_checkpoint(checkpoint).to_dict()
+    return checkpoint_preprocessing(checkpoint).to_dict()
 
 
 def _split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -184,9 +201,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         calibration = {f"val/{k}": v for k, v in calibration_record(logits, targets, temperature).items()}
         checkpoint[TEMPERATURE] = temperature
     output = output_dir / SOUP
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, output)
+    save_checkpoint(checkpoint, output)
     record = {
         "method": method,
         "ingredients": ingredients,

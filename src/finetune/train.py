@@ -22,19 +22,21 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.harness.calibrate import fit_checkpoint_temperature
-from finetune.harness.checkpoints import InterruptCheckpoint
+from finetune.harness.checkpoint_io import load_checkpoint, save_checkpoint
+from finetune.harness.checkpointing import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.exits import ends_user_errors_cleanly, user_errors
+from finetune.harness.overrides import sweep_params_from_argv
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
 from finetune.harness.run_folder import RunFolder
+from finetune.harness.run_settings import check_seed
 from finetune.harness.run_state import EpochHistory, RngState
-from finetune.harness.settings import check_seed
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
 from finetune.run import CONFIG_DIR, assemble
-from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import sweep_params_from_argv
+from finetune.scoring import TEMPERATURE, Scorer
+from finetune.temperature import calibrate_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +65,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:
-            check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
+            check_resumable(ckpt_path, run.model, run.images, cfg)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
         fitted = fit_record(trainer, history.history)
         best = fitted["best_checkpoint"]  # None after fast_dev_run or without checkpointing: the weights in hand
+        checkpoint = load_checkpoint(best) if best else {"state_dict": run.model.state_dict()}
+        run.model.load_state_dict(checkpoint["state_dict"])
         if cfg.get("calibrate", True) and best:
             # The best checkpoint gets its temperature (fitted on val) before anything scores it. After a resume
             # the best may be the earlier run's file: that one is never rewritten, a calibrated copy lands here.
             target = calibrated_checkpoint_path(Path(best), output_dir)
-            calibration = fit_checkpoint_temperature(
-                run.model, run.datamodule, Path(best), target, write=trainer.is_global_zero
-            )
+            calibration = calibrate_checkpoint(run.model, run.datamodule, checkpoint)
+            if trainer.is_global_zero:
+                save_checkpoint(checkpoint, target)
             trainer.strategy.barrier("calibrated")
             best = fitted["best_checkpoint"] = str(target)
         if cfg.get("test_after_fit", True):
-            test_metrics = trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)[0]
+            scorer = Scorer(run.model, checkpoint.get(TEMPERATURE, 1.0))
+            test_metrics = trainer.test(scorer, datamodule=run.datamodule)[0]
             # Per class, confusion matrix, AUROC, ECE in results.json; confusion_matrix.png, top_losses.png.
-            test_report = write_test_report(run.model, run.images, output_dir, trainer.is_global_zero)
+            test_report = write_test_report(scorer, run.images, output_dir, trainer.is_global_zero)
     except BaseException as err:
         fitted = fitted or fit_record(trainer, history.history)
         exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, time.perf_counter() - start, ckpt_path)

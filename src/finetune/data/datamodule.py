@@ -6,6 +6,7 @@ A validation split is carved from train, stratified by class and seeded (a held-
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -41,14 +42,8 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.preprocessing import Preprocessing
-from finetune.data.transforms import (
-    CROP_SCALE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    to_normalized_tensor,
-    train_transform,
-)
+from finetune.data.settings import check_data_settings
+from finetune.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, to_normalized_tensor, train_transform
 from finetune.errors import DataError, PathError, describe_path
 from finetune.workers import worker_context
 
@@ -155,8 +150,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._corrupt: dict[str, dict[str, str]] = {}  # per split: {path: reason}
         self._duplicates_checked = False
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
-        # Test-time views of the test split (finetune.evaluate tta=...): see Preprocessing.views.
-        self.test_views = "none"
+        # Another transform for the test split: test-time views (finetune.evaluate tta=..., see finetune.tta).
+        self.test_transform: v2.Transform | None = None
+
+    @classmethod
+    def check_settings(cls, settings: dict, test_only: bool = False) -> None:
+        """``data.*`` (its defaults filled in), before any image is read: see :mod:`finetune.data.settings`."""
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        check_data_settings({**defaults, **{k: v for k, v in settings.items() if k != "_target_"}}, test_only)
 
     def _split(self, targets: list[int], classes: list[str]) -> tuple[list[int], list[int]]:
         """(train, val) indices of the train folder: fold ``fold`` of ``folds``, or ``val_fraction`` held out."""
@@ -257,7 +262,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
                 say_where_augmentation_runs(self.trainer, hp.cache)
         if stage in ("test", "predict", None) and self.test_set is None:
-            self.test_set = self._test_set(self.preprocessing.views(self.test_views), stage)
+            self.test_set = self._test_set(self.test_transform or self.eval_transform(), stage)
 
     # --- the data source: the image folder (finetune.data.shards.ShardsDataModule reads shards instead) --------
     def _fit_sets(self, train_tf, eval_tf) -> tuple[Dataset, Dataset, Dataset]:
@@ -292,7 +297,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         keep = self._usable_images("test")
         test_set = self._folder("test", test_tf, keep)
         self.classes = test_set.classes
-        if hp.cache != "none" and self.test_views == "none":  # the cache holds the centre crop only
+        if hp.cache != "none" and self.test_transform is None:  # the cache holds the centre crop only
             return self._cached(test_set, "test", augmented=False)
         return test_set
 

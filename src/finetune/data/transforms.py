@@ -1,12 +1,17 @@
-"""The book's image transforms: random-crop augmentation for training, square resize + centre crop for evaluation.
+"""The image transforms: the book's random-crop augmentation for training, and the eval preprocessing as a record.
 
-Each takes the normalisation (``mean``, ``std``) and resampling (``interpolation``) of the backbone's pretrained
-weights; the defaults are the book's (ImageNet mean/std, bilinear), which torchvision backbones expect.
+The training transform is one function with one branch per augmentation (torchvision's ``presets.py`` style):
+add a ``data.*`` knob by adding an argument and a branch here, and the argument to the DataModule. The eval
+preprocessing is one frozen :class:`Preprocessing`: the DataModule builds it from ``data.*``, every checkpoint
+stores it (key ``preprocessing``, beside the class names under ``classes``), and evaluate, predict and export
+rebuild the same transform from the stored record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -21,6 +26,9 @@ EVAL_RESIZES = ("square", "shorter_side")  # the book's squash to a square / tor
 # data.augment: false (eval transform), true (the book's crop and flip), or the crop and flip then one of
 # torchvision's automatic policies (TrivialAugmentWide, RandAugment, AutoAugment's ImageNet policy).
 AUGMENT_POLICIES = ("trivial", "randaugment", "autoaugment")
+# The checkpoint keys under which a model keeps what its data was.
+CLASSES = "classes"
+PREPROCESSING = "preprocessing"
 
 
 def book_resize_size(image_size: int) -> int:
@@ -29,14 +37,13 @@ def book_resize_size(image_size: int) -> int:
 
 
 def interpolation_mode(interpolation: str) -> InterpolationMode:
-    """``"bilinear"`` | ``"bicubic"`` | ``"nearest"`` -> torchvision's ``InterpolationMode``."""
     if interpolation not in INTERPOLATIONS:
         raise SettingError(f"Unknown interpolation {interpolation!r}: choose one of {INTERPOLATIONS}.")
     return InterpolationMode(interpolation)
 
 
 def train_transform(
-    image_size: int = 224,
+    image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
@@ -44,75 +51,97 @@ def train_transform(
     policy: str | None = None,
     random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """The book's training augmentation: random resized crop, horizontal flip, normalisation.
-
-    ``crop_scale``: the range of the crop's area as a fraction of the image (torchvision's and the book's
-    ``(0.08, 1.0)``; a larger minimum keeps more of each photo, which small datasets often prefer).
-    ``policy`` (one of :data:`AUGMENT_POLICIES`) adds a colour/geometry policy on the cropped uint8 image, and
-    ``random_erasing`` the probability of erasing a random rectangle of the normalised tensor (timm's recipe order).
-    """
+    """The book's training augmentation: random resized crop (of ``crop_scale`` of the area), horizontal flip,
+    normalisation; ``policy`` adds a torchvision policy on the cropped uint8 image and ``random_erasing`` erases a
+    random rectangle of the normalised tensor with that probability (timm's recipe order)."""
     mode = interpolation_mode(interpolation)
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
-            v2.RandomHorizontalFlip(),
-            *([augment_policy(policy, mode)] if policy else []),
-            *to_normalized_tensor(mean, std).transforms,
-            *([v2.RandomErasing(p=random_erasing, value=0)] if random_erasing else []),
-        ]
-    )
-
-
-def augment_policy(policy: str, interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> v2.Transform:
-    """torchvision's automatic augmentation ``policy`` (``trivial`` | ``randaugment`` | ``autoaugment``)."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
     if policy == "trivial":
-        return v2.TrivialAugmentWide(interpolation=interpolation)
-    if policy == "randaugment":
-        return v2.RandAugment(interpolation=interpolation)
-    if policy == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
-    raise SettingError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
-
-
-def eval_transform(
-    image_size: int = 224,
-    resize_size: int | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bilinear",
-    eval_resize: str = "square",
-) -> v2.Compose:
-    """The book's evaluation transform: a *square* resize (256x256 for 224 crops), then a centre crop.
-
-    ``eval_resize="shorter_side"`` resizes the shorter side to ``resize_size`` and keeps the aspect ratio instead
-    (torchvision's ImageNet evaluation): the square resize squashes every non-square photo, so the squash itself
-    becomes a feature, and where the photos' shapes differ by class (they do on the Kaggle hot dog set) a model can
-    read the label from the shape.
-    """
-    geometry = eval_geometry(image_size, resize_size, interpolation, eval_resize)
-    return v2.Compose([*geometry.transforms, *to_normalized_tensor(mean, std).transforms])
-
-
-def eval_geometry(
-    image_size: int = 224,
-    resize_size: int | None = None,
-    interpolation: str = "bilinear",
-    eval_resize: str = "square",
-) -> v2.Compose:
-    """The deterministic, pixel-changing part of :func:`eval_transform` (what the image cache stores).
-
-    ``resize_size=None`` keeps the book's ratio (:func:`book_resize_size`), so a larger crop is not cut out of a
-    too-small resize.
-    """
-    if resize_size is None:
-        resize_size = book_resize_size(image_size)
-    if eval_resize not in EVAL_RESIZES:
-        raise SettingError(f"Unknown eval_resize {eval_resize!r}: choose one of {EVAL_RESIZES}.")
-    size = [resize_size, resize_size] if eval_resize == "square" else resize_size
-    resize = v2.Resize(size, interpolation=interpolation_mode(interpolation), antialias=True)
-    return v2.Compose([resize, v2.CenterCrop(image_size)])
+        steps.append(v2.TrivialAugmentWide(interpolation=mode))
+    elif policy == "randaugment":
+        steps.append(v2.RandAugment(interpolation=mode))
+    elif policy == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode))
+    elif policy is not None:
+        raise SettingError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
+    steps += to_normalized_tensor(mean, std).transforms
+    if random_erasing:
+        steps.append(v2.RandomErasing(p=random_erasing, value=0))
+    return v2.Compose(steps)
 
 
 def to_normalized_tensor(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """uint8 image (PIL or tensor) -> float tensor in [0, 1] -> normalised with ``mean`` and ``std``."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The eval transform: ``Resize`` to ``resize_size`` (``eval_resize``: ``square``, the book's squash, or
+    ``shorter_side``, the aspect kept as in torchvision's ImageNet evaluation), ``CenterCrop`` to ``image_size``,
+    [0, 1], normalise with ``mean`` and ``std``.
+
+    The square resize squashes every non-square photo, so the squash itself becomes a feature: where the photos'
+    shapes differ by class (they do on the Kaggle hot dog set) a model can read the label from the shape.
+    """
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    eval_resize: str = "square"
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The record's fields: the ``data.*`` settings that define the eval preprocessing."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def of(
+        cls,
+        image_size: int,
+        resize_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        eval_resize: str | None = None,
+    ) -> Preprocessing:
+        """From ``data.*`` settings; ``None`` takes the book's value (256/224 resize ratio, ImageNet, bilinear)."""
+        return cls(
+            image_size=int(image_size),
+            resize_size=int(book_resize_size(image_size) if resize_size is None else resize_size),
+            mean=tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean)),
+            std=tuple(float(s) for s in (IMAGENET_STD if std is None else std)),
+            interpolation=str(interpolation or "bilinear"),
+            eval_resize=str(eval_resize or "square"),
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        return cls.of(**{key: values[key] for key in cls.keys() if values.get(key) is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["mean"], values["std"] = list(self.mean), list(self.std)
+        return values
+
+    def geometry(self) -> v2.Compose:
+        """The deterministic, pixel-changing part of :meth:`transform` (what the image cache stores)."""
+        if self.eval_resize not in EVAL_RESIZES:
+            raise SettingError(f"Unknown eval_resize {self.eval_resize!r}: choose one of {EVAL_RESIZES}.")
+        size = [self.resize_size] * 2 if self.eval_resize == "square" else self.resize_size
+        resize = v2.Resize(size, interpolation=interpolation_mode(self.interpolation), antialias=True)
+        return v2.Compose([resize, v2.CenterCrop(self.image_size)])
+
+    def transform(self) -> v2.Compose:
+        """The eval transform: :meth:`geometry`, then [0, 1] and normalisation."""
+        return v2.Compose([*self.geometry().transforms, *to_normalized_tensor(self.mean, self.std).transforms])
+
+
+def eval_transform(image_size: int, resize_size: int | None = None, **settings: Any) -> v2.Compose:
+    """The eval transform of :class:`Preprocessing` for these settings (the book's: 256x256 then a 224 crop)."""
+    return Preprocessing.of(image_size, resize_size, **settings).transform()

@@ -1,4 +1,5 @@
-"""Hydra command-line overrides: read with Hydra's own parser, and values quoted so that Hydra reads them back."""
+"""Hydra command-line overrides: read with Hydra's own parser, values quoted so that Hydra reads them back, and a
+search's ``hydra.sweeper.params.<key>=`` given on the command line turned into the override Hydra takes."""
 
 from __future__ import annotations
 
@@ -34,3 +35,47 @@ def quote(text: str) -> str:
 
 def _escape(match: re.Match[str]) -> str:
     return match[1] * 2 + ("\\'" if match[2] else "")
+
+
+_PARAM_ON_COMMAND_LINE = re.compile(r"(?P<prefix>[+~]*)hydra\.sweeper\.params\.(?P<key>[^=]+)(?:=(?P<value>.*))?", re.S)
+
+
+def sweep_params_from_argv(argv: list[str]) -> list[str]:
+    """``argv`` with every ``hydra.sweeper.params.<key>=<value>`` as the override ``<key>=<value>``.
+
+    Hydra cannot take such an override itself: in a multirun it refuses a sweep inside ``hydra.`` ("Sweeping over
+    Hydra's configuration is not supported"), and a dotted key (``optimizer.lr``, one key of ``params``) is read as
+    nested nodes that do not exist. The sweeper reads ``params`` and the command line's sweep overrides alike, the
+    command line last, so ``<key>=<value>`` does what was asked: a sweep replaces the preset's for that key, a plain
+    value fixes it. A value quoted so that Hydra reads it as a string (``'interval(0.001, 0.1)'``) is unquoted.
+    """
+    args = list(argv[1:])
+    if not any(_PARAM_ON_COMMAND_LINE.fullmatch(arg) for arg in args):
+        return list(argv)
+    out = [argv[0]]
+    for arg in args:
+        match = _PARAM_ON_COMMAND_LINE.fullmatch(arg)
+        if not match:
+            out.append(arg)
+            continue
+        key, value = match["key"], match["value"]
+        if "~" in match["prefix"] or value is None:
+            raise SettingError(
+                f"{arg}: to stop searching {key}, give it one value instead ({key}=VALUE on the command line "
+                "fixes a key that the search's params would search)."
+            )
+        out.append(f"{key}={_unquoted(value)}")
+    return out
+
+
+def _unquoted(value: str) -> str:
+    """``value`` without the quotes that would make Hydra read a sweep as a plain string."""
+    stripped = value.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        try:
+            parsed = OverridesParser.create().parse_override(f"key={stripped}").value()
+        except Exception:  # noqa: BLE001 - not one quoted string: Hydra reads it as it is, and says what is wrong
+            return value
+        if isinstance(parsed, str):
+            return parsed
+    return value

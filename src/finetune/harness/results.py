@@ -155,15 +155,13 @@ def git_state(folder: Path) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(changes.strip())}
 
 
-def write_test_report(model: Any, images: Any, output_dir: Path, is_global_zero: bool) -> dict[str, Any]:
-    """The report keys of ``model``'s last test; on rank 0 also its two figures in ``output_dir``."""
-    report = getattr(model, "test_report", None)
-    spec = getattr(model, "data_spec", None) or {}
-    classes = list(spec.get("classes") or getattr(images, "classes", None) or [])
-    if report is not None and len(classes) != report["confusion"].shape[0]:
-        classes = [f"class_{i}" for i in range(report["confusion"].shape[0])]
+def write_test_report(scorer: Any, images: Any, output_dir: Path, is_global_zero: bool) -> dict[str, Any]:
+    """The report keys of the scorer's last test of ``images``; on rank 0 also its two figures in ``output_dir``."""
+    report = scorer.report
+    classes = list(images.classes)
     dataset = getattr(images, "test_set", None)
     record = report_record(report, classes, dataset)
     if report is not None and is_global_zero:
-        write_figures(report, record, classes, dataset, spec.get("preprocessing"), RunFolder(output_dir))
+        preprocessing = images.preprocessing.to_dict()
+        write_figures(report, record, classes, dataset, preprocessing, RunFolder(output_dir))
     return record

@@ -22,9 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.data.preprocessing import PREPROCESSING, Preprocessing
+from finetune.data.transforms import PREPROCESSING, Preprocessing
 from finetune.errors import OverwriteError, PathError, ResumeError, SettingError
-from finetune.harness.checkpoint import CheckpointFolderError, check_checkpoint_file, load_checkpoint
+from finetune.harness.checkpoint_io import CheckpointFolderError, check_checkpoint_file, load_checkpoint
+from finetune.harness.checkpointing import FORMAT, FORMAT_KEY, RECIPE, recipe
 from finetune.harness.exits import fail
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 from finetune.harness.writable import check_writable
@@ -292,12 +293,20 @@ def _quoted(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
-    """Refuse to resume a checkpoint into a different model, optimiser or data split, saying what differs.
+def check_resumable(
+    checkpoint_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig
+) -> None:
+    """Refuse to resume a checkpoint into a different model, recipe, optimiser or data split, saying what differs.
 
     Batch and image sizes may change (with a warning): the run then differs from one uninterrupted run.
     """
     checkpoint = load_checkpoint(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
+    if checkpoint.get(FORMAT_KEY) != FORMAT:
+        raise ResumeError(
+            f"Cannot resume {str(checkpoint_path)!r}: it was written by another version of finetune (format "
+            f"{checkpoint.get(FORMAT_KEY, 'before 2')}, this version writes {FORMAT}), whose recipe settings this one "
+            "cannot check. Evaluate, predict or export it as it is, or start the run again."
+        )
     errors, warnings = [], []
 
     def compare(label: str, then: Any, now: Any, into: list[str]) -> None:
@@ -305,10 +314,11 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
             into.append(f"{label}: {then!r} in the checkpoint, {now!r} now")
 
     saved_model = checkpoint.get("hyper_parameters", {})
-    recipe = ("backbone", "num_classes", "freeze", "head_lr_mult", "unfreeze_at_epoch", "ema_decay", "cache_features")
-    for key in recipe:
-        if key in saved_model:
-            compare(f"model.{key}", saved_model[key], model.hparams.get(key), errors)
+    for key in ("backbone", "num_classes", "freeze", "head_lr_mult"):
+        compare(f"model.{key}", saved_model.get(key), model.hparams.get(key), errors)
+    then, now = checkpoint.get(RECIPE) or {}, recipe(cfg)
+    for key in sorted(set(then) | set(now)):
+        compare(key, then.get(key), now.get(key), errors)
     saved_data = checkpoint.get("datamodule_hyper_parameters", {})
     if "root" in saved_data:  # a relative root (older checkpoints) is relative to where that run started
         then = Path(run_cwd(RunFolder.of_checkpoint(checkpoint_path)) or Path.cwd()) / saved_data["root"]
@@ -319,8 +329,8 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     for key in ("batch_size", "crop_scale"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
-    if saved_data or checkpoint.get(PREPROCESSING):  # the eval preprocessing in effect, nulls filled
-        then, now = Preprocessing.from_checkpoint(checkpoint, checkpoint_path), datamodule.preprocessing
+    if checkpoint.get(PREPROCESSING):  # the eval preprocessing in effect, nulls filled
+        then, now = Preprocessing.from_dict(checkpoint[PREPROCESSING]), datamodule.preprocessing
         for key in Preprocessing.keys():
             compare(f"data.{key}", getattr(then, key), getattr(now, key), warnings)
 
@@ -328,12 +338,10 @@ def check_resumable(checkpoint_path: Path, model: pl.LightningModule, datamodule
     if saved_groups and hasattr(model, "parameter_groups"):
         names_now = [g["name"] for g in model.parameter_groups()]
         compare("optimizer parameter groups", [g.get("name") for g in saved_groups], names_now, errors)
-    saved_optimizer = checkpoint.get("optimizer_class")  # absent in checkpoints of earlier versions
-    if saved_optimizer and hasattr(model, "optimizer_class"):
-        compare("optimizer", saved_optimizer, model.optimizer_class(), errors)
+    optimizer = getattr(model.optimizer_factory, "func", model.optimizer_factory)
+    compare("optimizer", checkpoint.get("optimizer_class"), f"{optimizer.__module__}.{optimizer.__qualname__}", errors)
     schedulers_then = len(checkpoint.get("lr_schedulers") or [])
-    schedulers_now = int(getattr(model, "scheduler_factory", None) is not None)
-    compare("scheduler (count)", schedulers_then, schedulers_now, errors)
+    compare("scheduler (count)", schedulers_then, int(model.scheduler_config is not None), errors)
     if errors:
         raise ResumeError(
             f"Cannot resume {str(checkpoint_path)!r}: it was saved by a different setup ("

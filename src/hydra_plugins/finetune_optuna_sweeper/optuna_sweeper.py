@@ -9,7 +9,7 @@ the part this project needs, on Optuna's ask-and-tell interface:
   or ``a,b,c``, ``range(a, b[, step])``; any other override is passed to every job as it is, and a plain value on
   the command line for a key that ``params`` searches fixes it instead. ``hydra.sweeper.params.<key>=<sweep>`` on
   the command line is the sweep override ``<key>=<sweep>`` (Hydra itself refuses a sweep inside ``hydra.``, and a
-  dotted key such as ``optimizer.lr`` is not one node of ``params``): :func:`sweep_params_from_argv` rewrites it;
+  dotted key such as ``optimizer.lr`` is not one node of ``params``): ``finetune.harness.overrides.sweep_params_from_argv`` rewrites it;
 - the objective is what the task returns: ``finetune.train`` returns the best validation accuracy, and a search
   never tests (it refuses ``test_after_fit=true``);
 - ``folds: K`` runs every trial on the K stratified folds (``data.folds=K data.fold=0..K-1``) and reports their
@@ -371,47 +371,3 @@ def _value(job) -> float | None:
         log.error("Job %s returned %r, not a finite number: its trial fails", job.working_dir, value)
         return None
     return float(value)
-
-
-_PARAM_ON_COMMAND_LINE = re.compile(r"(?P<prefix>[+~]*)hydra\.sweeper\.params\.(?P<key>[^=]+)(?:=(?P<value>.*))?", re.S)
-
-
-def sweep_params_from_argv(argv: list[str]) -> list[str]:
-    """``argv`` with every ``hydra.sweeper.params.<key>=<value>`` as the override ``<key>=<value>``.
-
-    Hydra cannot take such an override itself: in a multirun it refuses a sweep inside ``hydra.`` ("Sweeping over
-    Hydra's configuration is not supported"), and a dotted key (``optimizer.lr``, one key of ``params``) is read as
-    nested nodes that do not exist. The sweeper reads ``params`` and the command line's sweep overrides alike, the
-    command line last, so ``<key>=<value>`` does what was asked: a sweep replaces the preset's for that key, a plain
-    value fixes it. A value quoted so that Hydra reads it as a string (``'interval(0.001, 0.1)'``) is unquoted.
-    """
-    args = list(argv[1:])
-    if not any(_PARAM_ON_COMMAND_LINE.fullmatch(arg) for arg in args):
-        return list(argv)
-    out = [argv[0]]
-    for arg in args:
-        match = _PARAM_ON_COMMAND_LINE.fullmatch(arg)
-        if not match:
-            out.append(arg)
-            continue
-        key, value = match["key"], match["value"]
-        if "~" in match["prefix"] or value is None:
-            raise SearchError(
-                f"{arg}: to stop searching {key}, give it one value instead ({key}=VALUE on the command line "
-                "fixes a key that the search's params would search)."
-            )
-        out.append(f"{key}={_unquoted(value)}")
-    return out
-
-
-def _unquoted(value: str) -> str:
-    """``value`` without the quotes that would make Hydra read a sweep as a plain string."""
-    stripped = value.strip()
-    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
-        try:
-            parsed = OverridesParser.create().parse_override(f"key={stripped}").value()
-        except Exception:  # noqa: BLE001 - not one quoted string: Hydra reads it as it is, and says what is wrong
-            return value
-        if isinstance(parsed, str):
-            return parsed
-    return value

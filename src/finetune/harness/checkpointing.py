@@ -5,6 +5,9 @@
   (Lightning forgets it when the folder changes); the earlier run's files are never deleted.
 - ``InterruptCheckpoint``: Ctrl+C, SIGTERM (Lightning stops at the end of the batch) or a crash while fitting
   saves ``checkpoints/interrupted.ckpt``; under DDP only a stop that every rank agreed on does (``SignalStop``).
+- ``CheckpointRecord``: what every checkpoint carries beside the weights: the class names and the eval
+  preprocessing of its data (what evaluate, predict and export rely on), the optimizer's class and the recipe's
+  components (what a resume checks) and the format version.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerFn
 
+from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.harness.distributed import StopRequested
 from finetune.harness.run_folder import RunFolder
 
@@ -84,3 +89,50 @@ class InterruptCheckpoint(pl.Callback):
             log.warning("Fitting stopped (%s): saved %s", type(exception).__name__, self.ckpt_path)
         except Exception as err:  # noqa: BLE001 - keep the original exception visible
             log.error("Could not save %s after %s: %s", self.ckpt_path, type(exception).__name__, err)
+
+
+# The version of what a checkpoint holds: checkpoints of another version are refused for resuming (and, without the
+# class names and preprocessing records, for scoring), with a message that says so.
+FORMAT_KEY = "finetune_format"
+FORMAT = 2
+RECIPE = "recipe"
+
+
+def recipe(cfg: DictConfig) -> dict[str, Any]:
+    """What shapes a fit besides the model's hyper-parameters: the loss, the feature cache, the scheduler's stepping,
+    and the recipe's callbacks (``finetune.callbacks``) with their settings."""
+    callbacks = cfg.get("callbacks") or {}
+    ours = {
+        name: node for name, node in callbacks.items() if node and str(node.get("_target_", "")).startswith(OURS)
+    }
+    scheduler = cfg.get("scheduler") or {}
+    found = {
+        "model.criterion": cfg.model.get("criterion") if cfg.get("model") else None,
+        "features": cfg.get("features"),
+        "scheduler.interval": scheduler.get("interval"),
+        **{f"callbacks.{name}": node for name, node in ours.items()},
+    }
+    return {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in found.items()}
+
+
+OURS = "finetune.callbacks."
+
+
+class CheckpointRecord(pl.Callback):
+    """Writes into every checkpoint the data it was fitted on (class names in output order, eval preprocessing),
+    the optimizer's class, the run's :func:`recipe` and :data:`FORMAT`."""
+
+    def __init__(self, cfg: DictConfig | None = None) -> None:
+        self.recipe = recipe(cfg) if cfg is not None else None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        images = getattr(trainer.datamodule, "images", trainer.datamodule)  # the image data behind a feature cache
+        if images is not None and getattr(images, "classes", None):
+            checkpoint[CLASSES] = list(images.classes)
+            checkpoint[PREPROCESSING] = images.preprocessing.to_dict()
+        if trainer.optimizers:
+            optimizer = type(trainer.optimizers[0])
+            checkpoint["optimizer_class"] = f"{optimizer.__module__}.{optimizer.__qualname__}"
+        if self.recipe is not None:
+            checkpoint[RECIPE] = self.recipe
+        checkpoint[FORMAT_KEY] = FORMAT

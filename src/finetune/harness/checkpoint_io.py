@@ -2,15 +2,17 @@
 
 - :func:`load_checkpoint`: ``torch.load(..., weights_only=True)`` (tensors and plain data only, never arbitrary
   pickled objects), with an error that names the file, and for a truncated file the run's other checkpoint.
-- :func:`class_names` and :func:`checkpoint_transform` read back what every checkpoint of ``finetune.train`` stores
-  beside the weights (the class names in order, and the eval :class:`~finetune.data.preprocessing.Preprocessing`).
-- :func:`load_for_inference`: the model in a checkpoint file, ready to evaluate, predict or export.
+- :func:`class_names` and :func:`preprocessing` read back what every checkpoint of ``finetune.train`` stores beside
+  the weights (the class names in order, and the eval :class:`~finetune.data.transforms.Preprocessing`).
+- :func:`load_for_inference`: the model in a checkpoint file, ready to evaluate, predict or export, and its
+  temperature.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -21,7 +23,7 @@ import torch
 from torchvision.transforms import v2
 
 from finetune.data import is_image_file
-from finetune.data.preprocessing import CLASSES, Preprocessing
+from finetune.data.transforms import CLASSES, PREPROCESSING, Preprocessing
 from finetune.errors import PathError, UserError, describe_path
 from finetune.harness.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
 from finetune.module import FineTuneModule
@@ -79,6 +81,17 @@ def load_checkpoint(path: str | Path, mmap: bool = False, setting: str = "ckpt_p
             f"{str(path)!r} is not a Lightning checkpoint of finetune.train (no 'state_dict'; found {found})."
         )
     return checkpoint
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    """Write ``checkpoint`` to ``path`` whole or not at all (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # Suffixes of files torch.save writes; a file with another suffix that torch cannot read is "not a checkpoint",
@@ -212,44 +225,51 @@ def _first_line(err: BaseException) -> str:
     return lines[0].split(". ")[0][:200] if lines else type(err).__name__
 
 
-def checkpoint_transform(preprocessing: Preprocessing) -> v2.Compose:
-    """The eval transform of a checkpoint's preprocessing, refused by name when this version cannot build it."""
+def preprocessing(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> Preprocessing:
+    """The checkpoint's eval preprocessing, refused by name when it has none or this version cannot build it."""
+    record = checkpoint.get(PREPROCESSING)
+    if not record or not checkpoint.get(CLASSES):
+        raise CheckpointError(
+            f"{str(path)!r} records no class names or eval preprocessing: it was written by an early version of "
+            "finetune, which this one cannot score faithfully. Train the model again with this version."
+        )
     try:
-        return preprocessing.transform()
+        found = Preprocessing.from_dict(record)
+        found.transform()
     except ValueError as err:  # e.g. an interpolation this version does not know
-        raise CheckpointError(f"The checkpoint's preprocessing {preprocessing} cannot be reproduced: {err}") from err
+        raise CheckpointError(f"The preprocessing {record} of {str(path)!r} cannot be reproduced: {err}") from err
+    return found
 
 
 def class_names(checkpoint: dict[str, Any], num_classes: int, path: str | Path = "checkpoint") -> list[str]:
-    """The class names stored in the checkpoint, in output order; ``class_0..`` (with a warning) for older ones."""
-    classes = checkpoint.get(CLASSES)
-    if classes:
-        if len(classes) != num_classes:
-            raise CheckpointError(f"{path} lists {len(classes)} class names for a {num_classes}-class model.")
-        return [str(c) for c in classes]
-    log.warning(
-        "%s stores no class names (written before they were recorded): naming its outputs class_0..class_%d.",
-        path,
-        num_classes - 1,
-    )
-    return [f"class_{i}" for i in range(num_classes)]
+    """The class names stored in the checkpoint, in output order."""
+    preprocessing(checkpoint, path)  # no class names: refused with the reason
+    classes = [str(c) for c in checkpoint[CLASSES]]
+    if len(classes) != num_classes:
+        raise CheckpointError(f"{path} lists {len(classes)} class names for a {num_classes}-class model.")
+    return classes
+
+
+# The module's recipe in a checkpoint's hyper-parameters; others (training settings of earlier versions) are ignored.
+MODEL_KEYS = ("num_classes", "backbone", "freeze", "head_lr_mult")
 
 
 def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]]:
-    """The model in a checkpoint file, in eval mode on the CPU, and the checkpoint itself.
+    """The model in a checkpoint file, in eval mode on the CPU, and the checkpoint itself (whose ``temperature``
+    the scorer applies).
 
-    Loaded with ``weights_only=True`` (see :func:`finetune.harness.checkpoint.load_checkpoint`). ``weights=None``: the
-    checkpoint holds every weight, so nothing is fetched first. ``cache_features=False``: a model trained on cached
-    features takes images (its frozen backbone is in the checkpoint).
+    Loaded with ``weights_only=True`` (see :func:`load_checkpoint`). ``weights=None``: the checkpoint holds every
+    weight, so nothing is fetched first. The loss's state (a class-weighted criterion's weights) is not the model's.
     """
     checkpoint = load_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "num_classes" not in hparams:
         raise CheckpointError(f"{str(path)!r} has no model hyper-parameters: it was not written by finetune.train.")
-    model = FineTuneModule(**{**hparams, "weights": None, "cache_features": False})
-    model.on_load_checkpoint(checkpoint)
+    preprocessing(checkpoint, path)
+    model = FineTuneModule(**{key: hparams[key] for key in MODEL_KEYS if key in hparams}, weights=None)
+    weights = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("criterion.")}
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{str(path)!r} does not fit the model its hyper-parameters describe: {err}") from err
     return model.eval(), checkpoint

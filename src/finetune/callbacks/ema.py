@@ -1,0 +1,48 @@
+"""An exponential moving average of the weights for validation, test and checkpoints: ``+callbacks=ema``.
+
+Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging` keeps the average (every weight and BatchNorm
+statistic, ``torch.optim.swa_utils.AveragedModel``), swaps it in for validation (so the best checkpoint is chosen on
+it), writes it as every checkpoint's ``state_dict`` (what ``finetune.evaluate`` and the test after fitting load) with
+the weights being trained beside it for resuming, and leaves it in the model when fitting ends. Ours only adds the
+warm-up of TensorFlow's and timm's EMA: the decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))``, without
+which a run of a few hundred steps would average mostly its initial weights (Lightning's ``EMAWeightAveraging``
+uses ``decay`` from the first step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pytorch_lightning.callbacks import WeightAveraging
+
+from finetune.checks import check_number
+
+
+class EMA(WeightAveraging):
+    """EMA of the weights with decay ``min(decay, (1 + n) / (10 + n))`` after ``n`` optimizer steps."""
+
+    def __init__(self, decay: float = 0.999) -> None:
+        check_number(
+            "callbacks.ema.decay", decay, "strictly between 0 and 1", lambda x: 0 < x < 1,
+            "It is the weight of the average at each step, e.g. 0.999.",
+        )  # fmt: skip
+        super().__init__(use_buffers=True, multi_avg_fn=ema_multi_avg_fn(decay))
+        self.decay = decay
+
+
+def ema_multi_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """``AveragedModel``'s ``multi_avg_fn``: EMA with the warm-up ``min(decay, (1 + n) / (10 + n))``."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        rate = min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(averaged[0]):
+            for a, c in zip(averaged, current, strict=True):
+                a.lerp_(c, 1.0 - rate)
+        else:  # integer buffers (BatchNorm's num_batches_tracked): the latest count
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update

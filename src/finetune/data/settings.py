@@ -1,0 +1,179 @@
+"""The ``data.*`` settings, checked by their config names before any image is read
+(``ImageFolderDataModule.check_settings``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pytorch_lightning.utilities.parsing import AttributeDict
+
+from finetune.checks import check_choice, check_int, check_number, numbers
+from finetune.data.cache import CACHE_MODES
+from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
+from finetune.data.folders import DUPLICATES
+from finetune.data.loading import AUTO
+from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
+from finetune.errors import SettingError
+
+# --- data.* ---------------------------------------------------------------------------------------------------------
+def check_channels(key: str, value: object, positive: bool) -> None:
+    """``data.mean`` / ``data.std``: three numbers, one per RGB channel (std > 0: it divides)."""
+    if not numbers(value, 3) or (positive and min(value) <= 0):
+        rule = "three positive numbers" if positive else "three numbers"
+        raise SettingError(
+            f"data.{key} must be {rule} (one per RGB channel of images in [0, 1]), got {value!r}. Leave it null for "
+            "the backbone's pretrained normalisation (ImageNet's for torchvision backbones, e.g. 0.5 for timm ViTs)."
+        )
+
+
+def check_interpolation(value: object) -> None:
+    if value not in INTERPOLATIONS:
+        raise SettingError(
+            f"Unknown data.interpolation={value!r}: choose one of {INTERPOLATIONS}, or null for the backbone's "
+            "pretrained resampling (bilinear for torchvision backbones, often bicubic for timm)."
+        )
+
+
+def check_crop_scale(value: object) -> None:
+    """``data.crop_scale``: the random crop's area range ``[min, max]``, fractions of the image, 0 < min <= max <= 1."""
+    if not numbers(value, 2) or not 0 < value[0] <= value[1] <= 1:
+        raise SettingError(
+            f"data.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a fraction of "
+            f"the image), got {value!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of each photo."
+        )
+
+
+EVAL_RESIZE_MEANING = (
+    "square squashes each photo to resize_size x resize_size, the book's; shorter_side keeps its aspect ratio, "
+    "torchvision's ImageNet evaluation"
+)
+
+
+# The data.* settings that only shape training and validation: evaluation (test_only) ignores them.
+TRAIN_ONLY_DATA_KEYS = (
+    "val_fraction",
+    "split_seed",
+    "folds",
+    "fold",
+    "augment",
+    "random_erasing",
+    "crop_scale",
+    "augment_on",
+    "device_resampling",
+    "cache_short_side",
+)
+
+
+def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) -> None:
+    """``data.*``, every argument of the DataModule (the assembly fills the backbone's preprocessing into the nulls
+    first). ``test_only`` (evaluation): the train/val settings (:data:`TRAIN_ONLY_DATA_KEYS`) are not used, so they
+    are not checked either."""
+    hp = AttributeDict({k: v for k, v in settings.items() if not (test_only and k in TRAIN_ONLY_DATA_KEYS)})
+    hp.setdefault("image_size", None)
+    if hp.image_size is not None:
+        check_int("data.image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+    if hp.resize_size is not None and hp.image_size is not None:
+        check_int("data.resize_size", hp.resize_size, 1, "the resize before the centre crop, or null")
+        if hp.resize_size < hp.image_size:
+            raise SettingError(
+                f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
+                "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
+                f"or null for the book's ratio (round(image_size * 256 / 224) = {book_resize_size(hp.image_size)})."
+            )
+    if hp.mean is not None:
+        check_channels("mean", hp.mean, positive=False)
+    if hp.std is not None:
+        check_channels("std", hp.std, positive=True)
+    if hp.interpolation is not None:
+        check_interpolation(hp.interpolation)
+    check_crop_scale(hp.crop_scale)
+    check_choice("data.eval_resize", hp.eval_resize, EVAL_RESIZES, EVAL_RESIZE_MEANING)
+    check_int("data.batch_size", hp.batch_size, 1, "images per device and step")
+    if hp.num_workers != AUTO:
+        check_int("data.num_workers", hp.num_workers, 0, "loader processes, 0 loads in the main process; or auto")
+    if hp.augment_on not in AUGMENT_ON:
+        raise SettingError(
+            f"Unknown data.augment_on={hp.augment_on!r}: choose one of {AUGMENT_ON} (loader: crop and flip in "
+            "the loader workers; device: on the model's device, after the transfer)."
+        )
+    if hp.device_resampling not in RESAMPLING:
+        raise SettingError(
+            f"Unknown data.device_resampling={hp.device_resampling!r}: choose one of {RESAMPLING} (auto: one "
+            "roi_align call per batch on accelerators, torchvision's per-image resize on CPUs)."
+        )
+    check_int("data.split_seed", hp.split_seed, None, "the seed of the train/val split")
+    if isinstance(hp.val_fraction, bool) or not isinstance(hp.val_fraction, int | float):
+        raise SettingError(f"data.val_fraction must be a number, got {hp.val_fraction!r}.")
+    if not 0.0 < hp.val_fraction < 1.0:
+        raise SettingError(
+            f"data.val_fraction must be strictly between 0 and 1, got {hp.val_fraction}: the validation split, "
+            "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
+            "empty nor all of train. The book-sized default is data.val_fraction=0.1."
+        )
+    check_choice("data.duplicates", hp.duplicates, DUPLICATES, "byte-identical images in train and test, or in two classes")
+    for key in ("skip_corrupt", "verify_images"):
+        if not isinstance(hp[key], bool):
+            raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")
+    check_augment(hp.augment, hp.get("random_erasing", 0.0), hp.augment_on)
+    if hp.download is not None and not (
+        isinstance(hp.download, Mapping)
+        and isinstance(hp.download.get("url"), str)
+        and re.fullmatch(r"[0-9a-fA-F]{40}", str(hp.download.get("sha1")))
+    ):
+        raise SettingError(
+            f"data.download must be null or a mapping with a url and the archive's sha1 (40 hex digits), got "
+            f"{hp.download!r}. Use data=folder data.download=null for a folder that is already on disk."
+        )
+    if hp.cache not in CACHE_MODES:
+        raise SettingError(f"Unknown data.cache={hp.cache!r}: choose one of {CACHE_MODES}.")
+    if hp.cache_short_side is not None:
+        check_int("data.cache_short_side", hp.cache_short_side, 1, "the shorter side of cached training images")
+        if hp.cache_short_side < hp.image_size:
+            raise SettingError(
+                f"data.cache_short_side={hp.cache_short_side} is below data.image_size={hp.image_size}: cached "
+                "images would be upsampled for every crop. Use a value >= image_size, or null to keep the "
+                "original size."
+            )
+    _check_folds(hp.folds, hp.fold)
+    if hp.cache == "disk" and hp.cache_dir is None:
+        raise SettingError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
+
+
+def _check_folds(folds: object, fold: object) -> None:
+    if folds is None:
+        if fold is not None:
+            raise SettingError(f"data.fold={fold} needs data.folds=K (the number of folds), which is null.")
+        return
+    check_int("data.folds", folds, 2, "the number of stratified folds of train; null for data.val_fraction")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise SettingError(
+            f"data.fold must be an integer in [0, {folds}) with data.folds={folds} (the fold that validates), "
+            f"got {fold!r}. Sweep every fold: data.fold={','.join(str(i) for i in range(folds))}."
+        )
+
+
+def check_augment(augment: Any, random_erasing: Any, augment_on: str) -> None:
+    """``data.augment`` (true, false or a policy) and ``data.random_erasing``, which only the loader path runs."""
+    if not isinstance(augment, bool) and augment not in AUGMENT_POLICIES:
+        raise SettingError(
+            f"data.augment must be true (the book's random crop and flip), false (the eval transform) or one of "
+            f"{AUGMENT_POLICIES} (the crop and flip, then that torchvision policy), got {augment!r}."
+        )
+    check_number(
+        "data.random_erasing",
+        random_erasing,
+        "in [0, 1]",
+        lambda x: 0 <= x <= 1,
+        "It is the probability of erasing a random rectangle of each training image (0: never; timm uses 0.25).",
+    )
+    extra = [f"data.augment={augment}"] if isinstance(augment, str) else []
+    extra += [f"data.random_erasing={random_erasing}"] if random_erasing else []
+    if augment_on == "device" and augment and extra:
+        raise SettingError(
+            f"{' and '.join(extra)} run in the loader: data.augment_on=device only does the book's crop and flip. "
+            "Use data.augment_on=loader, or data.augment=true data.random_erasing=0."
+        )
+
+

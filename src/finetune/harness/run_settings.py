@@ -1,0 +1,85 @@
+"""The run's own rules, by config name: the trainer's stopping rules and devices, the seed. Every component checks
+its own settings (``check_settings`` beside its code); these are the ones no component owns.
+
+Lightning accepts values that train nothing (``max_epochs=0``) or fail without naming the setting (``devices=0``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import SettingError
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """``trainer.*`` of a composed run config (and ``seed`` where the entry point seeds: :func:`check_seed`)."""
+    check_trainer_settings(cfg.trainer)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
+
+    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
+    """
+    steps = trainer.get("max_steps", -1)
+    if not (_count(steps) and (steps == -1 or steps >= 1)):
+        raise SettingError(
+            f"trainer.max_steps must be -1 (no step limit) or an integer >= 1, got {steps!r}. Leave it out to train "
+            "for trainer.max_epochs, or set the number of optimizer steps to stop after."
+        )
+    check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
+    epochs = trainer.get("max_epochs")
+    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
+        raise SettingError(
+            f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
+            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
+            "limit) needs a step limit, +trainer.max_steps=N."
+        )
+
+
+def check_devices(devices: Any, num_nodes: Any) -> None:
+    """``trainer.devices`` and ``trainer.num_nodes`` as Lightning reads them, refused with the setting's name
+    (Lightning's own message for ``devices=0`` names neither the setting nor a value that works)."""
+    if isinstance(devices, str) and devices.strip() == "auto":
+        pass
+    else:
+        text = str(devices).strip()
+        if isinstance(devices, str) and "," in text:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            good = bool(parts) and all(p.isdigit() for p in parts)
+        elif OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+            good = len(devices) > 0 and all(_count(d) and d >= 0 for d in devices)
+        else:
+            number = int(text) if re.fullmatch(r"-?\d+", text) and not isinstance(devices, bool) else None
+            good = number is not None and (number >= 1 or number == -1)
+        if not good:
+            raise SettingError(
+                f"trainer.devices must be auto, a number of devices >= 1, -1 (all of them) or a list of device "
+                f"indices such as [0,1], got {devices!r}. For the CPU, use trainer.accelerator=cpu trainer.devices=1."
+            )
+    if not (_count(num_nodes) and num_nodes >= 1):
+        raise SettingError(f"trainer.num_nodes must be an integer >= 1 (machines to train on), got {num_nodes!r}.")
+
+
+SEED_RANGE = (0, 2**32 - 1)  # Lightning's: outside it, seed_everything only warns and draws a random seed
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as the integer every entry point seeds with; refused by name unless an integer in ``SEED_RANGE``
+    (Lightning would fail on ``seed=abc`` with a bare ``int()`` error and replace ``seed=-1`` by a random seed)."""
+    low, high = SEED_RANGE
+    if not (_count(seed) and low <= seed <= high):
+        raise SettingError(
+            f"seed must be an integer from {low} to {high}, got {seed!r}. Pass e.g. seed=0; several seeds run as a "
+            "multirun: -m seed=0,1,2."
+        )
+    return int(seed)
+
+
