@@ -6,7 +6,10 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune.backbones import build_backbone, find_head, load_backbone_weights
+from finetune.backbones import build_backbone, load_backbone_weights
+from finetune.backbones.torchvision import find_head
+
+from finetune.errors import DownloadError
 
 from .conftest import MOBILENET_V2_WEIGHTS, needs_shared
 
@@ -113,7 +116,7 @@ def test_imagenet_download_failure_explains_the_offline_options(tmp_path, monkey
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", unreachable)
-    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd.pth into .*hub/checkpoints.*model.weights=PATH"):
+    with pytest.raises(DownloadError, match=r"resnet18-f37072fd.pth into .*hub/checkpoints.*model.weights=PATH"):
         build_backbone("resnet18", 2, weights="imagenet")
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from finetune.callbacks.channels_last import ChannelsLast
 from finetune.module import FineTuneModule
 from finetune.train import train
 
@@ -45,9 +46,10 @@ def test_bf16_mixed_trains_and_tests_in_bfloat16_on_cpu(tmp_path, tiny_folder):
 
 def _pair() -> tuple[FineTuneModule, FineTuneModule]:
     modules = []
-    for channels_last in (False, True):
+    for _ in range(2):
         torch.manual_seed(0)
-        modules.append(FineTuneModule(num_classes=2, backbone="resnet18", weights=None, channels_last=channels_last))
+        modules.append(FineTuneModule(num_classes=2, backbone="resnet18", weights=None))
+    ChannelsLast().setup(None, modules[1], "fit")
     return modules[0], modules[1]
 
 
@@ -60,7 +62,7 @@ def test_channels_last_gives_the_same_outputs_and_gradients_as_contiguous():
     outputs = {}
     for name, module in (("plain", plain), ("fast", fast)):
         logits = module(images)
-        module.loss(logits, targets).backward()
+        module.criterion(logits, targets).backward()
         outputs[name] = (logits.detach(), module.net.conv1.weight.grad, module.net.fc.weight.grad)
     for got, want in zip(outputs["fast"], outputs["plain"], strict=True):
         assert_close_to_scale(got, want)
@@ -79,6 +81,18 @@ def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, tol: float = 2e
     assert (got - want).abs().max() <= tol * want.abs().max()
 
 
-def test_channels_last_run_completes(tmp_path, tiny_folder):
-    results = _run(tmp_path, tiny_folder, ["model.channels_last=true"])
+def test_channels_last_run_feeds_nhwc_batches_to_nhwc_weights(tmp_path, tiny_folder):
+    formats: list[tuple[bool, bool]] = []
+
+    def record(module: nn.Module, inputs) -> None:
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:  # the first convolution
+            formats.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                            module.weight.is_contiguous(memory_format=torch.channels_last)))  # fmt: skip
+
+    handle = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        results = _run(tmp_path, tiny_folder, ["+callbacks=channels_last"])
+    finally:
+        handle.remove()
     assert math.isfinite(results["test/loss"]) and results["epochs"] == 1
+    assert formats and set(formats) == {(True, True)}  # train, val and test batches

@@ -17,7 +17,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 timm = pytest.importorskip("timm")
 
 from finetune import backbones  # noqa: E402
-from finetune.backbones import build_backbone, head_input, preprocessing  # noqa: E402
+from finetune.backbones import build_backbone, preprocessing  # noqa: E402
+from finetune.errors import DownloadError  # noqa: E402
+from finetune.features import head_input  # noqa: E402
 from finetune.module import FineTuneModule  # noqa: E402
 from finetune.train import train  # noqa: E402
 
@@ -74,7 +76,7 @@ def test_vit_trains_a_step_at_its_fixed_input_size():
     optimizer = module.configure_optimizers()
     before = {name: p.detach().clone() for name, p in module.net.named_parameters()}
     images, targets = torch.randn(2, 3, 224, 224), torch.tensor([0, 2])
-    loss = module.loss(module(images), targets)
+    loss = module.criterion(module(images), targets)
     loss.backward()
     optimizer.step()
     changed = {name for name, p in module.net.named_parameters() if not torch.equal(p, before[name])}
@@ -130,8 +132,8 @@ def test_timm_channels_last_and_cached_features(tmp_path, tiny_folder):
         [
             "experiment=frozen",
             "model.backbone=timm/convnext_nano",
-            "model.channels_last=true",
-            "model.cache_features=true",
+            "+callbacks=channels_last",
+            "features=cached",
             "data.augment=false",
             "trainer.fast_dev_run=true",
         ]
@@ -139,11 +141,11 @@ def test_timm_channels_last_and_cached_features(tmp_path, tiny_folder):
     )
     results = train(cfg)
     assert results["status"] == "completed" and 0.0 <= results["test/acc"] <= 1.0
-    module = _module("timm/convnext_nano", freeze="backbone", channels_last=True, cache_features=True).eval()
+    module = _module("timm/convnext_nano", freeze="backbone").to(memory_format=torch.channels_last).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         # What the cache trains on, fed to the head, gives the network's own logits.
-        assert torch.allclose(module.forward_head(module.head_inputs(images)), module.forward_images(images), atol=1e-5)
+        assert torch.allclose(module(head_input(module.net, module.head_name, images)), module(images), atol=1e-5)
 
 
 def test_timm_weights_from_a_local_file_load_everything_but_the_head(tmp_path):
@@ -181,7 +183,7 @@ def test_pretrained_download_failure_explains_the_offline_options(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", unreachable)
-    with pytest.raises(RuntimeError, match=r"timm/convnext_nano.*HF_HUB_OFFLINE=1.*model.weights=PATH.*=null"):
+    with pytest.raises(DownloadError, match=r"timm/convnext_nano.*HF_HUB_OFFLINE=1.*model.weights=PATH.*=null"):
         build_backbone("timm/convnext_nano", 2, weights="imagenet")
 
 
@@ -193,15 +195,16 @@ def test_preprocessing_follows_the_pretrained_config():
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
         "interpolation": "bicubic",
-        "crop_pct": 0.95,
     }
     vit = preprocessing("timm/vit_tiny_patch16_224")
-    assert vit["mean"] == (0.5, 0.5, 0.5) and vit["std"] == (0.5, 0.5, 0.5) and vit["crop_pct"] == 0.9
+    assert vit["mean"] == (0.5, 0.5, 0.5) and vit["std"] == (0.5, 0.5, 0.5) and vit["resize_size"] == 248  # 224 / 0.9
+    assert preprocessing("timm/resnet18.a1_in1k", 160)["resize_size"] == 168  # floor(160 / 0.95): its crop fraction
     # The same numbers timm resolves from a built model's pretrained config.
     for name in ("efficientnet_b0", "vit_tiny_patch16_224"):
         resolved = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=False))
         ours = preprocessing("timm/" + name)
-        assert ours["image_size"] == resolved["input_size"][-1] and ours["crop_pct"] == resolved["crop_pct"]
+        size = resolved["input_size"][-1]
+        assert ours["image_size"] == size and ours["resize_size"] == math.floor(size / resolved["crop_pct"])
         assert ours["interpolation"] == resolved["interpolation"] and ours["mean"] == tuple(resolved["mean"])
     # torchvision backbones keep the book's ImageNet preprocessing.
     assert preprocessing("resnet18") == {
@@ -210,8 +213,8 @@ def test_preprocessing_follows_the_pretrained_config():
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
         "interpolation": "bilinear",
-        "crop_pct": 0.875,
     }
+    assert preprocessing("resnet18", 384)["resize_size"] == 439  # the book's 256/224 ratio
 
 
 def test_unknown_timm_name_suggests_close_names():

@@ -24,12 +24,13 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
 from finetune.backbones import preprocessing
-from finetune.errors import PathError, SettingError
+from finetune.errors import PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
 from finetune.harness.checkpointing import CheckpointRecord
 from finetune.harness.distributed import set_timeout
@@ -62,6 +63,20 @@ class Run:
     datamodule: pl.LightningDataModule
     model: pl.LightningModule
     trainer: pl.Trainer
+
+
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, except that a user's mistake found inside (a :class:`UserError`, e.g. a
+    component's own check) is raised as itself, not wrapped in Hydra's ``InstantiationException``."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def check_settings(cfg: DictConfig, model_configured: bool = True) -> None:
@@ -104,7 +119,7 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     how = {"test_only": True} if test_only else {}
     if not test_only and cfg.get("test_after_fit", True) is False:
         how["require_test"] = False  # a run that never tests needs no test/ folder
-    datamodule = instantiate({**settings, **how}, _convert_="all")
+    datamodule = build({**settings, **how}, _convert_="all")
     datamodule.prepare_data()
     check_output_outside_data(cfg, datamodule)
     return datamodule
@@ -146,11 +161,11 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
     """The configured model (its criterion built from ``model.criterion``), its optimizer and scheduler factories
     attached."""
     scheduler = cfg.get("scheduler")
-    return instantiate(
+    return build(
         cfg.model,
         num_classes=num_classes,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(scheduler, _convert_="all") if scheduler else None,
+        optimizer=build(cfg.optimizer),
+        scheduler=build(scheduler, _convert_="all") if scheduler else None,
         _convert_="all",
     )
 
@@ -158,12 +173,12 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
     quiet_known_warnings()  # every entry point builds its Trainer here: the filters are in place before Lightning talks
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     callbacks += [CheckpointRecord(cfg), OutOfMemoryAdvice()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
 
@@ -188,7 +203,7 @@ def assemble(
         model = build_model(cfg, images.num_classes)
     datamodule = images
     if cfg.get("features") and not test_only:
-        datamodule = instantiate(cfg.features, images=images, model=model, unfreeze_epoch=unfreeze_epoch(cfg))
+        datamodule = build(cfg.features, images=images, model=model, unfreeze_epoch=unfreeze_epoch(cfg))
     trainer = build_trainer(cfg, extra_callbacks)
     if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:
         every = trainer.reload_dataloaders_every_n_epochs

@@ -39,6 +39,10 @@ class Backbone:
     model: nn.Module
     head_name: str
 
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.get_submodule(self.head_name)
+
 
 def family(name: str) -> ModuleType:
     """The family module that builds ``name`` (see :data:`FAMILIES`)."""

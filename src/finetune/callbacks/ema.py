@@ -6,13 +6,16 @@ it), writes it as every checkpoint's ``state_dict`` (what ``finetune.evaluate`` 
 the weights being trained beside it for resuming, and leaves it in the model when fitting ends. Ours only adds the
 warm-up of TensorFlow's and timm's EMA: the decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))``, without
 which a run of a few hundred steps would average mostly its initial weights (Lightning's ``EMAWeightAveraging``
-uses ``decay`` from the first step).
+uses ``decay`` from the first step), and a checkpoint saved during validation (a stop signal), when the average is
+swapped into the model, keeps the two apart as at any other time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import WeightAveraging
 
@@ -29,6 +32,24 @@ class EMA(WeightAveraging):
         )  # fmt: skip
         super().__init__(use_buffers=True, multi_avg_fn=ema_multi_avg_fn(decay))
         self.decay = decay
+        self.swapped = False  # the average is in the model (during validation)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self.swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self.swapped = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+        if not self.swapped:
+            return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        # Swapped: the model holds the average, and the averaged copy the weights being trained.
+        average = self._average_model
+        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        checkpoint["current_model_state"] = {k: v.detach().clone() for k, v in average.module.state_dict().items()}
+        checkpoint["averaging_state"] = {k: v for k, v in average.state_dict().items() if not k.startswith("module.")}
 
 
 def ema_multi_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:

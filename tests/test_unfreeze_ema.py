@@ -1,4 +1,4 @@
-"""model.unfreeze_at_epoch and model.ema_decay: what trains in which epoch, at which rate; resume; bad settings."""
+"""+callbacks=unfreeze and +callbacks=ema: what trains in which epoch, at which rate; resume; bad settings."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from finetune.callbacks.ema import EMA, ema_multi_avg_fn
+from finetune.callbacks.unfreeze import BackboneUnfreeze
+from finetune.errors import SettingError
 from finetune.module import FineTuneModule
-from finetune.run import assemble
-from finetune.schedules import BackboneUnfreeze, WeightAverage, ema_multi_avg_fn
+from finetune.run import assemble, check_settings
 from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
@@ -28,7 +29,6 @@ RECIPE = [
     "optimizer.momentum=0.9",
     "scheduler=cosine",
     f"trainer.max_epochs={EPOCHS}",
-    f"model.unfreeze_at_epoch={UNFREEZE}",
     "trainer.deterministic=true",
     "seed=5",
 ]
@@ -86,8 +86,17 @@ class Recorder(pl.Callback):
         self.epochs.append(state)
 
 
+def _recipe(*extra: str, callbacks: tuple[str, ...] = ("unfreeze",)) -> list[str]:
+    """RECIPE with these callbacks (one ``+callbacks=[...]``: Hydra takes one such override per command line)."""
+    added = [f"+callbacks=[{','.join(callbacks)}]"] if callbacks else []
+    unfreeze = [f"callbacks.unfreeze.epoch={UNFREEZE}"] if "unfreeze" in callbacks else []
+    return [*added, *RECIPE, *unfreeze, *extra]
+
+
 def _run(data: Path, out: Path, *extra: str, recorder: pl.Callback | None = None) -> tuple[dict, FineTuneModule]:
-    cfg = compose_config([*RECIPE, *extra] + tiny_overrides(data, out))
+    callbacks = ("unfreeze", *[e.split("=", 1)[1] for e in extra if e.startswith("+callbacks=")])
+    overrides = _recipe(*[e for e in extra if not e.startswith("+callbacks=")], callbacks=callbacks)
+    cfg = compose_config(overrides + tiny_overrides(data, out))
     pl.seed_everything(cfg.seed, workers=True)
     run = assemble(cfg, [recorder] if recorder else [])
     run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -102,8 +111,11 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     "extra",
     [
         pytest.param([], id="images"),
-        pytest.param(["model.cache_features=true"], id="cached-features"),
-        pytest.param(["trainer.precision=bf16-mixed", "model.channels_last=true", "model.ema_decay=0.9"], id="bf16-cl"),
+        pytest.param(["features=cached"], id="cached-features"),
+        pytest.param(
+            ["trainer.precision=bf16-mixed", "+callbacks=channels_last", "+callbacks=ema", "callbacks.ema.decay=0.9"],
+            id="bf16-cl-ema",
+        ),
     ],
 )
 def test_the_backbone_is_frozen_until_its_epoch_then_trains_at_its_rate(tmp_path, data, extra):
@@ -130,10 +142,9 @@ def test_the_backbone_is_frozen_until_its_epoch_then_trains_at_its_rate(tmp_path
 
 
 def test_a_run_stopped_before_the_unfreeze_and_resumed_after_it_equals_a_straight_run(tmp_path, data):
-    extra = ["model.ema_decay=0.9"]
-
     def run(out: str, *more: str) -> dict:
-        return train(compose_config([*RECIPE, *extra, *more] + tiny_overrides(data, tmp_path / out)))
+        recipe = _recipe("callbacks.ema.decay=0.9", *more, callbacks=("unfreeze", "ema"))
+        return train(compose_config(recipe + tiny_overrides(data, tmp_path / out)))
 
     straight = run("straight")
     run("first", "+trainer.max_steps=4", "test_after_fit=false")  # stops after epoch 0, before the unfreeze at 2
@@ -147,10 +158,9 @@ def test_a_run_stopped_before_the_unfreeze_and_resumed_after_it_equals_a_straigh
     )
     a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("straight", "resumed"))
     assert a["global_step"] == b["global_step"] == 12
-    for key in ("state_dict",):
+    for key in ("state_dict", "current_model_state"):
         assert _same(a[key], b[key])
-    assert _same(a["ema"]["trained_state_dict"], b["ema"]["trained_state_dict"])
-    assert not _same(a["state_dict"], a["ema"]["trained_state_dict"])  # the checkpoint holds the average
+    assert not _same(a["state_dict"], a["current_model_state"])  # the checkpoint holds the average
     groups = [[(g["name"], g["lr"]) for g in c["optimizer_states"][0]["param_groups"]] for c in (a, b)]
     assert groups[0] == groups[1]
     states = [c["optimizer_states"][0]["state"] for c in (a, b)]
@@ -164,13 +174,13 @@ def test_the_cached_probe_epochs_are_the_frozen_experiment_on_cached_features(tm
     common = ["model.backbone=mobilenet_v3_small", "optimizer.momentum=0.9", "trainer.deterministic=true", "seed=5"]
     frozen = train(
         compose_config(
-            ["experiment=frozen", "model.cache_features=true", "data.augment=false", "trainer.max_epochs=2", *common]
+            ["experiment=frozen", "features=cached", "data.augment=false", "trainer.max_epochs=2", *common]
             + tiny_overrides(data, tmp_path / "frozen")
         )
     )
     staged = train(
         compose_config(
-            ["model.cache_features=true", "model.unfreeze_at_epoch=2", "trainer.max_epochs=3", *common]
+            ["features=cached", "+callbacks=[unfreeze]", "callbacks.unfreeze.epoch=2", "trainer.max_epochs=3", *common]
             + tiny_overrides(data, tmp_path / "staged")
         )
     )
@@ -192,66 +202,64 @@ def test_ema_warms_up_then_averages_with_its_decay():
 
 
 def test_ema_validates_and_checkpoints_the_average(tmp_path, data):
-    cfg = compose_config([*RECIPE, "model.ema_decay=0.5"] + tiny_overrides(data, tmp_path))
+    cfg = compose_config(_recipe("callbacks.ema.decay=0.5", callbacks=("unfreeze", "ema")) + tiny_overrides(data, tmp_path))
     results = train(cfg)
     best = torch.load(results["best_checkpoint"], weights_only=False)
-    average = best["state_dict"]
-    trained = best["ema"]["trained_state_dict"]
-    assert best["ema"]["updates"] == 4 * (best["epoch"] + 1)
+    average, trained = best["state_dict"], best["current_model_state"]
+    assert int(best["averaging_state"]["n_averaged"]) == 4 * (best["epoch"] + 1)
     assert not _same(average, trained)
     model = FineTuneModule.load_from_checkpoint(results["best_checkpoint"], weights=None)
-    assert _same({k: v for k, v in model.state_dict().items()}, average)  # evaluate/predict load the average
-    assert any(isinstance(c, WeightAverage) for c in model.configure_callbacks())
+    assert _same(model.state_dict(), average)  # evaluate/predict load the average
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("callbacks", "overrides", "message"),
     [
-        (["model.unfreeze_at_epoch=3"], r"model.unfreeze_at_epoch=3 is not below trainer.max_epochs=3"),
-        (["model.unfreeze_at_epoch=1", "model.freeze=backbone"], r"model.unfreeze_at_epoch=1 needs model.freeze=none"),
-        (["model.unfreeze_at_epoch=-1"], r"model.unfreeze_at_epoch must be an integer >= 0"),
-        (["model.ema_decay=1.0"], r"model.ema_decay must be a number strictly between 0 and 1"),
-        (["model.ema_decay=0"], r"model.ema_decay must be a number strictly between 0 and 1"),
-        (["model.ema_decay=1.5"], r"model.ema_decay must be a number strictly between 0 and 1"),
-        (["model.unfreeze_at_epoch=0", "model.cache_features=true"], r"model.cache_features=true needs"),
+        (("unfreeze",), ["callbacks.unfreeze.epoch=3"], r"callbacks.unfreeze.epoch=3 is not below trainer.max_epochs=3"),
+        (("unfreeze",), ["model.freeze=backbone"], r"callbacks.unfreeze needs model.freeze=none \(got 'backbone'\)"),
+        (("unfreeze",), ["callbacks.unfreeze.epoch=0"], r"callbacks.unfreeze.epoch must be an integer >= 1"),
+        (("ema",), ["callbacks.ema.decay=1.0"], r"callbacks.ema.decay must be strictly between 0 and 1"),
+        (("ema",), ["callbacks.ema.decay=0"], r"callbacks.ema.decay must be strictly between 0 and 1"),
+        ((), ["features=cached"], r"features=cached needs model.freeze=backbone or \+callbacks=unfreeze"),
+        (("unfreeze", "mixup"), ["features=cached"], r"callbacks.mixup mixes training images, but features=cached"),
     ],
 )
-def test_bad_schedule_settings_name_the_setting(tmp_path, data, overrides, message):
-    cfg = compose_config([*RECIPE, *overrides] + tiny_overrides(data, tmp_path))
-    with pytest.raises((ValueError, InstantiationException), match=message):  # Hydra wraps the model's own errors
-        train(cfg)
+def test_bad_settings_are_refused_by_name_before_anything_is_built(tmp_path, data, callbacks, overrides, message):
+    cfg = compose_config(_recipe(*overrides, callbacks=callbacks) + tiny_overrides(data, tmp_path))
+    with pytest.raises(SettingError, match=message):
+        check_settings(cfg)
+        assemble(cfg)  # constructors check their own arguments
 
 
-def test_the_model_brings_its_schedules_and_keeps_two_groups_even_at_head_lr_mult_1():
-    model = FineTuneModule(2, backbone="mobilenet_v3_small", weights=None, head_lr_mult=1, unfreeze_at_epoch=2)
-    assert [g["name"] for g in model.parameter_groups()] == ["backbone", "head"]
-    assert [type(c) for c in model.configure_callbacks()] == [BackboneUnfreeze]
-    assert model.configure_callbacks()[0] is model.configure_callbacks()[0]  # one object across fit and test
-    plain = FineTuneModule(2, backbone="mobilenet_v3_small", weights=None, head_lr_mult=1)
-    assert [g["name"] for g in plain.parameter_groups()] == ["all"] and plain.configure_callbacks() == []
+def test_with_unfreezing_the_model_keeps_two_groups_even_at_head_lr_mult_1(tmp_path, data):
+    cfg = compose_config(_recipe("model.head_lr_mult=1") + tiny_overrides(data, tmp_path))
+    run = assemble(cfg)
+    assert [g["name"] for g in run.model.parameter_groups()] == ["backbone", "head"]
+    assert [type(c) for c in run.trainer.callbacks if isinstance(c, BackboneUnfreeze)] == [BackboneUnfreeze]
 
 
-def test_a_checkpoint_written_during_validation_still_keeps_the_trained_weights_apart():
-    model = FineTuneModule(2, backbone="mobilenet_v3_small", weights=None, ema_decay=0.5)
-    ema = model.weight_average
-    ema.setup(None, model, "fit")
+def test_a_checkpoint_written_during_validation_still_keeps_the_trained_weights_apart(tmp_path, data):
+    """A stop signal can save a checkpoint mid-validation, while the average is swapped into the model."""
+    overrides = _recipe("callbacks.ema.decay=0.5", "trainer.max_epochs=1", callbacks=("ema",))
+    cfg = compose_config(overrides + tiny_overrides(data, tmp_path))
+    run = assemble(cfg)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    ema = next(c for c in run.trainer.callbacks if isinstance(c, EMA))
+    trained = {k: v.clone() for k, v in run.model.state_dict().items()}  # after fit: the average (on_train_end)
+    ema._average_model.update_parameters(run.model)  # make the average differ from the weights in the model
     with torch.no_grad():
-        for p in model.net.parameters():
+        for p in run.model.net.parameters():
             p.add_(1.0)
-    ema.average.update_parameters(model.net)  # first update: the average is a copy
-    with torch.no_grad():
-        for p in model.net.parameters():
-            p.add_(1.0)
-    ema.average.update_parameters(model.net)
-    trained = {f"net.{k}": v.clone() for k, v in model.net.state_dict().items()}
-    averaged = {f"net.{k}": v.clone() for k, v in ema.average.module.state_dict().items()}
+    trained = {k: v.clone() for k, v in run.model.state_dict().items()}
+    averaged = {k.removeprefix("module."): v.clone() for k, v in ema._average_model.state_dict().items()
+                if k.startswith("module.")}  # fmt: skip
     assert not _same(trained, averaged)
     for swapped in (False, True):  # at an epoch end, and mid-validation (the average swapped in)
         if swapped:
-            ema.swap_in(model)
-        checkpoint = {"state_dict": dict(model.state_dict())}
-        ema.write_average(checkpoint)
+            ema.on_validation_epoch_start(run.trainer, run.model)
+        checkpoint = {"state_dict": {k: v.clone() for k, v in run.model.state_dict().items()}}
+        ema.on_save_checkpoint(run.trainer, run.model, checkpoint)
         assert _same(checkpoint["state_dict"], averaged), swapped
-        assert _same(checkpoint["ema"]["trained_state_dict"], trained), swapped
-    ema.swap_out(model)
-    assert _same({f"net.{k}": v for k, v in model.net.state_dict().items()}, trained)
+        assert _same(checkpoint["current_model_state"], trained), swapped
+    ema.on_validation_epoch_end(run.trainer, run.model)
+    assert _same(run.model.state_dict(), trained)
