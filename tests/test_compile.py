@@ -1,4 +1,4 @@
-"""model.compile=true: clean checkpoints that load, resume and evaluate uncompiled; a clear fallback where it fails.
+"""+callbacks=compile: clean checkpoints that load, resume and evaluate uncompiled; a clear fallback where it fails.
 
 Most tests compile with dynamo's ``eager`` backend (graph capture, no code generation): what they check - the
 state_dict keys, the fallback, the checkpoint's life after the run - does not depend on the backend, and inductor
@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from finetune.evaluate import evaluate
-from finetune.harness.guards import compile_network
+from finetune.callbacks.compile import compile_network
 from finetune.module import FineTuneModule
 from finetune.run import assemble
+from finetune.scoring import Scorer
 from finetune.train import train
 
 from .conftest import compose_config, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported here")
-FALLBACK = "model.compile=true, but torch.compile fails here"
+FALLBACK = "callbacks.compile: torch.compile fails here"
 
 
 @pytest.fixture
@@ -36,11 +37,11 @@ def eager_backend(monkeypatch):
 
 
 def test_a_compiled_runs_checkpoint_loads_resumes_and_evaluates_uncompiled(tmp_path, tiny_folder, eager_backend):
-    overrides = tiny_overrides(tiny_folder, tmp_path / "compiled") + ["model.compile=true", "trainer.max_epochs=1"]
+    overrides = tiny_overrides(tiny_folder, tmp_path / "compiled") + ["+callbacks=compile", "trainer.max_epochs=1"]
     cfg = compose_config(overrides)
     run = assemble(cfg)
-    assert run.model.compiled and run.model.net._compiled_call_impl is not None
     run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.model.compiled and run.model.net._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the network really went through dynamo
 
     ckpt = tmp_path / "compiled" / "checkpoints" / "last.ckpt"
@@ -49,7 +50,7 @@ def test_a_compiled_runs_checkpoint_loads_resumes_and_evaluates_uncompiled(tmp_p
     assert "compile" not in saved["hyper_parameters"]  # how a run executes the net is not part of the model
 
     plain = FineTuneModule.load_from_checkpoint(ckpt, weights_only=True)  # strict: every key matches
-    assert not plain.compiled and plain.net._compiled_call_impl is None
+    assert not getattr(plain, "compiled", False) and plain.net._compiled_call_impl is None
     assert saved["state_dict"].keys() == plain.state_dict().keys()
     images = torch.randn(2, 3, 32, 32)
     run.model.eval(), plain.eval()
@@ -59,7 +60,7 @@ def test_a_compiled_runs_checkpoint_loads_resumes_and_evaluates_uncompiled(tmp_p
     resumed = train(
         compose_config(
             tiny_overrides(tiny_folder, tmp_path / "resumed")
-            + ["model.compile=false", "trainer.max_epochs=2", f"ckpt_path={ckpt}"]
+            + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]
         )
     )
     assert resumed["status"] == "completed" and [e["epoch"] for e in resumed["history"]] == [1]
@@ -69,7 +70,8 @@ def test_a_compiled_runs_checkpoint_loads_resumes_and_evaluates_uncompiled(tmp_p
     eval_overrides += ["data.num_workers=0", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path / 'eval'}"]
     evaluated = evaluate(compose_config([*eval_overrides, f"ckpt_path={ckpt}"], config_name="eval"))
     # The compiled model's own test of the same weights (eager backend: the same arithmetic).
-    expected = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=str(ckpt), weights_only=True)[0]
+    run.model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    expected = run.trainer.test(Scorer(run.model), datamodule=run.datamodule)[0]
     assert evaluated["test/acc"] == pytest.approx(expected["test/acc"])
     assert evaluated["test/loss"] == pytest.approx(expected["test/loss"], rel=1e-5)
 
@@ -79,7 +81,7 @@ def test_compile_refused_at_once_is_said_once_and_the_run_runs_uncompiled(tmp_pa
         raise RuntimeError("Dynamo is not supported on this Python")
 
     monkeypatch.setattr(torch, "compile", unsupported)
-    overrides = tiny_overrides(tiny_folder, tmp_path / "run") + ["model.compile=true", "trainer.max_epochs=1"]
+    overrides = tiny_overrides(tiny_folder, tmp_path / "run") + ["+callbacks=compile", "trainer.max_epochs=1"]
     with caplog.at_level(logging.WARNING):
         run = assemble(compose_config(overrides))
         run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -100,11 +102,10 @@ def test_compile_failing_at_the_first_step_falls_back_once(tmp_path, tiny_folder
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    overrides = tiny_overrides(tiny_folder, tmp_path / "run") + ["model.compile=true", "trainer.max_epochs=1"]
+    overrides = tiny_overrides(tiny_folder, tmp_path / "run") + ["+callbacks=compile", "trainer.max_epochs=1"]
     with caplog.at_level(logging.WARNING):
         run = assemble(compose_config(overrides))
-        assert run.model.compiled  # compiling is lazy: it fails at the first forward
-        run.trainer.fit(run.model, datamodule=run.datamodule)
+        run.trainer.fit(run.model, datamodule=run.datamodule)  # compiling is lazy: it fails at the first forward
     assert not run.model.compiled and run.model.net._compiled_call_impl is None
     assert len(calls) == 1  # tried once, then eager for every later step
     messages = [r.getMessage() for r in caplog.records if FALLBACK in r.getMessage()]
@@ -128,7 +129,7 @@ def test_inductor_compiles_a_tiny_resnet(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker processes
     torch._dynamo.reset()
     overrides = tiny_overrides(tiny_folder, tmp_path / "run") + [
-        "model.compile=true",
+        "+callbacks=compile",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=0",

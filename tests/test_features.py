@@ -1,4 +1,4 @@
-"""Cached backbone features (model.cache_features) give the uncached frozen run's result, dropout included."""
+"""Cached backbone features (features=cached) give the uncached frozen run's result, dropout included."""
 
 import json
 import logging
@@ -6,11 +6,12 @@ import logging
 import pytest
 import torch
 
-from finetune.backbones import build_backbone, dropouts_before_head, random_layers_inside_backbone
+from finetune.backbones import build_backbone
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
-from finetune.harness.settings import check_model_settings
+from finetune.features import dropouts_before_head, head_input, random_layers_inside_backbone
 from finetune.module import FineTuneModule
+from finetune.run import check_settings
 from finetune.train import train
 
 from .conftest import assert_counted_accuracy, compose_config, count_correct, tiny_overrides
@@ -20,7 +21,7 @@ def _frozen_run(tmp_path, tiny_folder, cache_features: bool, augment: bool = Fal
     overrides = [
         "experiment=frozen",
         "model.backbone=mobilenet_v2",
-        f"model.cache_features={str(cache_features).lower()}",
+        *(["features=cached"] if cache_features else []),
         f"data.augment={str(augment).lower()}",
         "trainer.max_epochs=2",
         "optimizer.lr=0.05",
@@ -74,11 +75,11 @@ def test_cached_features_drop_augmentation_with_a_warning_and_the_checkpoint_eva
     assert evaluated["test/loss"] == pytest.approx(results["test/loss"], rel=1e-4)
 
 
-def test_cache_features_needs_a_frozen_backbone(tmp_path, tiny_folder):
-    with pytest.raises(ValueError, match="cache_features=true needs model.freeze=backbone"):
-        check_model_settings({"freeze": "none", "cache_features": True})
-    cfg = compose_config(["experiment=finetune", "model.cache_features=true"] + tiny_overrides(tiny_folder, tmp_path))
-    with pytest.raises(SettingError, match="cache_features=true needs model.freeze=backbone"):
+def test_cached_features_need_a_frozen_backbone(tmp_path, tiny_folder):
+    cfg = compose_config(["experiment=finetune", "features=cached"] + tiny_overrides(tiny_folder, tmp_path))
+    with pytest.raises(SettingError, match="features=cached needs model.freeze=backbone"):
+        check_settings(cfg)
+    with pytest.raises(SettingError, match="features=cached needs model.freeze=backbone"):
         train(cfg)
 
 
@@ -86,9 +87,9 @@ def test_head_inputs_are_what_the_head_sees_and_random_backbone_layers_are_named
     torch.manual_seed(0)
     module = FineTuneModule(num_classes=2, backbone="resnet18", weights=None, freeze="backbone").eval()
     images = torch.randn(2, 3, 32, 32)
-    features = module.head_inputs(images)
+    features = head_input(module.net, module.head_name, images)
     assert features.shape == (2, 512)
-    torch.testing.assert_close(module.forward_head(features), module(images))
+    torch.testing.assert_close(module(features), module(images))
     assert dropouts_before_head(module.net, "fc") == []
     efficientnet = build_backbone("efficientnet_b0", 2, None).model
     skipped = random_layers_inside_backbone(efficientnet, "classifier.1")

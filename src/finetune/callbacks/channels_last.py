@@ -12,6 +12,8 @@ import torch
 
 
 class ChannelsLast(pl.Callback):
+    recipe = False  # how the network runs, not what it computes: a resume may add or drop it
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.to(memory_format=torch.channels_last)
 

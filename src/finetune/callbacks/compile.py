@@ -14,17 +14,21 @@ import torch
 
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.private import COMPILE_ERRORS, run_eagerly
+from finetune.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
 
 class Compile(pl.Callback):
+    recipe = False  # how the network runs, not what it computes: a resume may add or drop it
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = pl_module.model if isinstance(pl_module, Scorer) else pl_module  # testing: the model it scores
         datamodule = trainer.datamodule
         if isinstance(datamodule, FeatureCacheDataModule) and not datamodule.staged:
             log.info("callbacks.compile with features=cached: the backbone runs once per split, uncompiled.")
-        elif not getattr(pl_module, "compiled", False):
-            compile_network(pl_module)
+        elif not getattr(model, "compiled", False):
+            compile_network(model)
 
 
 def compile_network(model: pl.LightningModule) -> bool:
@@ -33,6 +37,7 @@ def compile_network(model: pl.LightningModule) -> bool:
         model.net.compile()
     except Exception as err:  # noqa: BLE001 - e.g. "Dynamo is not supported on Python 3.x", or Windows
         run_eagerly(model.net)
+        model.compiled = False
         _say_uncompiled(err)
         return False
     forward = type(model).forward.__get__(model)  # the class's forward, which calls the compiled net

@@ -34,6 +34,8 @@ class MixUpCutMix(pl.Callback):
         self.mix: v2.Transform | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         classes = pl_module.hparams.num_classes
         mixes = [v2.MixUp(alpha=self.mixup_alpha, num_classes=classes)] if self.mixup_alpha else []
         mixes += [v2.CutMix(alpha=self.cutmix_alpha, num_classes=classes)] if self.cutmix_alpha else []

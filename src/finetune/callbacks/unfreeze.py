@@ -68,7 +68,8 @@ class BackboneUnfreeze(pl.Callback):
             pl_module.frozen_epochs = self.epoch
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.frozen_epochs = 0  # outside a fit (testing, say) the model is the whole network
+        if stage == "fit":
+            pl_module.frozen_epochs = 0  # outside a fit (testing, say) the model is the whole network
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:

@@ -42,7 +42,7 @@ from finetune.data.folders import (
     stratified_split,
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
-from finetune.data.settings import check_data_settings
+from finetune.data.settings import TRAIN_ONLY_DATA_KEYS, check_data_settings
 from finetune.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, to_normalized_tensor, train_transform
 from finetune.errors import DataError, PathError, describe_path
 from finetune.workers import worker_context
@@ -155,13 +155,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @classmethod
     def check_settings(cls, settings: dict, test_only: bool = False) -> None:
-        """``data.*`` (its defaults filled in), before any image is read: see :mod:`finetune.data.settings`."""
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
-        check_data_settings({**defaults, **{k: v for k, v in settings.items() if k != "_target_"}}, test_only)
+        """``data.*`` (its defaults filled in), before any image is read: see :mod:`finetune.data.settings`.
+        ``test_only`` (evaluation): the train/val settings are not used, so they are not checked either."""
+        signature = inspect.signature(cls.__init__).parameters.items()
+        defaults = {name: p.default for name, p in signature if p.default is not inspect.Parameter.empty}
+        ignored = {"_target_", *(TRAIN_ONLY_DATA_KEYS if test_only else ())}
+        check_data_settings({**defaults, **{k: v for k, v in settings.items() if k not in ignored}})
 
     def _split(self, targets: list[int], classes: list[str]) -> tuple[list[int], list[int]]:
         """(train, val) indices of the train folder: fold ``fold`` of ``folds``, or ``val_fraction`` held out."""

@@ -66,11 +66,10 @@ TRAIN_ONLY_DATA_KEYS = (
 )
 
 
-def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) -> None:
+def check_data_settings(settings: Mapping[str, Any]) -> None:
     """``data.*``, every argument of the DataModule (the assembly fills the backbone's preprocessing into the nulls
-    first). ``test_only`` (evaluation): the train/val settings (:data:`TRAIN_ONLY_DATA_KEYS`) are not used, so they
-    are not checked either."""
-    hp = AttributeDict({k: v for k, v in settings.items() if not (test_only and k in TRAIN_ONLY_DATA_KEYS)})
+    first)."""
+    hp = AttributeDict(settings)
     hp.setdefault("image_size", None)
     if hp.image_size is not None:
         check_int("data.image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,9 @@ RECIPE = "recipe"
 
 def recipe(cfg: DictConfig) -> dict[str, Any]:
     """What shapes a fit besides the model's hyper-parameters: the loss, the feature cache, the scheduler's stepping,
-    and the recipe's callbacks (``finetune.callbacks``) with their settings."""
+    and the recipe's callbacks (those of ``finetune.callbacks`` that change what is computed) with their settings."""
     callbacks = cfg.get("callbacks") or {}
-    ours = {
-        name: node for name, node in callbacks.items() if node and str(node.get("_target_", "")).startswith(OURS)
-    }
+    ours = {name: node for name, node in callbacks.items() if node and _changes_the_result(node)}
     scheduler = cfg.get("scheduler") or {}
     found = {
         "model.criterion": cfg.model.get("criterion") if cfg.get("model") else None,
@@ -115,7 +114,13 @@ def recipe(cfg: DictConfig) -> dict[str, Any]:
     return {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in found.items()}
 
 
-OURS = "finetune.callbacks."
+def _changes_the_result(node: DictConfig) -> bool:
+    """A callback of ``finetune.callbacks`` whose class does not say ``recipe = False`` (compile, channels-last:
+    how the network runs, not what it computes)."""
+    module, _, name = str(node.get("_target_", "")).rpartition(".")
+    if not module.startswith("finetune.callbacks"):
+        return False
+    return getattr(getattr(importlib.import_module(module), name, None), "recipe", True)
 
 
 class CheckpointRecord(pl.Callback):
