@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import eval_transform
-from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
+from finetune.data.transforms import CLASSES, PREPROCESSING, Preprocessing, eval_transform
+from finetune.features import head_input
 from finetune.module import FineTuneModule
 from finetune.train import train
 
@@ -34,7 +34,7 @@ def trained_run(
     if key not in _TRAINED:
         root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
         out = tmp_path_factory.mktemp(f"run_{key}")
-        extra = ["experiment=frozen", "model.cache_features=true", "data.augment=false"] if cache_features else []
+        extra = ["experiment=frozen", "features=cached", "data.augment=false"] if cache_features else []
         extra.append(f"data.eval_resize={eval_resize}")
         overrides = ["trainer.max_epochs=2", "optimizer.lr=0.002", "model.head_lr_mult=1", *extra]
         results = train(compose_config(overrides + tiny_overrides(root, out)))
@@ -100,7 +100,7 @@ def hand_built_checkpoint(path: Path, classes: list[str], images: list[Path], lo
     transform = eval_transform(IMAGE_SIZE, RESIZE_SIZE)
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
     with torch.no_grad():
-        features = model.head_inputs(batch).double()
+        features = head_input(model.net, model.head_name, batch).double()
         weight = torch.linalg.lstsq(features, logits.double()).solution.T
         model.net.fc.weight.copy_(weight.float())
         model.net.fc.bias.zero_()

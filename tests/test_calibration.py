@@ -9,13 +9,12 @@ import torch
 from PIL import Image
 
 from finetune.calibrate import calibrate
-from finetune.calibration import EmptyValidationError, calibration_record, fit_temperature
-from finetune.data.preprocessing import Preprocessing
 from finetune.evaluate import evaluate
 from finetune.export import ExportedClassifier
-from finetune.harness.checkpoint import load_for_inference
-from finetune.module import TEMPERATURE
+from finetune.harness.checkpoint_io import load_for_inference, preprocessing
 from finetune.predict import predict
+from finetune.scoring import TEMPERATURE, Scorer
+from finetune.temperature import EmptyValidationError, calibration_record, fit_temperature
 from finetune.run import compose_config
 from finetune.train import train
 
@@ -70,16 +69,16 @@ def test_training_fits_a_temperature_on_val_and_stores_it_in_the_tested_checkpoi
 
 
 def test_predict_and_export_divide_the_logits_by_the_temperature(calibrated_run, tmp_path):
-    model, _ = load_for_inference(calibrated_run["best_checkpoint"])
+    model, checkpoint = load_for_inference(calibrated_run["best_checkpoint"])
     test_dir = calibrated_run["root"] / "test"
     rows = predict(predict_config(calibrated_run["best_checkpoint"], test_dir, tmp_path / "predict"))
-    checkpoint = torch.load(calibrated_run["best_checkpoint"], weights_only=True)
-    transform = Preprocessing.from_checkpoint(checkpoint).transform()
+    transform = preprocessing(checkpoint).transform()
     image = transform(Image.open(rows[0]["path"]).convert("RGB")).unsqueeze(0)
+    temperature = checkpoint[TEMPERATURE]
     with torch.no_grad():
         raw = model.net(image)
-        expected = (raw / model.temperature).softmax(dim=1)[0]
-        exported = ExportedClassifier(model.net, "probabilities", model.temperature).eval()(image)[0]
+        expected = (raw / temperature).softmax(dim=1)[0]
+        exported = ExportedClassifier(Scorer(model, temperature), "probabilities").eval()(image)[0]
     assert rows[0]["cat"] == pytest.approx(expected[0].item(), abs=1e-5)
     assert exported[0].item() == pytest.approx(expected[0].item(), abs=1e-6)
     assert not torch.allclose(raw.softmax(dim=1)[0], expected, atol=1e-4)  # the temperature made a difference
@@ -90,7 +89,7 @@ def test_finetune_calibrate_writes_a_new_checkpoint_and_leaves_the_original(tmp_
     overrides = ["trainer.max_epochs=2", "optimizer.lr=0.05", "calibrate=false"]
     results = train(compose_config(overrides + tiny_overrides(root, tmp_path / "run")))
     original = torch.load(results["best_checkpoint"], weights_only=True)
-    assert original[TEMPERATURE] == 1.0 and "val/temperature" not in results
+    assert TEMPERATURE not in original and "val/temperature" not in results  # uncalibrated: the logits as they are
     before = open(results["best_checkpoint"], "rb").read()
     cfg = compose_config(
         [

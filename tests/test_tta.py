@@ -6,12 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.preprocessing import Preprocessing, letterbox
+from finetune.data.transforms import Preprocessing
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
-from finetune.harness.checkpoint import load_for_inference
+from finetune.harness.checkpoint_io import load_for_inference, preprocessing
 from finetune.module import FineTuneModule
 from finetune.predict import predict
+from finetune.scoring import TEMPERATURE, Scorer
+from finetune.tta import letterbox, views_transform
 
 from .inference import eval_config, predict_config, trained_run
 
@@ -32,7 +34,7 @@ def raw(views: torch.Tensor, p: Preprocessing) -> torch.Tensor:
 @pytest.mark.parametrize("tta, count", [("flip", 2), ("five_crop", 5), ("full", 4)])
 def test_each_mode_gives_its_views(tta, count):
     p = Preprocessing.of(64, 72, eval_resize="shorter_side")
-    views = p.views(tta)(wide_photo())
+    views = views_transform(p, tta)(wide_photo())
     assert views.shape == (count, 3, 64, 64)
     centre = p.transform()(wide_photo())
     if tta == "flip":
@@ -52,13 +54,14 @@ def test_letterbox_keeps_the_aspect_ratio_inside_a_square():
     assert boxed.size == (64, 64)
 
 
-def test_the_model_averages_the_probabilities_of_the_views():
+def test_the_scorer_averages_the_calibrated_probabilities_of_the_views():
     torch.manual_seed(0)
     model = FineTuneModule(3, backbone="resnet18", weights=None).eval()
+    scorer = Scorer(model, temperature=2.0)
     views = torch.rand(2, 4, 3, 32, 32)
     with torch.no_grad():
-        averaged = model(views).softmax(dim=-1)
-        one_by_one = torch.stack([model(views[:, v]).softmax(dim=-1) for v in range(4)], dim=1).mean(dim=1)
+        averaged = scorer(views).softmax(dim=-1)
+        one_by_one = torch.stack([(model(views[:, v]) / 2.0).softmax(dim=-1) for v in range(4)], dim=1).mean(dim=1)
     assert torch.allclose(averaged, one_by_one, atol=1e-6)
 
 
@@ -75,11 +78,10 @@ def test_evaluate_with_tta_averages_predict_s_probabilities(run, tmp_path):
     for entry in evaluated["test/top_losses"]:
         assert rows[entry["path"]]["score"] == pytest.approx(entry["probability"], abs=1e-5)
     model, checkpoint = load_for_inference(ckpt)
-    p = Preprocessing.from_checkpoint(checkpoint)
     path = next(iter(rows))
     with torch.no_grad():
-        views = p.views("full")(Image.open(path).convert("RGB"))
-        expected = model(views).softmax(dim=-1).mean(dim=0)
+        views = views_transform(preprocessing(checkpoint), "full")(Image.open(path).convert("RGB"))
+        expected = (model(views) / checkpoint.get(TEMPERATURE, 1.0)).softmax(dim=-1).mean(dim=0)
     assert rows[path]["cat"] == pytest.approx(expected[0].item(), abs=1e-5)
     plain = evaluate(eval_config(ckpt, run["root"], tmp_path / "plain"))
     assert plain["test/loss"] != pytest.approx(evaluated["test/loss"], abs=1e-6)

@@ -83,6 +83,11 @@ class FineTuneModule(pl.LightningModule):
             )
         advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
         check_number("model.head_lr_mult", model.get("head_lr_mult"), "> 0", lambda x: x > 0, advice)
+        criterion = model.get("criterion") or {}
+        if "label_smoothing" in criterion:  # torch's losses check it only when they first run
+            advice = "It is the share of each training target spread evenly over the classes (0: none; 0.1 is usual)."
+            smoothing = criterion.get("label_smoothing")
+            check_number("model.criterion.label_smoothing", smoothing, "in [0, 1)", lambda x: 0 <= x < 1, advice)
         check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
         scheduler = cfg.get("scheduler")
         if scheduler:

@@ -1,4 +1,5 @@
-"""The robustness levers: augmentation policies, random erasing, label smoothing, mixup/cutmix, and their refusals."""
+"""Training augmentation and regularisation: torchvision policies, random erasing, label smoothing (the criterion's
+setting), mixup/cutmix (a callback), and their refusals."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from PIL import Image
 
 from finetune.data.transforms import AUGMENT_POLICIES, train_transform
 from finetune.errors import SettingError
-from finetune.harness.settings import check_model_settings
+from finetune.callbacks.mixup import MixUpCutMix
 from finetune.module import FineTuneModule
-from finetune.run import compose_config
+from finetune.run import assemble, check_settings, compose_config
 from finetune.train import train
 
 from .conftest import make_image_folder, tiny_overrides
@@ -57,48 +58,46 @@ def test_random_erasing_zeroes_a_rectangle_of_the_normalised_image():
 
 
 @pytest.mark.parametrize(
-    "model, message",
+    "overrides, message",
     [
-        ({"label_smoothing": 1.0}, r"model.label_smoothing must be in \[0, 1\), got 1.0"),
-        ({"mixup_alpha": -0.2}, r"model.mixup_alpha must be >= 0, got -0.2"),
-        ({"cutmix_alpha": "x"}, r"model.cutmix_alpha must be >= 0, got 'x'"),
+        (["model.criterion.label_smoothing=1.5"], r"model.criterion.label_smoothing must be in \[0, 1\), got 1.5"),
+        (["+callbacks=mixup", "callbacks.mixup.mixup_alpha=-0.2"], r"callbacks.mixup.mixup_alpha must be >= 0, got -0.2"),
+        (["+callbacks=mixup", "callbacks.mixup.cutmix_alpha=x"], r"callbacks.mixup.cutmix_alpha must be >= 0, got 'x'"),
+        (["+callbacks=mixup", "callbacks.mixup.mixup_alpha=0"], r"callbacks.mixup has mixup_alpha=0 and cutmix_alpha=0"),
         (
-            {"mixup_alpha": 0.2, "freeze": "backbone", "cache_features": True},
-            r"model.mixup_alpha=0.2 mixes training images, but model.cache_features=true",
+            ["experiment=frozen", "features=cached", "+callbacks=mixup"],
+            r"callbacks.mixup mixes training images, but features=cached",
         ),
     ],
 )
-def test_bad_lever_settings_are_refused_by_name(model, message):
-    with pytest.raises(SettingError, match=message):
-        check_model_settings(model)
-
-
-def test_mixup_with_cached_features_is_refused_before_any_work(tmp_path):
+def test_bad_lever_settings_are_refused_by_name_before_any_work(tmp_path, overrides, message):
     root = make_image_folder(tmp_path / "data", n_train=4, n_test=2)
-    overrides = ["experiment=frozen", "model.cache_features=true", "model.cutmix_alpha=1.0"]
-    results = None
-    with pytest.raises(SettingError, match=r"model.cutmix_alpha=1.0 mixes training images"):
-        results = train(compose_config(overrides + tiny_overrides(root, tmp_path / "run")))
-    assert results is None and not (tmp_path / "run" / "checkpoints").exists()
+    cfg = compose_config(overrides + tiny_overrides(root, tmp_path / "run"))
+    with pytest.raises(SettingError, match=message):
+        check_settings(cfg)
+        assemble(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_label_smoothing_changes_the_training_loss_only():
-    torch.manual_seed(0)
-    model = FineTuneModule(2, backbone="resnet18", weights=None, label_smoothing=0.2)
+def test_label_smoothing_changes_the_training_loss_only(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_train=4, n_test=2)
+    cfg = compose_config(["model.criterion.label_smoothing=0.2"] + tiny_overrides(root, tmp_path / "run"))
+    model = assemble(cfg).model
     logits = torch.tensor([[4.0, -4.0], [-1.0, 1.0]])
     targets = torch.tensor([0, 1])
     smoothed = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.2)
-    assert model.train_loss_fn(logits, targets) == pytest.approx(smoothed.item())
-    assert model.loss(logits, targets) == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
-    assert smoothed.item() > torch.nn.functional.cross_entropy(logits, targets).item()
+    assert model.criterion(logits, targets) == pytest.approx(smoothed.item())
+    assert smoothed.item() > torch.nn.functional.cross_entropy(logits, targets).item()  # val/test: the plain NLL
 
 
-def test_mixup_trains_on_soft_targets_that_sum_to_one(tmp_path):
+def test_mixup_writes_mixed_images_and_soft_targets_that_sum_to_one_into_the_batch():
     torch.manual_seed(0)
-    model = FineTuneModule(3, backbone="resnet18", weights=None, mixup_alpha=0.4, cutmix_alpha=1.0)
-    images = torch.rand(6, 3, 32, 32)
-    targets = torch.tensor([0, 1, 2, 0, 1, 2])
-    mixed, soft = model.batch_mix(images, targets)
+    mixup = MixUpCutMix(mixup_alpha=0.4, cutmix_alpha=1.0)
+    mixup.setup(None, FineTuneModule(3, backbone="resnet18", weights=None), "fit")
+    images, targets = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = [images.clone(), targets]
+    mixup.on_train_batch_start(None, None, batch, 0)
+    mixed, soft = batch
     assert soft.shape == (6, 3) and torch.allclose(soft.sum(dim=1), torch.ones(6))
     assert not torch.equal(mixed, images) and (soft.max(dim=1).values < 1).any()
 
@@ -108,15 +107,17 @@ def test_a_run_with_every_lever_trains_and_records_them(tmp_path):
     levers = [
         "data.augment=trivial",
         "data.random_erasing=0.25",
-        "model.label_smoothing=0.1",
-        "model.mixup_alpha=0.2",
-        "model.cutmix_alpha=1.0",
+        "model.criterion.label_smoothing=0.1",
+        "+callbacks=mixup",
+        "callbacks.mixup.mixup_alpha=0.2",
+        "callbacks.mixup.cutmix_alpha=1.0",
         "trainer.max_epochs=2",
     ]
     results = train(compose_config(levers + tiny_overrides(root, tmp_path / "run")))
     assert results["status"] == "completed", results.get("error")
     checkpoint = torch.load(results["best_checkpoint"], weights_only=True)
-    hp, data = checkpoint["hyper_parameters"], checkpoint["datamodule_hyper_parameters"]
-    assert (hp["label_smoothing"], hp["mixup_alpha"], hp["cutmix_alpha"]) == (0.1, 0.2, 1.0)
+    recipe, data = checkpoint["recipe"], checkpoint["datamodule_hyper_parameters"]
+    assert recipe["model.criterion"]["label_smoothing"] == 0.1
+    assert (recipe["callbacks.mixup"]["mixup_alpha"], recipe["callbacks.mixup"]["cutmix_alpha"]) == (0.2, 1.0)
     assert (data["augment"], data["random_erasing"]) == ("trivial", 0.25)
     assert all(0 <= e["train/acc"] <= 1 and e["train/loss"] > 0 for e in results["history"])
