@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD
-from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
+from finetune.data.transforms import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING, Preprocessing
+from finetune.errors import ResumeError
 from finetune.evaluate import evaluate
-from finetune.harness.checkpoint import CheckpointError, load_checkpoint
+from finetune.harness.checkpoint_io import CheckpointError, load_checkpoint
+from finetune.harness.checkpointing import FORMAT_KEY
 from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
@@ -44,16 +45,13 @@ def test_every_checkpoint_stores_class_names_and_eval_preprocessing(run):
 def test_a_cached_features_checkpoint_stores_them_too(tmp_path_factory):
     run = trained_run(tmp_path_factory, cache_features=True)
     checkpoint = load_checkpoint(run["last_checkpoint"])
-    assert checkpoint["hyper_parameters"]["cache_features"] is True
+    assert checkpoint["recipe"]["features"] == {"_target_": "finetune.features.FeatureCacheDataModule"}
     assert checkpoint[CLASSES] == ["cat", "dog"] and checkpoint[PREPROCESSING]["image_size"] == 32
 
 
-def test_preprocessing_fills_the_books_values_and_reads_older_checkpoints():
+def test_preprocessing_fills_the_books_values():
     assert Preprocessing.of(224) == Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     assert Preprocessing.of(32, 40).resize_size == 40
-    older = {"datamodule_hyper_parameters": {"image_size": 64, "resize_size": 70}}
-    assert Preprocessing.from_checkpoint(older) == Preprocessing.of(64, 70)
-    assert Preprocessing.from_checkpoint({}) == Preprocessing.of(224)
 
 
 def test_evaluate_refuses_a_folder_with_other_classes_naming_both(run, tmp_path):
@@ -117,12 +115,39 @@ def test_a_pickle_that_would_run_code_is_refused_by_evaluate_naming_the_file(run
     assert marker.exists()
 
 
-def test_a_checkpoint_without_class_names_still_evaluates_with_a_warning(run, tmp_path, caplog):
+def test_a_checkpoint_without_class_names_or_preprocessing_is_refused_saying_why(run, tmp_path):
     checkpoint = torch.load(run["best_checkpoint"], map_location="cpu", weights_only=True)
     del checkpoint[CLASSES], checkpoint[PREPROCESSING]
     older = tmp_path / "older.ckpt"
     torch.save(checkpoint, older)
-    with caplog.at_level(logging.WARNING):
-        results = evaluate(eval_config(older, run["root"], tmp_path / "eval"))
-    assert results["image_size"] == 32  # from the data settings Lightning saved with it
-    assert "stores no class names" in caplog.text and "predates stored preprocessing" in caplog.text
+    with pytest.raises(CheckpointError, match=r"records no class names or eval preprocessing.*early version"):
+        evaluate(eval_config(older, run["root"], tmp_path / "eval"))
+
+
+def previous_format(checkpoint_path: Path, into: Path) -> Path:
+    """The checkpoint as the previous version wrote it: the recipe's extras among the model's hyper-parameters,
+    the temperature always present, no format version and no recipe record."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    del checkpoint[FORMAT_KEY], checkpoint["recipe"]
+    checkpoint["hyper_parameters"] = {
+        **checkpoint["hyper_parameters"],
+        **{"channels_last": False, "cache_features": False, "unfreeze_at_epoch": 0, "ema_decay": None},
+        **{"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+    }
+    checkpoint.setdefault("temperature", 1.0)
+    torch.save(checkpoint, into)
+    return into
+
+
+def test_a_checkpoint_of_the_previous_format_scores_identically_and_is_refused_for_resuming(run, tmp_path):
+    previous = previous_format(Path(run["best_checkpoint"]), tmp_path / "previous.ckpt")
+    now = evaluate(eval_config(run["best_checkpoint"], run["root"], tmp_path / "now"))
+    then = evaluate(eval_config(previous, run["root"], tmp_path / "then"))
+    assert (then["test/acc"], then["test/loss"], then["temperature"]) == (
+        now["test/acc"],
+        now["test/loss"],
+        now["temperature"],
+    )
+    overrides = [f"ckpt_path={previous}", "trainer.max_epochs=3"] + tiny_overrides(run["root"], tmp_path / "resumed")
+    with pytest.raises(ResumeError, match=r"written by another version of finetune.*Evaluate, predict or export it"):
+        train(compose_config(overrides))

@@ -15,7 +15,8 @@ from PIL import Image
 
 from finetune.data import eval_transform
 from finetune.export import export
-from finetune.harness.checkpoint import load_for_inference
+from finetune.harness.checkpoint_io import load_for_inference
+from finetune.scoring import TEMPERATURE, Scorer
 from finetune.predict import predict
 
 from .conftest import REPO, compose_config, run_cli
@@ -51,9 +52,10 @@ def real_images(run: dict) -> tuple[list[Path], torch.Tensor]:
 
 
 def pytorch_outputs(run: dict, images: torch.Tensor, logits: bool = False) -> torch.Tensor:
-    model, _ = load_for_inference(run["best_checkpoint"])
+    """What ``finetune.predict`` scores: the checkpoint's logits over its temperature (probabilities by default)."""
+    model, checkpoint = load_for_inference(run["best_checkpoint"])
     with torch.no_grad():
-        out = model(images)
+        out = Scorer(model, checkpoint.get(TEMPERATURE, 1.0))(images)
     return out if logits else out.softmax(dim=1)
 
 

@@ -127,7 +127,7 @@ def test_parallel_launcher_runs_the_fast_paths_whose_cache_builders_have_worker_
             "-m",
             "hydra/launcher=parallel",
             "experiment=frozen",
-            "model.cache_features=true",
+            "features=cached",
             "data.cache=none,memory",
             "data.num_workers=1",
             "trainer.max_epochs=1",

@@ -22,7 +22,7 @@ def _raise_out_of_memory(*args, **kwargs):
 
 
 def test_out_of_memory_in_the_forward_pass_is_explained_in_the_runs_results(tmp_path, tiny_folder, monkeypatch):
-    monkeypatch.setattr(FineTuneModule, "forward_images", _raise_out_of_memory)
+    monkeypatch.setattr(FineTuneModule, "forward", _raise_out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         train(compose_config(tiny_overrides(tiny_folder, tmp_path / "run") + ["trainer.max_epochs=1"]))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -32,13 +32,13 @@ def test_out_of_memory_in_the_forward_pass_is_explained_in_the_runs_results(tmp_
     assert "a batch of 4 images per device (data.batch_size)" in error
     for advice in ("data.batch_size=2 trainer.accumulate_grad_batches=2", "trainer.precision=bf16-mixed"):
         assert advice in error
-    assert "model.channels_last=true" in error
+    assert "+callbacks=channels_last" in error
 
 
 def test_out_of_memory_in_the_backward_pass_is_explained_once(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setattr(pl.LightningModule, "backward", _raise_out_of_memory)
     overrides = tiny_overrides(tiny_folder, tmp_path / "run")
-    overrides += ["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "model.channels_last=true"]
+    overrides += ["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "+callbacks=channels_last"]
     overrides += ["trainer.accumulate_grad_batches=2"]
     run = assemble(compose_config(overrides))
     with pytest.raises(torch.OutOfMemoryError) as raised:
@@ -47,5 +47,5 @@ def test_out_of_memory_in_the_backward_pass_is_explained_once(tmp_path, tiny_fol
     assert message.count("Out of device memory") == 1
     assert "precision bf16-mixed" in message and "data.batch_size=2 trainer.accumulate_grad_batches=4" in message
     # Settings already in use are not suggested again.
-    assert "- trainer.precision=bf16-mixed" not in message and "- model.channels_last=true" not in message
+    assert "- trainer.precision=bf16-mixed" not in message and "- +callbacks=channels_last" not in message
     assert message.startswith(ALLOCATION)  # the original message first, the advice after it

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from finetune.data.preprocessing import CLASSES, PREPROCESSING
+from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.evaluate import evaluate
-from finetune.harness.checkpoint import CheckpointError
+from finetune.harness.checkpoint_io import CheckpointError
 from finetune.predict import predict
 
 from .inference import eval_config, evil_checkpoint, predict_config, run_module, trained_run
@@ -144,14 +144,13 @@ def test_bad_options_are_named(run, tmp_path, extra, message):
         predict(predict_config(run["best_checkpoint"], run["root"] / "test", tmp_path, extra))
 
 
-def test_an_older_checkpoint_without_class_names_falls_back_with_a_warning(run, tmp_path, caplog):
+def test_an_early_checkpoint_without_class_names_is_refused_saying_why(run, tmp_path):
     checkpoint = torch.load(run["best_checkpoint"], map_location="cpu", weights_only=True)
     del checkpoint[CLASSES], checkpoint[PREPROCESSING]
     torch.save(checkpoint, tmp_path / "older.ckpt")
-    with caplog.at_level(logging.WARNING):
-        rows = predict(predict_config(tmp_path / "older.ckpt", run["root"] / "test", tmp_path))
-    assert list(read_csv(tmp_path / "predictions.csv")[0]) == ["path", "label", "score", "class_0", "class_1", "error"]
-    assert {r["label"] for r in rows} <= {"class_0", "class_1"} and "class_0..class_1" in caplog.text
+    with pytest.raises(CheckpointError, match="records no class names or eval preprocessing"):
+        predict(predict_config(tmp_path / "older.ckpt", run["root"] / "test", tmp_path))
+    assert not (tmp_path / "predictions.csv").exists()
 
 
 def test_a_cached_features_checkpoint_predicts_on_images(tmp_path_factory, tmp_path):

@@ -19,7 +19,10 @@ from finetune.harness import private
 
 PACKAGE = Path(private.__file__).resolve().parents[1]
 # The research code: what a researcher opens to try a new loss, augmentation or backbone.
-CORE = ["module.py", "backbones.py", "schedules.py", "metrics.py", "features.py", "errors.py", "data"]
+CORE = [
+    "module.py", "backbones", "schedules.py", "checks.py", "metrics.py", "features.py", "errors.py", "data", "tta.py",
+    "scoring.py", "temperature.py",
+]  # fmt: skip
 
 
 def test_the_installed_lightning_is_one_the_private_names_were_checked_on():

@@ -58,9 +58,10 @@ def test_after_the_unfreeze_every_rank_trains_the_same_backbone(tmp_path, data):
         timeout=900,
         args=[
             *DDP,
-            "model.unfreeze_at_epoch=1",
-            "model.cache_features=true",
-            "model.ema_decay=0.9",
+            "+callbacks=[unfreeze,ema]",
+            "callbacks.unfreeze.epoch=1",
+            "features=cached",
+            "callbacks.ema.decay=0.9",
             "optimizer.momentum=0.9",
             "trainer.max_epochs=2",
             "+callbacks.rank_weights._target_=tests.test_recipes_ddp.RankWeights",

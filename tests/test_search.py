@@ -12,6 +12,9 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from finetune.errors import SettingError
+from finetune.harness.overrides import sweep_params_from_argv
+
 from .conftest import CONF_DIR, compose_with_hydra, make_image_folder, run_cli
 
 optuna = pytest.importorskip("optuna")
@@ -180,7 +183,7 @@ def test_every_search_config_is_validation_only_and_persists_its_study(name):
 def test_the_probe_search_trains_only_the_head_on_cached_features():
     cfg = compose_with_hydra(["hparams_search=probe"])
     assert cfg.hydra.runtime.choices.experiment == "frozen"
-    assert cfg.model.freeze == "backbone" and cfg.model.cache_features is True and cfg.data.augment is False
+    assert cfg.model.freeze == "backbone" and cfg.features is not None and cfg.data.augment is False
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs"}
 
 
@@ -209,12 +212,12 @@ def test_a_plain_value_on_the_command_line_fixes_a_key_that_params_searches():
 )
 def test_sweeper_params_on_the_command_line_become_sweep_overrides(given, becomes):
     argv = ["train.py", "-m", "hparams_search=probe", given, "seed=0"]
-    assert plugin.sweep_params_from_argv(argv) == ["train.py", "-m", "hparams_search=probe", becomes, "seed=0"]
+    assert sweep_params_from_argv(argv) == ["train.py", "-m", "hparams_search=probe", becomes, "seed=0"]
 
 
 def test_removing_a_sweeper_param_on_the_command_line_says_what_to_do():
-    with pytest.raises(plugin.SearchError, match=r"to stop searching optimizer.lr, give it one value instead"):
-        plugin.sweep_params_from_argv(["train.py", "-m", "~hydra.sweeper.params.optimizer.lr"])
+    with pytest.raises(SettingError, match=r"to stop searching optimizer.lr, give it one value instead"):
+        sweep_params_from_argv(["train.py", "-m", "~hydra.sweeper.params.optimizer.lr"])
 
 
 def _record(space: dict[str, str], root: str = "/data/a", folds: int = 5) -> tuple[dict, dict]:
@@ -281,7 +284,7 @@ def test_best_yaml_composes_exactly_the_best_trials_config_of_a_probe_search(tmp
     best = _assert_best_yaml_composes_the_best_trial(folder, study)
     composed = compose_with_hydra(best["overrides"])
     assert composed.hydra.runtime.choices.experiment == "frozen"  # the searched head on cached features, not a
-    assert composed.model.freeze == "backbone" and composed.model.cache_features is True  # full fine-tune
+    assert composed.model.freeze == "backbone" and composed.features is not None  # full fine-tune
     assert shlex.split(best["test_command"]) == [
         "python", "-m", "finetune.train", *best["overrides"], "test_after_fit=true"
     ]  # fmt: skip

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from finetune.errors import SettingError
-from finetune.harness.checkpoint import CheckpointError, load_for_inference
-from finetune.harness.settings import check_alpha
+from finetune.harness.checkpoint_io import CheckpointError, load_for_inference
+from finetune.soup import check_alpha
 from finetune.run import compose_config
 from finetune.soup import interpolate, soup
 from finetune.train import train
@@ -23,7 +23,7 @@ def family(tmp_path_factory) -> dict:
     root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
     runs = {}
     for name, extra in {
-        "probe": ["experiment=frozen", "model.cache_features=true", "data.augment=false"],
+        "probe": ["experiment=frozen", "features=cached", "data.augment=false"],
         "tuned0": ["seed=0"],
         "tuned1": ["seed=1"],
     }.items():

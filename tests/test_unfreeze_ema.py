@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from finetune.callbacks.ema import EMA, ema_multi_avg_fn
 from finetune.callbacks.unfreeze import BackboneUnfreeze
 from finetune.errors import SettingError
+from finetune.harness.private import averaged_model
 from finetune.module import FineTuneModule
 from finetune.run import assemble, check_settings
 from finetune.train import train
@@ -246,12 +247,12 @@ def test_a_checkpoint_written_during_validation_still_keeps_the_trained_weights_
     run.trainer.fit(run.model, datamodule=run.datamodule)
     ema = next(c for c in run.trainer.callbacks if isinstance(c, EMA))
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}  # after fit: the average (on_train_end)
-    ema._average_model.update_parameters(run.model)  # make the average differ from the weights in the model
+    averaged_model(ema).update_parameters(run.model)  # make the average differ from the weights in the model
     with torch.no_grad():
         for p in run.model.net.parameters():
             p.add_(1.0)
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
-    averaged = {k.removeprefix("module."): v.clone() for k, v in ema._average_model.state_dict().items()
+    averaged = {k.removeprefix("module."): v.clone() for k, v in averaged_model(ema).state_dict().items()
                 if k.startswith("module.")}  # fmt: skip
     assert not _same(trained, averaged)
     for swapped in (False, True):  # at an epoch end, and mid-validation (the average swapped in)

@@ -20,6 +20,7 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 
 from finetune.checks import check_number
+from finetune.harness.private import averaged_model
 
 
 class EMA(WeightAveraging):
@@ -36,7 +37,7 @@ class EMA(WeightAveraging):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
-        self.swapped = self._average_model is not None
+        self.swapped = averaged_model(self) is not None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_epoch_end(trainer, pl_module)
@@ -46,7 +47,7 @@ class EMA(WeightAveraging):
         if not self.swapped:
             return super().on_save_checkpoint(trainer, pl_module, checkpoint)
         # Swapped: the model holds the average, and the averaged copy the weights being trained.
-        average = self._average_model
+        average = averaged_model(self)
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         checkpoint["current_model_state"] = {k: v.detach().clone() for k, v in average.module.state_dict().items()}
         checkpoint["averaging_state"] = {k: v for k, v in average.state_dict().items() if not k.startswith("module.")}

@@ -9,7 +9,9 @@ They are needed where Lightning has a known trap and no public hook:
   :func:`install_signal_handlers`, :func:`signal_handlers_installed`;
 - the process-group timeout is not a Trainer flag: :func:`set_process_group_timeout`, :func:`process_group_timeout`;
 - ``nn.Module.compile`` has no public "undo" when compiling fails on first use: :func:`run_eagerly`,
-  :data:`COMPILE_ERRORS`.
+  :data:`COMPILE_ERRORS`;
+- Lightning's ``WeightAveraging`` keeps its ``AveragedModel`` to itself, and a checkpoint saved while it is swapped
+  into the model (mid-validation) mixes the two up: :func:`averaged_model`.
 
 :data:`CHECKED_LIGHTNING` names the Lightning releases these were read against and tested on
 (``tests/test_private.py`` fails on a release outside it, so a new Lightning is looked at before it is trusted).
@@ -31,7 +33,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 log = logging.getLogger(__name__)
 
 # (major, minor) of the pytorch-lightning releases whose private names below were read and tested.
-CHECKED_LIGHTNING = ((2, 5), (2, 6))
+CHECKED_LIGHTNING = ((2, 6),)
 
 
 def lightning_version() -> tuple[int, int]:
@@ -118,3 +120,8 @@ COMPILE_ERRORS: tuple[type[BaseException], ...] = _compile_errors()
 def run_eagerly(module: torch.nn.Module) -> None:
     """Undo ``module.compile()``: the attribute ``nn.Module.compile`` sets; None restores the eager forward."""
     module._compiled_call_impl = None
+
+
+def averaged_model(callback: Any) -> torch.optim.swa_utils.AveragedModel | None:
+    """The ``AveragedModel`` of a Lightning ``WeightAveraging`` callback (``None`` before its fit starts)."""
+    return callback._average_model
