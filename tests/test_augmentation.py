@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.callbacks.mixup import MixUpCutMix
 from finetune.data.transforms import AUGMENT_POLICIES, train_transform
 from finetune.errors import SettingError
-from finetune.callbacks.mixup import MixUpCutMix
 from finetune.module import FineTuneModule
 from finetune.run import assemble, check_settings, compose_config
 from finetune.train import train
@@ -61,9 +61,15 @@ def test_random_erasing_zeroes_a_rectangle_of_the_normalised_image():
     "overrides, message",
     [
         (["model.criterion.label_smoothing=1.5"], r"model.criterion.label_smoothing must be in \[0, 1\), got 1.5"),
-        (["+callbacks=mixup", "callbacks.mixup.mixup_alpha=-0.2"], r"callbacks.mixup.mixup_alpha must be >= 0, got -0.2"),
+        (
+            ["+callbacks=mixup", "callbacks.mixup.mixup_alpha=-0.2"],
+            r"callbacks.mixup.mixup_alpha must be >= 0, got -0.2",
+        ),
         (["+callbacks=mixup", "callbacks.mixup.cutmix_alpha=x"], r"callbacks.mixup.cutmix_alpha must be >= 0, got 'x'"),
-        (["+callbacks=mixup", "callbacks.mixup.mixup_alpha=0"], r"callbacks.mixup has mixup_alpha=0 and cutmix_alpha=0"),
+        (
+            ["+callbacks=mixup", "callbacks.mixup.mixup_alpha=0"],
+            r"callbacks.mixup has mixup_alpha=0 and cutmix_alpha=0",
+        ),
         (
             ["experiment=frozen", "features=cached", "+callbacks=mixup"],
             r"callbacks.mixup mixes training images, but features=cached",

@@ -8,7 +8,6 @@ from torch import nn
 
 from finetune.backbones import build_backbone, load_backbone_weights
 from finetune.backbones.torchvision import find_head
-
 from finetune.errors import DownloadError
 
 from .conftest import MOBILENET_V2_WEIGHTS, needs_shared

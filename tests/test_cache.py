@@ -12,7 +12,6 @@ from PIL import Image
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.cache import ShrinkShorterSide, build_cache
-from finetune.harness.settings import check_data_settings
 from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
@@ -82,7 +81,7 @@ def test_disk_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
 )
 def test_bad_cache_settings_are_rejected(tiny_folder, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        check_data_settings({"root": tiny_folder, "image_size": 32, **kwargs})
+        ImageFolderDataModule.check_settings({"root": tiny_folder, "image_size": 32, **kwargs})
 
 
 def test_a_run_trains_from_the_disk_cache(tmp_path, tiny_folder):

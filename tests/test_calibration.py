@@ -13,9 +13,9 @@ from finetune.evaluate import evaluate
 from finetune.export import ExportedClassifier
 from finetune.harness.checkpoint_io import load_for_inference, preprocessing
 from finetune.predict import predict
+from finetune.run import compose_config
 from finetune.scoring import TEMPERATURE, Scorer
 from finetune.temperature import EmptyValidationError, calibration_record, fit_temperature
-from finetune.run import compose_config
 from finetune.train import train
 
 from .conftest import make_image_folder, tiny_overrides

@@ -18,11 +18,11 @@ import pytorch_lightning as pl
 import torch
 
 from finetune.calibrate import calibrate
-from finetune.data.preprocessing import CLASSES
+from finetune.data.transforms import CLASSES
 from finetune.errors import PathError, UserError
 from finetune.evaluate import evaluate
 from finetune.export import export
-from finetune.harness.checkpoint import CheckpointError, CheckpointFolderError, load_checkpoint
+from finetune.harness.checkpoint_io import CheckpointError, CheckpointFolderError, load_checkpoint
 from finetune.predict import predict
 from finetune.robustness import robustness
 from finetune.soup import soup
@@ -268,14 +268,11 @@ class SlowCaching(pl.Callback):
         self.seconds, self.started_file = seconds, Path(started_file)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        head_inputs = pl_module.head_inputs
-
-        def slow(images: torch.Tensor) -> torch.Tensor:
+        def slow(module: torch.nn.Module, args: tuple) -> None:  # the head's input is what the cache extracts
             self.started_file.touch()
             time.sleep(self.seconds)
-            return head_inputs(images)
 
-        pl_module.head_inputs = slow
+        pl_module.net.get_submodule(pl_module.head_name).register_forward_pre_hook(slow)
 
 
 def test_ctrl_c_while_caching_features_says_to_start_again_not_to_resume(tmp_path):
@@ -287,7 +284,7 @@ def test_ctrl_c_while_caching_features_says_to_start_again_not_to_resume(tmp_pat
     started = tmp_path / "caching"
     overrides = without(tiny_overrides(data, tmp_path), "paths.output_dir") + [
         "experiment=frozen",
-        "model.cache_features=true",
+        "features=cached",
         "+callbacks.slow._target_=tests.test_ckpt_fixes.SlowCaching",
         "+callbacks.slow.seconds=0.5",
         f"+callbacks.slow.started_file={started}",

@@ -13,8 +13,8 @@ import logging
 import pytest
 import torch
 
-from finetune.evaluate import evaluate
 from finetune.callbacks.compile import compile_network
+from finetune.evaluate import evaluate
 from finetune.module import FineTuneModule
 from finetune.run import assemble
 from finetune.scoring import Scorer
@@ -59,8 +59,7 @@ def test_a_compiled_runs_checkpoint_loads_resumes_and_evaluates_uncompiled(tmp_p
 
     resumed = train(
         compose_config(
-            tiny_overrides(tiny_folder, tmp_path / "resumed")
-            + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]
+            tiny_overrides(tiny_folder, tmp_path / "resumed") + ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]
         )
     )
     assert resumed["status"] == "completed" and [e["epoch"] for e in resumed["history"]] == [1]

@@ -6,16 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolderDataModule,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
-from finetune.data.preprocessing import Preprocessing
-from finetune.harness.settings import check_data_settings
+from finetune.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, eval_transform, train_transform
+from finetune.data.folders import stratified_split
+from finetune.data.transforms import Preprocessing
 
 from .conftest import make_image_folder
 
@@ -153,7 +146,7 @@ def test_train_and_test_classes_must_match(tmp_path):
 )
 def test_out_of_range_values_are_rejected_by_their_config_name(tmp_path: Path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        check_data_settings({"root": tmp_path, **kwargs})
+        ImageFolderDataModule.check_settings({"root": tmp_path, **kwargs})
 
 
 def test_resize_defaults_to_the_book_ratio_so_a_large_crop_gets_no_black_border(tmp_path):
@@ -243,7 +236,7 @@ def test_shorter_side_keeps_the_aspect_ratio_that_square_squashes():
     assert square > 0.85  # 32 of 36 squashed columns: ~89% of the photo's width
     assert 0.38 < kept < 0.50  # 32 of 72 columns: 44% of its width
     with pytest.raises(ValueError, match=r"data.eval_resize must be one of square, shorter_side .*got 'crop'"):
-        check_data_settings({"root": ".", "eval_resize": "crop"})
+        ImageFolderDataModule.check_settings({"root": ".", "eval_resize": "crop"})
 
 
 def test_the_checkpoint_preprocessing_records_the_resize_mode():

@@ -19,7 +19,6 @@ from finetune.data import ImageFolderDataModule, folders
 from finetune.data.folders import load_rgb
 from finetune.errors import DataError, PathError, SettingError
 from finetune.export import export
-from finetune.harness.settings import check_data_settings
 from finetune.predict import predict
 from finetune.run import check_output_outside_data
 from finetune.train import train
@@ -242,7 +241,7 @@ def test_a_clean_folder_says_nothing_and_only_files_of_a_shared_size_are_read(tm
 
 def test_an_unknown_duplicates_setting_is_refused():
     with pytest.raises(SettingError, match=r"data.duplicates must be one of warn, refuse, ignore"):
-        check_data_settings({"root": "x", "duplicates": "maybe"})
+        ImageFolderDataModule.check_settings({"root": "x", "duplicates": "maybe"})
 
 
 # --- training without a test split -------------------------------------------------------------------------------
@@ -273,7 +272,9 @@ def test_the_folds_advice_for_a_small_class_is_one_that_works(tmp_path):
     assert "('cat': 1 training image(s))" in message and "data.folds <=" not in message
     assert "at least 2 images in each class" in message and "add images to 'cat'" in message
     with pytest.raises(SettingError, match="data.folds must be an integer >= 2"):
-        check_data_settings({"root": str(root), "folds": 1, "fold": 0})  # what "folds <= 1" would have led to
+        ImageFolderDataModule.check_settings(
+            {"root": str(root), "folds": 1, "fold": 0}
+        )  # what "folds <= 1" would have led to
 
     Image.new("RGB", (40, 36), (200, 20, 20)).save(root / "train/cat/cat_001.png")  # cat: 2 training images
     with pytest.raises(DataError, match=r"Use data.folds between 2 and 2, or add images"):

@@ -11,7 +11,7 @@ import pytest
 
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
-from finetune.harness.settings import check_devices, check_seed
+from finetune.harness.run_settings import check_devices, check_seed
 from finetune.predict import predict
 
 from .conftest import REPO, as_unprivileged, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without

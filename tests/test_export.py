@@ -16,8 +16,8 @@ from PIL import Image
 from finetune.data import eval_transform
 from finetune.export import export
 from finetune.harness.checkpoint_io import load_for_inference
-from finetune.scoring import TEMPERATURE, Scorer
 from finetune.predict import predict
+from finetune.scoring import TEMPERATURE, Scorer
 
 from .conftest import REPO, compose_config, run_cli
 from .inference import predict_config, trained_run

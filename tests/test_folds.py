@@ -10,7 +10,6 @@ import pytest
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.folders import fold_split, stratified_folds
-from finetune.harness.settings import check_data_settings
 from finetune.report import load_sweep, to_markdown
 
 from .conftest import make_image_folder
@@ -70,7 +69,9 @@ def test_each_fold_validates_on_its_part_of_train_and_leaves_test_alone(folder):
 )
 def test_bad_fold_settings_name_the_setting(folder, settings, message):
     with pytest.raises(ValueError, match=message):
-        check_data_settings({"root": folder, **settings})  # what every run checks before it builds anything
+        ImageFolderDataModule.check_settings(
+            {"root": folder, **settings}
+        )  # what every run checks before it builds anything
         _module(folder, **settings)  # the split itself: a class smaller than the number of folds
 
 

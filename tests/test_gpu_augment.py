@@ -22,7 +22,6 @@ from finetune.data.device_augment import (
     resized_crops_per_sample,
 )
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from finetune.harness.settings import check_data_settings
 from finetune.train import train
 
 from .conftest import compose_config, tiny_overrides
@@ -204,9 +203,11 @@ def test_datamodule_yields_uint8_batches_and_its_hooks_augment_them(tiny_folder)
     assert image.dtype == torch.uint8 and image.shape[0] == 3  # the decoded image, not a crop
 
     with pytest.raises(ValueError, match="data.augment_on"):
-        check_data_settings({"root": tiny_folder, "augment_on": "gpu"})
+        ImageFolderDataModule.check_settings({"root": tiny_folder, "augment_on": "gpu"})
     with pytest.raises(ValueError, match="data.device_resampling"):
-        check_data_settings({"root": tiny_folder, "augment_on": "device", "device_resampling": "bicubic"})
+        ImageFolderDataModule.check_settings(
+            {"root": tiny_folder, "augment_on": "device", "device_resampling": "bicubic"}
+        )
     forced = ImageFolderDataModule(tiny_folder, num_workers=0, augment_on="device", device_resampling="roi_align")
     forced.setup("fit")
     assert forced.device_augment.resampling == "roi_align"

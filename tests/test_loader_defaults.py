@@ -11,7 +11,6 @@ import torch
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.loading import available_cores, local_ranks, pin_memory, resolve_num_workers
-from finetune.harness.settings import check_data_settings
 
 from .conftest import compose_config
 
@@ -57,4 +56,4 @@ def test_pinned_memory_follows_the_trainers_device():
 @pytest.mark.parametrize("value", ["many", -1, 2.5, True, None])
 def test_a_bad_num_workers_is_refused_by_its_config_name(tiny_folder, value):
     with pytest.raises(ValueError, match=r"data\.num_workers must be an integer >= 0 .*or auto"):
-        check_data_settings({"root": tiny_folder, "num_workers": value})
+        ImageFolderDataModule.check_settings({"root": tiny_folder, "num_workers": value})

@@ -23,7 +23,9 @@ def _find(tmp_path, data, *extra):
 @pytest.mark.parametrize(
     ("extra", "groups"),
     [
-        pytest.param(["+callbacks=[unfreeze,ema]", "callbacks.unfreeze.epoch=1"], {"backbone": 1, "head": 10}, id="finetune"),
+        pytest.param(
+            ["+callbacks=[unfreeze,ema]", "callbacks.unfreeze.epoch=1"], {"backbone": 1, "head": 10}, id="finetune"
+        ),
         pytest.param(["experiment=frozen"], {"head": 10}, id="frozen"),
         pytest.param(
             ["model.head_lr_mult=3", "lr_find.early_stop_threshold=null"], {"backbone": 1, "head": 3}, id="x3"

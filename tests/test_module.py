@@ -48,7 +48,10 @@ def test_scratch_trains_every_parameter_at_one_rate():
 def test_frozen_backbone_optimises_only_the_head():
     module = _module(freeze="backbone", head_lr_mult=10)
     groups = _groups(module)
-    assert list(groups) == ["head"] and groups["head"] == (pytest.approx(0.1), {id(p) for p in module.net.fc.parameters()})
+    assert list(groups) == ["head"] and groups["head"] == (
+        pytest.approx(0.1),
+        {id(p) for p in module.net.fc.parameters()},
+    )
     assert all(not p.requires_grad for p in module.backbone_parameters())
 
 
@@ -92,22 +95,28 @@ def test_absolute_schedules_set_the_backbone_rate_they_name():
     assert warmup[-1]["backbone"] < 0.01 * LR
 
 
+class RecordRates(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+
 def test_a_schedule_that_takes_total_steps_gets_the_runs_own(tmp_path, tiny_folder):
     """``scheduler=warmup_cosine`` and ``scheduler=onecycle`` leave total_steps to the module: the run's steps."""
     for name in ("warmup_cosine", "onecycle"):
-        cfg = compose_config([*tiny_overrides(tiny_folder, tmp_path / name), f"scheduler={name}", "trainer.max_epochs=2"])
+        cfg = compose_config(
+            [*tiny_overrides(tiny_folder, tmp_path / name), f"scheduler={name}", "trainer.max_epochs=2"]
+        )
         model = build_model(cfg, 2)
         trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-        rates = []
-
-        class Record(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                rates.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
-
-        trainer.callbacks.append(Record())
+        record = RecordRates()
+        trainer.callbacks.append(record)
         datamodule = ImageFolderDataModule(tiny_folder, batch_size=4, num_workers=0, val_fraction=0.2, image_size=32)
         trainer.fit(model, datamodule=datamodule)
+        rates = record.rates
         assert trainer.global_step == 8 and len(rates) == 8  # 16 training images, batch 4, 2 epochs
         if name == "onecycle":
             assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 8

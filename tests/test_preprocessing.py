@@ -11,10 +11,9 @@ from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import preprocessing
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule
-from finetune.data.preprocessing import PREPROCESSING
+from finetune.data.transforms import PREPROCESSING
 from finetune.evaluate import evaluate
-from finetune.harness.checkpoint import load_checkpoint
-from finetune.harness.settings import check_data_settings
+from finetune.harness.checkpoint_io import load_checkpoint
 from finetune.predict import predict
 from finetune.run import build_datamodule
 from finetune.train import train
@@ -93,7 +92,7 @@ def test_explicit_values_win(tiny_folder):
 )
 def test_bad_normalisation_settings_are_named(tiny_folder, setting, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        check_data_settings({"root": tiny_folder, **setting})
+        ImageFolderDataModule.check_settings({"root": tiny_folder, **setting})
 
 
 def test_cache_and_device_augmentation_use_the_normalisation(tiny_folder):

@@ -9,9 +9,8 @@ import torch
 
 from finetune.errors import SettingError
 from finetune.harness.checkpoint_io import CheckpointError, load_for_inference
-from finetune.soup import check_alpha
 from finetune.run import compose_config
-from finetune.soup import interpolate, soup
+from finetune.soup import check_alpha, interpolate, soup
 from finetune.train import train
 
 from .conftest import make_image_folder, tiny_overrides

@@ -203,7 +203,9 @@ def test_ema_warms_up_then_averages_with_its_decay():
 
 
 def test_ema_validates_and_checkpoints_the_average(tmp_path, data):
-    cfg = compose_config(_recipe("callbacks.ema.decay=0.5", callbacks=("unfreeze", "ema")) + tiny_overrides(data, tmp_path))
+    cfg = compose_config(
+        _recipe("callbacks.ema.decay=0.5", callbacks=("unfreeze", "ema")) + tiny_overrides(data, tmp_path)
+    )
     results = train(cfg)
     best = torch.load(results["best_checkpoint"], weights_only=False)
     average, trained = best["state_dict"], best["current_model_state"]
@@ -216,7 +218,11 @@ def test_ema_validates_and_checkpoints_the_average(tmp_path, data):
 @pytest.mark.parametrize(
     ("callbacks", "overrides", "message"),
     [
-        (("unfreeze",), ["callbacks.unfreeze.epoch=3"], r"callbacks.unfreeze.epoch=3 is not below trainer.max_epochs=3"),
+        (
+            ("unfreeze",),
+            ["callbacks.unfreeze.epoch=3"],
+            r"callbacks.unfreeze.epoch=3 is not below trainer.max_epochs=3",
+        ),
         (("unfreeze",), ["model.freeze=backbone"], r"callbacks.unfreeze needs model.freeze=none \(got 'backbone'\)"),
         (("unfreeze",), ["callbacks.unfreeze.epoch=0"], r"callbacks.unfreeze.epoch must be an integer >= 1"),
         (("ema",), ["callbacks.ema.decay=1.0"], r"callbacks.ema.decay must be strictly between 0 and 1"),

@@ -19,12 +19,13 @@ What changes, and what does not:
 
 Features are computed lazily, the first time Lightning asks for a split's loader (the model is then on its device).
 
-With ``callbacks.unfreeze.epoch=N`` (``experiment=lpft``, see :mod:`finetune.callbacks.unfreeze`) only the first N epochs use the cache: the loaders serve
-features while the model's backbone is frozen and the image loaders after (with train-time augmentation: the
-training features come from the eval transform of the training images instead); the trainer reloads its loaders
-at epoch N for that (``reload_every``, which the assembly gives the trainer). Those N epochs are the frozen
-experiment's on cached features, step for step. Under DDP the backbone joins the graph of those epochs with an
-exact 0: DDP syncs the gradient of every parameter that required grad when it wrapped the model.
+With ``callbacks.unfreeze.epoch=N`` (``experiment=lpft``, see :mod:`finetune.callbacks.unfreeze`) only the first N
+epochs use the cache: the loaders serve features while the model's backbone is frozen and the image loaders after
+(with train-time augmentation: the training features come from the eval transform of the training images instead);
+the trainer reloads its loaders at epoch N for that (``reload_every``, which the assembly gives the trainer). Those
+N epochs are the frozen experiment's on cached features, step for step. Under DDP the backbone joins the graph of
+those epochs with an exact 0: DDP syncs the gradient of every parameter that required grad when it wrapped the
+model.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone
+from finetune.checks import check_choice, check_int, check_number, check_optimizer
 from finetune.errors import SettingError
 from finetune.features import head_forward
-from finetune.checks import check_choice, check_int, check_number, check_optimizer
 
 FREEZE_MODES = ("none", "backbone")
 INTERVALS = ("step", "epoch")  # Lightning's: the scheduler steps after every optimizer step, or every epoch
@@ -106,7 +106,10 @@ class FineTuneModule(pl.LightningModule):
         """The trainable parameters in named groups, each with the ``lr_scale`` applied to the schedule's rate."""
         backbone = [p for p in self.backbone_parameters() if p.requires_grad]
         groups = [{"name": "backbone", "params": backbone, "lr_scale": 1.0}] if backbone else []
-        return [*groups, {"name": "head", "params": list(self.head_parameters()), "lr_scale": self.hparams.head_lr_mult}]
+        return [
+            *groups,
+            {"name": "head", "params": list(self.head_parameters()), "lr_scale": self.hparams.head_lr_mult},
+        ]
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

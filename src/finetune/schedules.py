@@ -22,7 +22,9 @@ def warmup_cosine(
     rate), then cosine annealing to
     ``final_factor`` times the base rate at the last step (timm's and torchvision's reference recipe, per step)."""
     check_int("total_steps", total_steps, 1, "the schedule's steps over the run")
-    check_number("scheduler.scheduler.warmup_fraction", warmup_fraction, "in [0, 1)", lambda x: 0 <= x < 1, "e.g. 0.05.")
+    check_number(
+        "scheduler.scheduler.warmup_fraction", warmup_fraction, "in [0, 1)", lambda x: 0 <= x < 1, "e.g. 0.05."
+    )
     check_number("scheduler.scheduler.final_factor", final_factor, "in [0, 1]", lambda x: 0 <= x <= 1, "e.g. 0.")
     warmup = round(warmup_fraction * total_steps)
 

@@ -22,7 +22,9 @@ class MixUpCutMix(pl.Callback):
     """Mixes every training batch: ``mixup_alpha`` / ``cutmix_alpha`` > 0 is the Beta(alpha, alpha) of the share."""
 
     def __init__(self, mixup_alpha: float = 0.2, cutmix_alpha: float = 0.0) -> None:
-        advice = "It is the Beta(alpha, alpha) of the mixing share (0: off; 0.2 for mixup and 1.0 for cutmix are usual)."
+        advice = (
+            "It is the Beta(alpha, alpha) of the mixing share (0: off; 0.2 for mixup and 1.0 for cutmix are usual)."
+        )
         check_number("callbacks.mixup.mixup_alpha", mixup_alpha, ">= 0", lambda x: x >= 0, advice)
         check_number("callbacks.mixup.cutmix_alpha", cutmix_alpha, ">= 0", lambda x: x >= 0, advice)
         if not (mixup_alpha or cutmix_alpha):

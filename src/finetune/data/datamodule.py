@@ -43,7 +43,14 @@ from finetune.data.folders import (
 )
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
 from finetune.data.settings import TRAIN_ONLY_DATA_KEYS, check_data_settings
-from finetune.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, to_normalized_tensor, train_transform
+from finetune.data.transforms import (
+    CROP_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    to_normalized_tensor,
+    train_transform,
+)
 from finetune.errors import DataError, PathError, describe_path
 from finetune.workers import worker_context
 

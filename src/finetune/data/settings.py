@@ -17,6 +17,7 @@ from finetune.data.loading import AUTO
 from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
 from finetune.errors import SettingError
 
+
 # --- data.* ---------------------------------------------------------------------------------------------------------
 def check_channels(key: str, value: object, positive: bool) -> None:
     """``data.mean`` / ``data.std``: three numbers, one per RGB channel (std > 0: it divides)."""
@@ -111,7 +112,9 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
             "carved from train, selects the checkpoint that is tested (the best val/acc), so it can be neither "
             "empty nor all of train. The book-sized default is data.val_fraction=0.1."
         )
-    check_choice("data.duplicates", hp.duplicates, DUPLICATES, "byte-identical images in train and test, or in two classes")
+    check_choice(
+        "data.duplicates", hp.duplicates, DUPLICATES, "byte-identical images in train and test, or in two classes"
+    )
     for key in ("skip_corrupt", "verify_images"):
         if not isinstance(hp[key], bool):
             raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")
@@ -174,5 +177,3 @@ def check_augment(augment: Any, random_erasing: Any, augment_on: str) -> None:
             f"{' and '.join(extra)} run in the loader: data.augment_on=device only does the book's crop and flip. "
             "Use data.augment_on=loader, or data.augment=true data.random_erasing=0."
         )
-
-

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import v2
 
 from finetune.data import is_image_file
 from finetune.data.transforms import CLASSES, PREPROCESSING, Preprocessing

@@ -81,5 +81,3 @@ def check_seed(seed: Any) -> int:
             "multirun: -m seed=0,1,2."
         )
     return int(seed)
-
-

@@ -9,7 +9,8 @@ the part this project needs, on Optuna's ask-and-tell interface:
   or ``a,b,c``, ``range(a, b[, step])``; any other override is passed to every job as it is, and a plain value on
   the command line for a key that ``params`` searches fixes it instead. ``hydra.sweeper.params.<key>=<sweep>`` on
   the command line is the sweep override ``<key>=<sweep>`` (Hydra itself refuses a sweep inside ``hydra.``, and a
-  dotted key such as ``optimizer.lr`` is not one node of ``params``): ``finetune.harness.overrides.sweep_params_from_argv`` rewrites it;
+  dotted key such as ``optimizer.lr`` is not one node of ``params``):
+  ``finetune.harness.overrides.sweep_params_from_argv`` rewrites it;
 - the objective is what the task returns: ``finetune.train`` returns the best validation accuracy, and a search
   never tests (it refuses ``test_after_fit=true``);
 - ``folds: K`` runs every trial on the K stratified folds (``data.folds=K data.fold=0..K-1``) and reports their
@@ -30,7 +31,6 @@ This module imports nothing heavy at import time: Hydra imports every ``hydra_pl
 
 import logging
 import math
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
