@@ -76,6 +76,33 @@ def test_non_image_files_are_ignored_and_counted_in_a_warning(folder, caplog):
     assert len(dm.train_set) + len(dm.val_set) == 10 and len(dm.test_set) == 4
 
 
+def test_files_beside_the_class_folders_are_named_not_silently_skipped(folder, caplog):
+    shutil.copy(folder / "train" / "cat" / "cat_000.png", folder / "train" / "unsorted.png")
+    (folder / "test" / "notes.txt").write_text("x")
+    dm = _datamodule(folder)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+        dm.setup("test")
+    messages = [r.getMessage() for r in caplog.records]
+    stray = [m for m in messages if "outside the class folders" in m]
+    assert len(stray) == 1 and "Ignoring 1 image(s) directly in" in stray[0] and "unsorted.png" in stray[0]
+    assert "train/<class>/" in stray[0]
+    assert any("not images" in m and "test/notes.txt" in m for m in messages)
+    assert len(dm.train_set) + len(dm.val_set) == 10 and len(dm.test_set) == 4  # the stray photo is in no class
+
+
+def test_class_folders_that_differ_only_in_case_are_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=("Cat", "cat", "dog"), n_train=5, n_test=2)
+    if len(list((root / "train").iterdir())) != 3:
+        pytest.skip("a case-insensitive file system holds Cat/ and cat/ as one folder")
+    dm = _datamodule(root)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+    messages = [r.getMessage() for r in caplog.records if "differ only in case" in r.getMessage()]
+    assert len(messages) == 2 and "'Cat' and 'cat'" in messages[0]  # train/ and test/
+    assert dm.classes == ["Cat", "cat", "dog"]  # still separate classes: a warning, not a merge
+
+
 def test_a_corrupt_image_fails_in_setup_naming_the_file(folder):
     _truncate(folder / "train" / "dog" / "dog_003.png")
     (folder / "train" / "cat" / "cat_001.png").write_bytes(b"definitely not a png")
