@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.data.preprocessing import CLASSES, PREPROCESSING
+from finetune.errors import SettingError
 from finetune.evaluate import evaluate
 from finetune.harness.checkpoint import CheckpointError
 from finetune.predict import predict
@@ -125,6 +126,30 @@ def test_inputs_that_name_no_image(run, tmp_path, inputs, error, message):
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(error, match=message):
         predict(predict_config(run["best_checkpoint"], tmp_path / inputs, tmp_path / "out"))
+
+
+def test_files_that_are_not_images_get_no_row_and_are_named_in_a_warning(run, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    shutil.copytree(run["root"] / "test" / "cat", folder)
+    Image.open(folder / "cat_000.png").save(folder / "anim.gif")  # PIL reads it; training does not
+    (folder / "IMG_0001.heic").write_bytes(b"\0" * 64)
+    (folder / "notes.txt").write_text("x")
+    for n, inputs in enumerate((folder, "'" + str(folder / "*") + "'")):  # a folder, a glob
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            rows = predict(predict_config(run["best_checkpoint"], inputs, tmp_path / f"out{n}"))
+        assert [Path(r["path"]).name for r in rows] == [f"cat_00{i}.png" for i in range(4)]
+        skipped = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+        assert len(skipped) == 1 and "Skipping 3 file(s) of inputs=" in skipped[0]
+        assert all(name in skipped[0] for name in ("anim.gif", "IMG_0001.heic", "notes.txt"))
+
+
+def test_a_single_input_file_of_another_type_is_refused_naming_it(run, tmp_path):
+    gif = tmp_path / "cat.gif"
+    Image.open(run["root"] / "test" / "cat" / "cat_000.png").save(gif)
+    with pytest.raises(SettingError, match=r"inputs=.*cat.gif: not an image file that finetune reads \(files ending"):
+        predict(predict_config(run["best_checkpoint"], gif, tmp_path / "out"))
+    assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
 def test_an_existing_output_is_refused_unless_overwrite(run, tmp_path):
