@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from finetune.data import ImageFolderDataModule
+from finetune.errors import SettingError
+from finetune.harness.settings import check_node_keys
 from finetune.train import train
 
-from .conftest import compose_config, make_image_folder, tiny_overrides
+from .conftest import CONF_DIR, compose_config, make_image_folder, tiny_overrides
 
 
 def _datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
@@ -176,3 +179,42 @@ def test_out_of_range_values_reach_the_user_by_their_config_name(tmp_path, folde
     with pytest.raises(Exception, match=message):
         train(compose_config(tiny_overrides(folder, tmp_path) + [override]))
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # values the code fills itself: the config's would be silently replaced (and recorded in .hydra/config.yaml)
+        ("+model.num_classes=5", r"model.num_classes cannot be set: the number of classes is the number of class"),
+        ("+trainer.logger=false", r"trainer.logger cannot be set: loggers come from the logger group"),
+        ("+optimizer.params=[]", r"optimizer.params cannot be set: the model hands the optimizer its parameter"),
+        ("+data.test_only=true", r"data.test_only cannot be set"),
+        # keys the target does not take: a TypeError traceback (the optimizer's only once fitting starts)
+        (
+            "+model.backbon=resnet34",
+            r"model.backbon: not a setting of model \(finetune.module.FineTuneModule .*"
+            r"Did you mean model.backbone\? Its settings: backbone,",
+        ),
+        ("+data.image_sise=64", r"data.image_sise: not a setting of data .*Did you mean data.image_size\?"),
+        ("+optimizer.betas=[0.9,0.99]", r"optimizer.betas: not a setting of optimizer \(torch.optim.SGD takes"),
+        ("+trainer.max_epoch=3", r"trainer.max_epoch: not a setting of trainer .*Did you mean trainer.max_epochs, "),
+        ("+callbacks.model_checkpoint.save_top=3", r"callbacks.model_checkpoint.save_top: .*save_top_k"),
+    ],
+)
+def test_config_keys_that_would_never_be_used_are_refused_by_name(tmp_path, folder, override, message):
+    with pytest.raises(SettingError, match=message):
+        train(compose_config(tiny_overrides(folder, tmp_path) + [override]))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "scheduler", "trainer", "callbacks", "logger"])
+def test_every_shipped_config_passes_the_key_check(group):
+    """No false alarm: each config of each group composes to keys its class takes."""
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        override = f"+{group}={option}" if group in ("callbacks", "logger") else f"{group}={option}"
+        cfg = compose_config([override])
+        nodes = cfg[group] if group in ("callbacks", "logger") else {group: cfg[group]}
+        for name, node in (nodes or {}).items():
+            if node is not None and "_target_" in node:
+                prefix = f"{group}.{name}" if group in ("callbacks", "logger") else group
+                check_node_keys(prefix, OmegaConf.to_container(node, resolve=False))

@@ -13,12 +13,17 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from finetune.calibrate import calibrate
 from finetune.data.preprocessing import CLASSES, PREPROCESSING
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
+from finetune.export import export
 from finetune.harness.checkpoint import CheckpointError
 from finetune.predict import predict
+from finetune.robustness import robustness
+from finetune.soup import soup
 
+from .conftest import compose_config
 from .inference import eval_config, evil_checkpoint, predict_config, run_module, trained_run
 
 
@@ -150,6 +155,32 @@ def test_a_single_input_file_of_another_type_is_refused_naming_it(run, tmp_path)
     with pytest.raises(SettingError, match=r"inputs=.*cat.gif: not an image file that finetune reads \(files ending"):
         predict(predict_config(run["best_checkpoint"], gif, tmp_path / "out"))
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("eval", ["+model.backbone=resnet34"], r"finetune.evaluate does not use model.backbone: the model \(backbone"),
+        ("eval", ["+experiment=frozen"], r"does not use model.weights, model.freeze, model.head_lr_mult: "),
+        (
+            "predict",
+            ["+model.backbone=resnet34", "+data.image_size=64"],
+            r"predict does not use model.backbone, "
+            r"data.image_size: the model .* is the checkpoint's; the images go through the checkpoint's own",
+        ),
+        ("export", ["+data.image_size=64"], r"finetune.export does not use data.image_size"),
+        ("calibrate", ["+optimizer.lr=0.1"], r"finetune.calibrate does not use optimizer.lr: nothing is trained"),
+        ("soup", ["+model.freeze=backbone"], r"finetune.soup does not use model.freeze"),
+        ("robustness", ["+scheduler.T_max=3"], r"finetune.robustness does not use scheduler.T_max"),
+    ],
+)
+def test_commands_that_load_a_checkpoint_refuse_model_settings_they_would_ignore(tmp_path, command, overrides, message):
+    commands = {"eval": evaluate, "predict": predict, "export": export, "calibrate": calibrate, "soup": soup}
+    checkpoint = f"ckpts=[{tmp_path / 'x.ckpt'}]" if command == "soup" else f"ckpt_path={tmp_path / 'x.ckpt'}"
+    cfg = compose_config([checkpoint, f"paths.output_dir={tmp_path}", *overrides], command)
+    with pytest.raises(SettingError, match=message):
+        commands.get(command, robustness)(cfg)
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written
 
 
 def test_an_existing_output_is_refused_unless_overwrite(run, tmp_path):

@@ -25,7 +25,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +38,7 @@ from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
+from finetune.harness.settings import check_checkpoint_command, check_node_keys
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR, build_trainer
 from finetune.workers import worker_context
@@ -50,6 +51,8 @@ FIXED_COLUMNS = ("path", "label", "score")
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input; the rows written (on rank 0; other ranks return an empty list)."""
+    check_checkpoint_command(cfg, "predict", unused=("model", "optimizer", "scheduler", "data"))
+    check_node_keys("trainer", OmegaConf.to_container(cfg.trainer, resolve=False))
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
         raise SettingError(

@@ -9,12 +9,14 @@ setting (``Invalid learning rate: -0.1``); these rules say which ``data.*``, ``m
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
 
@@ -32,8 +34,17 @@ def check_run_settings(cfg: DictConfig, model_configured: bool = True) -> None:
     """The trainer's, model's and optimizer's settings of a composed run config, before anything is built
     (``model_configured=False``: the model comes from a checkpoint). ``data.*`` is checked by
     :func:`check_data_settings` once the backbone's preprocessing has filled its nulls."""
+    check_node_keys("trainer", OmegaConf.to_container(cfg.trainer, resolve=False))
+    for group in ("callbacks", "logger"):
+        nodes = cfg.get(group)
+        for name, node in (OmegaConf.to_container(nodes, resolve=False) if nodes else {}).items():
+            if isinstance(node, Mapping):
+                check_node_keys(f"{group}.{name}", node)
     check_trainer_settings(cfg.trainer)
     if model_configured:
+        for node in ("model", "optimizer", "scheduler"):
+            if cfg.get(node) is not None:
+                check_node_keys(node, OmegaConf.to_container(cfg[node], resolve=False))
         check_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
         check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
         unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
@@ -47,6 +58,117 @@ def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool]
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and holds(value)):
         raise SettingError(f"{key} must be {rule}, got {value!r}. {advice}")
+
+
+# --- keys that never reach the object built from their config node -------------------------------------------------
+# Arguments the code passes itself when it builds a node's object: hydra's instantiate lets the call's arguments win
+# over the config's, so a config key of the same name would be silently replaced (+model.num_classes=5 trained a
+# 2-class head and .hydra/config.yaml recorded 5). Each is refused saying where the value comes from.
+FILLED_BY_THE_CODE: dict[str, dict[str, str]] = {
+    "model": {
+        "num_classes": "the number of classes is the number of class folders in data.root's train/ (one output "
+        "per folder), so the head always matches the data. To train on fewer classes, point data.root at a folder "
+        "holding only their folders",
+        "optimizer": "the optimizer is the optimizer group's (optimizer=sgd|adamw, optimizer.lr=...)",
+        "scheduler": "the scheduler is the scheduler group's (scheduler=cosine|warmup, scheduler=null for none)",
+    },
+    "data": {
+        "test_only": "the command sets it (finetune.evaluate reads only the images it scores)",
+        "require_test": "test_after_fit=false sets it (a run that never tests needs no test/ folder)",
+    },
+    "optimizer": {"params": "the model hands the optimizer its parameter groups (model.head_lr_mult, model.freeze)"},
+    "scheduler": {"optimizer": "the model hands the scheduler its optimizer"},
+    "trainer": {
+        "callbacks": "callbacks come from the callbacks group (+callbacks=early_stopping, "
+        "callbacks=[default,lr_monitor])",
+        "logger": "loggers come from the logger group (logger=tensorboard, +logger=wandb, logger=[] for none)",
+        "enable_checkpointing": "checkpoints are written while callbacks.model_checkpoint is configured "
+        "(~callbacks.model_checkpoint turns them off)",
+    },
+}
+# Keys the code reads itself instead of passing them on (model.compile: torch.compile after building the model).
+READ_BY_THE_CODE: dict[str, set[str]] = {"model": {"compile"}}
+DATA_TARGET = f"{ImageFolderDataModule.__module__}.{ImageFolderDataModule.__qualname__}"
+
+
+def check_node_keys(node: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a ``node.key`` that the object built from ``node`` would never see: one the code passes itself
+    (:data:`FILLED_BY_THE_CODE`), or one its ``_target_`` does not take (a typo, ``+model.lr=0.1``), which
+    instantiate would report as a ``TypeError`` traceback, or, for a ``_partial_`` optimizer, only once fitting starts.
+    """
+    group = node.split(".")[0]
+    for key, source in FILLED_BY_THE_CODE.get(group, {}).items():
+        if key in settings:
+            raise SettingError(f"{node}.{key} cannot be set: {source}. Remove {node}.{key}={settings[key]!r}.")
+    target = settings.get("_target_")
+    accepted = target_arguments(target)
+    if accepted is None:
+        return  # takes any keyword, or cannot be imported (instantiate names it)
+    known = accepted | READ_BY_THE_CODE.get(group, set())
+    unknown = [key for key in settings if not str(key).startswith("_") and key not in known]
+    if unknown:
+        settable = sorted(known - FILLED_BY_THE_CODE.get(group, {}).keys())
+        close = sorted({m for key in unknown for m in difflib.get_close_matches(str(key), settable, n=3)})
+        hint = f"Did you mean {', '.join(f'{node}.{m}' for m in close)}? " if close else ""
+        listing = f"Its settings: {', '.join(settable)}." if len(settable) <= 30 else "See its documentation."
+        raise SettingError(
+            f"{', '.join(f'{node}.{key}' for key in unknown)}: not a setting of {node} ({target} takes no argument "
+            f"of that name), so it would never be used. {hint}{listing}"
+        )
+
+
+def target_arguments(target: Any) -> set[str] | None:
+    """The keyword arguments that ``target`` (a dotted name of a class or function) takes; None when it takes any
+    (``**kwargs`` all the way up) or cannot be imported. A class's ``**kwargs`` are followed to its base classes."""
+    if not isinstance(target, str):
+        return None
+    try:
+        found = get_object(target)
+    except Exception:  # noqa: BLE001 - any import failure: instantiate reports it with the target's name
+        return None
+    names: set[str] = set()
+    for owner in found.__mro__ if isinstance(found, type) else (found,):
+        try:
+            parameters = inspect.signature(owner.__init__ if isinstance(found, type) else owner).parameters
+        except (TypeError, ValueError):
+            return None
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names |= {name for name, p in parameters.items() if p.kind in kinds and name != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return None
+
+
+# Config nodes that a command using a trained checkpoint never reads, and why: their configs have no such node, but
+# Hydra adds any +model.backbone=resnet18 (or an experiment= overlay) without a word.
+UNUSED_WITH_A_CHECKPOINT = {
+    "model": "the model (backbone, head, weights, freezing) is the checkpoint's",
+    "optimizer": "nothing is trained",
+    "scheduler": "nothing is trained",
+    "data": "the images go through the checkpoint's own preprocessing (its image and resize sizes, normalisation)",
+}
+
+
+def check_checkpoint_command(
+    cfg: DictConfig, command: str, unused: Sequence[str] = ("model", "optimizer", "scheduler")
+) -> None:
+    """Refuse settings that ``finetune.<command>`` (which loads a trained checkpoint) would ignore: those of the
+    ``unused`` config nodes (:data:`UNUSED_WITH_A_CHECKPOINT`), e.g. ``+model.backbone=resnet18``."""
+    given = [key for node in unused if node in cfg for key in _dotted_keys(node, cfg[node])]
+    if given:
+        reasons = "; ".join(dict.fromkeys(UNUSED_WITH_A_CHECKPOINT[key.split(".")[0]] for key in given))
+        raise SettingError(
+            f"finetune.{command} does not use {', '.join(given)}: {reasons} (ckpt_path). Remove them; to train "
+            "another model, use finetune.train."
+        )
+
+
+def _dotted_keys(prefix: str, node: Any) -> list[str]:
+    """The leaf keys of a config node, dotted (``model.backbone``), read without resolving interpolations."""
+    tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if not isinstance(tree, Mapping) or not tree:
+        return [prefix]
+    return [key for name, value in tree.items() for key in _dotted_keys(f"{prefix}.{name}", value)]
 
 
 # --- data.* ---------------------------------------------------------------------------------------------------------
@@ -130,6 +252,7 @@ def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) ->
     """``data.*``: the DataModule's arguments, those not given taking its defaults (null mean, std, interpolation
     and image size: the backbone's, or ImageNet's, bilinear and 224). ``test_only`` (evaluation): the train/val
     settings (:data:`TRAIN_ONLY_DATA_KEYS`) are not used, so they are not checked either."""
+    check_node_keys("data", {"_target_": DATA_TARGET, **settings})
     ignored = ("_target_", *TRAIN_ONLY_DATA_KEYS) if test_only else ("_target_",)
     hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k not in ignored}})
     hp.image_size = 224 if hp.image_size is None else hp.image_size
