@@ -12,12 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from finetune.data import ImageFolderDataModule
 from finetune.errors import SettingError
 from finetune.harness.settings import check_node_keys
+from finetune.run import assemble
 from finetune.train import train
 
 from .conftest import CONF_DIR, compose_config, make_image_folder, tiny_overrides
@@ -171,6 +174,7 @@ def test_unknown_experiment_lists_the_available_ones():
         ("data.val_fraction=0", r"data.val_fraction must be strictly between 0 and 1, got 0: .*selects the checkpoint"),
         ("data.batch_size=0", r"data.batch_size must be an integer >= 1 \(images per device and step\), got 0"),
         ("data.image_size=0", r"data.image_size must be an integer >= 1 .*got 0"),
+        ("data.image_size=7", r"data.image_size=7 is below 32 pixels: .*total stride of 32.*data.image_size >= 32"),
         ("data.resize_size=16", r"data.resize_size=16 is smaller than data.image_size=32"),
         ("data.num_workers=-1", r"data.num_workers must be an integer >= 0 .*got -1"),
     ],
@@ -218,3 +222,31 @@ def test_every_shipped_config_passes_the_key_check(group):
             if node is not None and "_target_" in node:
                 prefix = f"{group}.{name}" if group in ("callbacks", "logger") else group
                 check_node_keys(prefix, OmegaConf.to_container(node, resolve=False))
+
+
+def test_an_image_size_the_network_cannot_take_is_refused_before_any_data_is_read(tmp_path, folder):
+    alexnet = ["model.backbone=alexnet", "data.image_size=48", "data.resize_size=55"]
+    overrides = tiny_overrides(folder, tmp_path) + alexnet
+    with pytest.raises(SettingError, match=r"data.image_size=48: alexnet cannot take 48x48 images \(.*Output size is"):
+        assemble(compose_config(overrides))
+
+
+def test_pretrained_weights_far_above_the_image_size_get_a_warning(tmp_path, folder, caplog):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # stands for ImageNet weights, offline
+    warned = {}
+    for size, weights_setting in ((64, weights), (112, weights), (64, "null")):
+        caplog.clear()
+        overrides = tiny_overrides(folder, tmp_path / f"{size}") + [f"data.image_size={size}", "data.resize_size=128"]
+        with caplog.at_level(logging.WARNING, logger="finetune"):
+            run = assemble(compose_config(overrides + [f"model.weights={weights_setting}"]))
+        assert run.images.hparams.image_size == size
+        warned[(size, str(weights_setting) != "null")] = [
+            r.getMessage() for r in caplog.records if "half" in r.getMessage()
+        ]
+    assert len(warned[(64, True)]) == 1
+    assert (
+        "data.image_size=64 is under half the size resnet18's pretrained weights were trained at (224)"
+        in (warned[(64, True)][0])
+    )
+    assert warned[(112, True)] == [] and warned[(64, False)] == []  # half of 224 is fine; random weights have no size

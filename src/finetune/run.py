@@ -22,13 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
-from finetune.backbones import is_timm, preprocessing
+from finetune.backbones import check_input_size, is_timm, preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
 from finetune.harness.quiet import quiet_known_warnings
-from finetune.harness.settings import check_data_settings, check_run_settings
+from finetune.harness.settings import check_data_settings, check_pretrained_size, check_run_settings
 
 
 def _config_dir() -> str:
@@ -138,6 +138,19 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
     return model
 
 
+def check_image_size(image_size: Any, model: pl.LightningModule, configured: bool) -> None:
+    """``data.image_size`` against the network: refused if it cannot take that size (tried only off its pretrained
+    size, which it takes); with a ``configured`` model's pretrained weights, a warning far below their size."""
+    backbone = model.hparams.get("backbone")
+    if not isinstance(backbone, str) or not isinstance(image_size, int):
+        return
+    pretrained_size = preprocessing(backbone)["image_size"]
+    if image_size != pretrained_size:
+        check_input_size(model.net, backbone, image_size)
+    if configured:
+        check_pretrained_size(image_size, backbone, model.hparams.get("weights"), pretrained_size)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers plus ``extra_callbacks``."""
     quiet_known_warnings()  # every entry point builds its Trainer here: the filters are in place before Lightning talks
@@ -164,11 +177,13 @@ def assemble(
     ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features (while
     it is frozen: see ``model.unfreeze_at_epoch``).
     """
-    check_run_settings(cfg, model_configured=model is None)
+    configured = model is None
+    check_run_settings(cfg, model_configured=configured)
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
         model = build_model(cfg, images.num_classes)
+    check_image_size(images.hparams.get("image_size"), model, configured)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     trainer = build_trainer(cfg, extra_callbacks)
     if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:
