@@ -215,6 +215,7 @@ def check_input_size(net: nn.Module, backbone: str, image_size: int) -> None:
     size, or layers without padding that shrink a small image to nothing (AlexNet below 63 pixels, Inception v3
     below 75). One blank image goes through the network in eval mode before any data is read; otherwise the first
     batch would fail with torch's message, which names no setting. Every module's mode is put back as it was.
+    Call it before compiling ``net``.
     """
     parameter = next(net.parameters(), None)
     blank = torch.zeros(1, 3, image_size, image_size, device=parameter.device if parameter is not None else None)

@@ -120,9 +120,10 @@ def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict
     return filled
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
+def build_model(cfg: DictConfig, num_classes: int, image_size: int | None = None) -> pl.LightningModule:
     """The configured model, its optimizer and scheduler factories attached; ``model.compile=true`` compiles its
-    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`)."""
+    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`).
+    With the ``image_size`` it will see, that size is checked against the network first (:func:`check_image_size`)."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
     compile_net = settings.pop("compile", False)
     scheduler = cfg.get("scheduler")
@@ -133,6 +134,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
         scheduler=instantiate(scheduler) if scheduler else None,
         _convert_="all",
     )
+    if image_size is not None:
+        check_image_size(image_size, model, configured=True)  # eagerly, before compiling
     if compile_net:
         compile_network(model)
     return model
@@ -177,13 +180,13 @@ def assemble(
     ``model.cache_features=true`` the frozen backbone runs once per split and the trainer sees the features (while
     it is frozen: see ``model.unfreeze_at_epoch``).
     """
-    configured = model is None
-    check_run_settings(cfg, model_configured=configured)
+    check_run_settings(cfg, model_configured=model is None)
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
-        model = build_model(cfg, images.num_classes)
-    check_image_size(images.hparams.get("image_size"), model, configured)
+        model = build_model(cfg, images.num_classes, images.hparams.get("image_size"))
+    else:
+        check_image_size(images.hparams.get("image_size"), model, configured=False)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     trainer = build_trainer(cfg, extra_callbacks)
     if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:
