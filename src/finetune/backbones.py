@@ -210,6 +210,34 @@ def random_layers_inside_backbone(net: nn.Module, head_name: str) -> list[str]:
     ]
 
 
+def check_input_size(net: nn.Module, backbone: str, image_size: int) -> None:
+    """Refuse ``data.image_size`` when ``net`` cannot take ``image_size`` x ``image_size`` images: a ViT built for one
+    size, or layers without padding that shrink a small image to nothing (AlexNet below 63 pixels, Inception v3
+    below 75). One blank image goes through the network in eval mode before any data is read; otherwise the first
+    batch would fail with torch's message, which names no setting. Every module's mode is put back as it was.
+    Call it before compiling ``net``.
+    """
+    parameter = next(net.parameters(), None)
+    blank = torch.zeros(1, 3, image_size, image_size, device=parameter.device if parameter is not None else None)
+    modes = {module: module.training for module in net.modules()}
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(blank if parameter is None else blank.to(parameter.dtype))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, AssertionError) as err:
+        pretrained = preprocessing(backbone)["image_size"]
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingError(
+            f"data.image_size={image_size}: {backbone} cannot take {image_size}x{image_size} images ({reason}). Use "
+            f"its pretrained size, data.image_size={pretrained} (or null), or another size it takes."
+        ) from None
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 # --- pretrained preprocessing --------------------------------------------------------------------------------------
 def preprocessing(backbone: str) -> dict:
     """The input a backbone's pretrained weights expect: ``image_size`` (the square crop), ``resize_size`` (the

@@ -20,7 +20,7 @@ from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_seed
+from finetune.harness.settings import check_checkpoint_command, check_seed
 from finetune.run import CONFIG_DIR, assemble
 
 CALIBRATED = "calibrated.ckpt"
@@ -28,6 +28,7 @@ RECORD = "calibration.json"
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "calibrate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)

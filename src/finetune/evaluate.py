@@ -30,13 +30,14 @@ from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder, run_cwd
 from finetune.harness.run_folder import RunFolder
-from finetune.harness.settings import check_seed
+from finetune.harness.settings import check_checkpoint_command, check_seed
 from finetune.run import CONFIG_DIR, assemble
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "evaluate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     claim_run_folder(cfg.paths.output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)

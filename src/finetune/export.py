@@ -29,6 +29,7 @@ from finetune.harness.checkpoint import checkpoint_transform, class_names, load_
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
+from finetune.harness.settings import check_checkpoint_command
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR
 
@@ -60,6 +61,7 @@ class ExportedClassifier(nn.Module):
 
 def export(cfg: DictConfig) -> Path:
     """Write the exported model and its ``.json`` sidecar; the model's path."""
+    check_checkpoint_command(cfg, "export", unused=("model", "optimizer", "scheduler", "data"))
     fmt, outputs = str(cfg.format), str(cfg.get("outputs", "probabilities"))
     if fmt not in FORMATS:
         raise SettingError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")

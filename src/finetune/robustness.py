@@ -42,7 +42,7 @@ from finetune.harness.checkpoint import class_names, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_seed
+from finetune.harness.settings import check_checkpoint_command, check_seed
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
 from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
@@ -184,6 +184,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
 
     ``logits_fn``: what scores the images (default: the checkpoint's model on ``cfg.device``).
     """
+    check_checkpoint_command(cfg, "robustness")
     sets_asked = shift_sets(OmegaConf.select(cfg, "shifts"), OmegaConf.select(cfg, "severities"))
     seed = cfg.get("shift_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -22,13 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
-from finetune.backbones import is_timm, preprocessing
+from finetune.backbones import check_input_size, is_timm, preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
 from finetune.harness.quiet import quiet_known_warnings
-from finetune.harness.settings import check_data_settings, check_run_settings
+from finetune.harness.settings import check_data_settings, check_pretrained_size, check_run_settings
 
 
 def _config_dir() -> str:
@@ -120,9 +120,10 @@ def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict
     return filled
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
+def build_model(cfg: DictConfig, num_classes: int, image_size: int | None = None) -> pl.LightningModule:
     """The configured model, its optimizer and scheduler factories attached; ``model.compile=true`` compiles its
-    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`)."""
+    network (falling back to eager where torch.compile fails: :func:`finetune.harness.guards.compile_network`).
+    With the ``image_size`` it will see, that size is checked against the network first (:func:`check_image_size`)."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
     compile_net = settings.pop("compile", False)
     scheduler = cfg.get("scheduler")
@@ -133,9 +134,24 @@ def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
         scheduler=instantiate(scheduler) if scheduler else None,
         _convert_="all",
     )
+    if image_size is not None:
+        check_image_size(image_size, model, configured=True)  # eagerly, before compiling
     if compile_net:
         compile_network(model)
     return model
+
+
+def check_image_size(image_size: Any, model: pl.LightningModule, configured: bool) -> None:
+    """``data.image_size`` against the network: refused if it cannot take that size (tried only off its pretrained
+    size, which it takes); with a ``configured`` model's pretrained weights, a warning far below their size."""
+    backbone = model.hparams.get("backbone")
+    if not isinstance(backbone, str) or not isinstance(image_size, int):
+        return
+    pretrained_size = preprocessing(backbone)["image_size"]
+    if image_size != pretrained_size:
+        check_input_size(model.net, backbone, image_size)
+    if configured:
+        check_pretrained_size(image_size, backbone, model.hparams.get("weights"), pretrained_size)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
@@ -168,7 +184,9 @@ def assemble(
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
-        model = build_model(cfg, images.num_classes)
+        model = build_model(cfg, images.num_classes, images.hparams.get("image_size"))
+    else:
+        check_image_size(images.hparams.get("image_size"), model, configured=False)
     datamodule = FeatureCacheDataModule(images, model) if model.hparams.get("cache_features") else images
     trainer = build_trainer(cfg, extra_callbacks)
     if isinstance(datamodule, FeatureCacheDataModule) and datamodule.reload_every:

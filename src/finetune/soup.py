@@ -35,7 +35,7 @@ from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_f
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
-from finetune.harness.settings import check_alpha, check_alphas, check_seed
+from finetune.harness.settings import check_alpha, check_alphas, check_checkpoint_command, check_seed
 from finetune.module import TEMPERATURE
 from finetune.run import CONFIG_DIR, assemble
 
@@ -103,6 +103,7 @@ def interpolate(states: Sequence[State], weights: Sequence[float]) -> State:
 
 
 def soup(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "soup")
     method = str(cfg.method)
     if method not in METHODS:
         raise SettingError(f"Unknown method={method!r}: choose one of {METHODS}.")

@@ -9,12 +9,15 @@ setting (``Invalid learning rate: -0.1``); these rules say which ``data.*``, ``m
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
 
@@ -27,13 +30,24 @@ from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATI
 from finetune.errors import SettingError
 from finetune.module import FREEZE_MODES
 
+log = logging.getLogger(__name__)
+
 
 def check_run_settings(cfg: DictConfig, model_configured: bool = True) -> None:
     """The trainer's, model's and optimizer's settings of a composed run config, before anything is built
     (``model_configured=False``: the model comes from a checkpoint). ``data.*`` is checked by
     :func:`check_data_settings` once the backbone's preprocessing has filled its nulls."""
+    check_node_keys("trainer", OmegaConf.to_container(cfg.trainer, resolve=False))
+    for group in ("callbacks", "logger"):
+        nodes = cfg.get(group)
+        for name, node in (OmegaConf.to_container(nodes, resolve=False) if nodes else {}).items():
+            if isinstance(node, Mapping):
+                check_node_keys(f"{group}.{name}", node)
     check_trainer_settings(cfg.trainer)
     if model_configured:
+        for node in ("model", "optimizer", "scheduler"):
+            if cfg.get(node) is not None:
+                check_node_keys(node, OmegaConf.to_container(cfg[node], resolve=False))
         check_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
         check_optimizer_settings(OmegaConf.to_container(cfg.optimizer, resolve=True))
         unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
@@ -47,6 +61,117 @@ def check_number(key: str, value: Any, rule: str, holds: Callable[[float], bool]
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (number and holds(value)):
         raise SettingError(f"{key} must be {rule}, got {value!r}. {advice}")
+
+
+# --- keys that never reach the object built from their config node -------------------------------------------------
+# Arguments the code passes itself when it builds a node's object: hydra's instantiate lets the call's arguments win
+# over the config's, so a config key of the same name would be silently replaced (+model.num_classes=5 trained a
+# 2-class head and .hydra/config.yaml recorded 5). Each is refused saying where the value comes from.
+FILLED_BY_THE_CODE: dict[str, dict[str, str]] = {
+    "model": {
+        "num_classes": "the number of classes is the number of class folders in data.root's train/ (one output "
+        "per folder), so the head always matches the data. To train on fewer classes, point data.root at a folder "
+        "holding only their folders",
+        "optimizer": "the optimizer is the optimizer group's (optimizer=sgd|adamw, optimizer.lr=...)",
+        "scheduler": "the scheduler is the scheduler group's (scheduler=cosine|warmup, scheduler=null for none)",
+    },
+    "data": {
+        "test_only": "the command sets it (finetune.evaluate reads only the images it scores)",
+        "require_test": "test_after_fit=false sets it (a run that never tests needs no test/ folder)",
+    },
+    "optimizer": {"params": "the model hands the optimizer its parameter groups (model.head_lr_mult, model.freeze)"},
+    "scheduler": {"optimizer": "the model hands the scheduler its optimizer"},
+    "trainer": {
+        "callbacks": "callbacks come from the callbacks group (+callbacks=early_stopping, "
+        "callbacks=[default,lr_monitor])",
+        "logger": "loggers come from the logger group (logger=tensorboard, +logger=wandb, logger=[] for none)",
+        "enable_checkpointing": "checkpoints are written while callbacks.model_checkpoint is configured "
+        "(~callbacks.model_checkpoint turns them off)",
+    },
+}
+# Keys the code reads itself instead of passing them on (model.compile: torch.compile after building the model).
+READ_BY_THE_CODE: dict[str, set[str]] = {"model": {"compile"}}
+DATA_TARGET = f"{ImageFolderDataModule.__module__}.{ImageFolderDataModule.__qualname__}"
+
+
+def check_node_keys(node: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a ``node.key`` that the object built from ``node`` would never see: one the code passes itself
+    (:data:`FILLED_BY_THE_CODE`), or one its ``_target_`` does not take (a typo, ``+model.lr=0.1``), which
+    instantiate would report as a ``TypeError`` traceback, or, for a ``_partial_`` optimizer, only once fitting starts.
+    """
+    group = node.split(".")[0]
+    for key, source in FILLED_BY_THE_CODE.get(group, {}).items():
+        if key in settings:
+            raise SettingError(f"{node}.{key} cannot be set: {source}. Remove {node}.{key}={settings[key]!r}.")
+    target = settings.get("_target_")
+    accepted = target_arguments(target)
+    if accepted is None:
+        return  # takes any keyword, or cannot be imported (instantiate names it)
+    known = accepted | READ_BY_THE_CODE.get(group, set())
+    unknown = [key for key in settings if not str(key).startswith("_") and key not in known]
+    if unknown:
+        settable = sorted(known - FILLED_BY_THE_CODE.get(group, {}).keys())
+        close = sorted({m for key in unknown for m in difflib.get_close_matches(str(key), settable, n=3)})
+        hint = f"Did you mean {', '.join(f'{node}.{m}' for m in close)}? " if close else ""
+        listing = f"Its settings: {', '.join(settable)}." if len(settable) <= 30 else "See its documentation."
+        raise SettingError(
+            f"{', '.join(f'{node}.{key}' for key in unknown)}: not a setting of {node} ({target} takes no argument "
+            f"of that name), so it would never be used. {hint}{listing}"
+        )
+
+
+def target_arguments(target: Any) -> set[str] | None:
+    """The keyword arguments that ``target`` (a dotted name of a class or function) takes; None when it takes any
+    (``**kwargs`` all the way up) or cannot be imported. A class's ``**kwargs`` are followed to its base classes."""
+    if not isinstance(target, str):
+        return None
+    try:
+        found = get_object(target)
+    except Exception:  # noqa: BLE001 - any import failure: instantiate reports it with the target's name
+        return None
+    names: set[str] = set()
+    for owner in found.__mro__ if isinstance(found, type) else (found,):
+        try:
+            parameters = inspect.signature(owner.__init__ if isinstance(found, type) else owner).parameters
+        except (TypeError, ValueError):
+            return None
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names |= {name for name, p in parameters.items() if p.kind in kinds and name != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return None
+
+
+# Config nodes that a command using a trained checkpoint never reads, and why: their configs have no such node, but
+# Hydra adds any +model.backbone=resnet18 (or an experiment= overlay) without a word.
+UNUSED_WITH_A_CHECKPOINT = {
+    "model": "the model (backbone, head, weights, freezing) is the checkpoint's",
+    "optimizer": "nothing is trained",
+    "scheduler": "nothing is trained",
+    "data": "the images go through the checkpoint's own preprocessing (its image and resize sizes, normalisation)",
+}
+
+
+def check_checkpoint_command(
+    cfg: DictConfig, command: str, unused: Sequence[str] = ("model", "optimizer", "scheduler")
+) -> None:
+    """Refuse settings that ``finetune.<command>`` (which loads a trained checkpoint) would ignore: those of the
+    ``unused`` config nodes (:data:`UNUSED_WITH_A_CHECKPOINT`), e.g. ``+model.backbone=resnet18``."""
+    given = [key for node in unused if node in cfg for key in _dotted_keys(node, cfg[node])]
+    if given:
+        reasons = "; ".join(dict.fromkeys(UNUSED_WITH_A_CHECKPOINT[key.split(".")[0]] for key in given))
+        raise SettingError(
+            f"finetune.{command} does not use {', '.join(given)}: {reasons} (ckpt_path). Remove them; to train "
+            "another model, use finetune.train."
+        )
+
+
+def _dotted_keys(prefix: str, node: Any) -> list[str]:
+    """The leaf keys of a config node, dotted (``model.backbone``), read without resolving interpolations."""
+    tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if not isinstance(tree, Mapping) or not tree:
+        return [prefix]
+    return [key for name, value in tree.items() for key in _dotted_keys(f"{prefix}.{name}", value)]
 
 
 # --- data.* ---------------------------------------------------------------------------------------------------------
@@ -126,14 +251,50 @@ TRAIN_ONLY_DATA_KEYS = (
 )
 
 
+# The smallest data.image_size: the total stride of the CNN backbones (ResNet, MobileNet, EfficientNet, ConvNeXt,
+# RegNet, DenseNet, VGG: five halvings). Below it every stage past the fifth sees a 1x1 map of mostly zero padding.
+MIN_IMAGE_SIZE = 32
+
+
+def check_pretrained_size(image_size: int, backbone: str, weights: Any, pretrained_size: int) -> None:
+    """Warn when pretrained weights will see crops under half the size they were pretrained at.
+
+    A fine-tuned network adapts to a moderately different resolution, but under half of it every object appears at
+    under half the scale the pretrained filters learnt, and a stride-32 network's last map shrinks from 7x7 (224)
+    to 4x4 or less, and the transfer from pretraining weakens: a linear probe of frozen ImageNet MobileNetV2 features
+    on the Kaggle hot dog photos (500 test images) scored 0.884 at 224, 0.882 at 160, 0.846 at 112, 0.790 at 64 and
+    0.708 at 32. Small crops can be the point of an experiment (speed), hence a warning, not an error. Random
+    weights (``model.weights=null``) have no size of their own.
+    """
+    if weights is not None and image_size * 2 < pretrained_size:
+        log.warning(
+            "data.image_size=%d is under half the size %s's pretrained weights were trained at (%d): they see every "
+            "object at under half the scale they learnt, and transfer less. Use data.image_size=null (%d), or at "
+            "least %d, unless small crops are the point.",
+            image_size,
+            backbone,
+            pretrained_size,
+            pretrained_size,
+            (pretrained_size + 1) // 2,
+        )
+
+
 def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) -> None:
     """``data.*``: the DataModule's arguments, those not given taking its defaults (null mean, std, interpolation
     and image size: the backbone's, or ImageNet's, bilinear and 224). ``test_only`` (evaluation): the train/val
     settings (:data:`TRAIN_ONLY_DATA_KEYS`) are not used, so they are not checked either."""
+    check_node_keys("data", {"_target_": DATA_TARGET, **settings})
     ignored = ("_target_", *TRAIN_ONLY_DATA_KEYS) if test_only else ("_target_",)
     hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k not in ignored}})
     hp.image_size = 224 if hp.image_size is None else hp.image_size
     check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+    if hp.image_size < MIN_IMAGE_SIZE:
+        raise SettingError(
+            f"data.image_size={hp.image_size} is below {MIN_IMAGE_SIZE} pixels: the backbones halve the image five "
+            f"times (a total stride of {MIN_IMAGE_SIZE}), so their last stages would see one pixel made mostly of "
+            "zero padding, and some (AlexNet, VGG) fail outright. Use data.image_size >= 32 (smaller photos are "
+            "scaled up by the crop), or null for the backbone's pretrained size (224 for torchvision backbones)."
+        )
     if hp.resize_size is not None:
         check_int("resize_size", hp.resize_size, 1, "the resize before the centre crop, or null")
         if hp.resize_size < hp.image_size:
