@@ -62,6 +62,7 @@ from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 
 FAST = ["+callbacks=channels_last"]
+FAST_COMPILED = ["+callbacks=[channels_last,compile]"]  # Hydra takes one +callbacks= per command line
 CACHED = ["data.cache=memory"]
 DEVICE = [*CACHED, "data.augment_on=device"]
 # name -> (overrides, synthetic on-device batches?, seconds the row needs at least), in the order they run (every
@@ -73,8 +74,8 @@ ROWS = {
     "device": ([*FAST, *DEVICE], False, 30),
     "step NCHW": ([], True, 20),
     "device ddp": ([*FAST, *DEVICE, "trainer.strategy=ddp"], False, 40),
-    "device+compile": ([*FAST, *DEVICE, "+callbacks=compile"], False, 90),
-    "step compiled": ([*FAST, "+callbacks=compile"], True, 60),
+    "device+compile": ([*FAST_COMPILED, *DEVICE], False, 90),
+    "step compiled": ([*FAST_COMPILED], True, 60),
 }
 LOADERS = {
     "loader": ["data.augment_on=loader", "data.cache=none"],

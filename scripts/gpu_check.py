@@ -66,7 +66,8 @@ def common_overrides(args: argparse.Namespace, data_root: Path, weights: str) ->
         "finetune", data_root, args.backbone, weights, args.batch_size, args.num_workers, accelerator
     )
     overrides += ["trainer.devices=1", f"+trainer.max_steps={args.steps}", "trainer.max_epochs=-1"]
-    overrides += ["~callbacks.model_checkpoint", "+callbacks=throughput"]
+    # The throughput callback by key: a row may add its own +callbacks= (Hydra takes one per command line).
+    overrides += ["~callbacks.model_checkpoint", "+callbacks.throughput._target_=finetune.harness.throughput.Throughput"]
     if args.cpu_smoke:
         overrides += ["data.image_size=32", "data.resize_size=36", "data.val_fraction=0.2"]
     return overrides

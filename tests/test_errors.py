@@ -12,12 +12,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from finetune.data import ImageFolderDataModule
+from finetune.errors import SettingError
+from finetune.harness.config_keys import check_node_keys
+from finetune.run import assemble
 from finetune.train import train
 
-from .conftest import compose_config, make_image_folder, tiny_overrides
+from .conftest import CONF_DIR, compose_config, make_image_folder, tiny_overrides
 
 
 def _datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
@@ -74,6 +80,33 @@ def test_non_image_files_are_ignored_and_counted_in_a_warning(folder, caplog):
     warnings = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
     assert len(warnings) == 1 and "Ignoring 3 file(s)" in warnings[0] and "labels.csv" in warnings[0]
     assert len(dm.train_set) + len(dm.val_set) == 10 and len(dm.test_set) == 4
+
+
+def test_files_beside_the_class_folders_are_named_not_silently_skipped(folder, caplog):
+    shutil.copy(folder / "train" / "cat" / "cat_000.png", folder / "train" / "unsorted.png")
+    (folder / "test" / "notes.txt").write_text("x")
+    dm = _datamodule(folder)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+        dm.setup("test")
+    messages = [r.getMessage() for r in caplog.records]
+    stray = [m for m in messages if "outside the class folders" in m]
+    assert len(stray) == 1 and "Ignoring 1 image(s) directly in" in stray[0] and "unsorted.png" in stray[0]
+    assert "train/<class>/" in stray[0]
+    assert any("not images" in m and "test/notes.txt" in m for m in messages)
+    assert len(dm.train_set) + len(dm.val_set) == 10 and len(dm.test_set) == 4  # the stray photo is in no class
+
+
+def test_class_folders_that_differ_only_in_case_are_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=("Cat", "cat", "dog"), n_train=5, n_test=2)
+    if len(list((root / "train").iterdir())) != 3:
+        pytest.skip("a case-insensitive file system holds Cat/ and cat/ as one folder")
+    dm = _datamodule(root)
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        dm.setup("fit")
+    messages = [r.getMessage() for r in caplog.records if "differ only in case" in r.getMessage()]
+    assert len(messages) == 2 and "'Cat' and 'cat'" in messages[0]  # train/ and test/
+    assert dm.classes == ["Cat", "cat", "dog"]  # still separate classes: a warning, not a merge
 
 
 def test_a_corrupt_image_fails_in_setup_naming_the_file(folder):
@@ -141,6 +174,7 @@ def test_unknown_experiment_lists_the_available_ones():
         ("data.val_fraction=0", r"data.val_fraction must be strictly between 0 and 1, got 0: .*selects the checkpoint"),
         ("data.batch_size=0", r"data.batch_size must be an integer >= 1 \(images per device and step\), got 0"),
         ("data.image_size=0", r"data.image_size must be an integer >= 1 .*got 0"),
+        ("data.image_size=7", r"data.image_size=7 is below 32 pixels: .*total stride of 32.*data.image_size >= 32"),
         ("data.resize_size=16", r"data.resize_size=16 is smaller than data.image_size=32"),
         ("data.num_workers=-1", r"data.num_workers must be an integer >= 0 .*got -1"),
     ],
@@ -149,3 +183,70 @@ def test_out_of_range_values_reach_the_user_by_their_config_name(tmp_path, folde
     with pytest.raises(Exception, match=message):
         train(compose_config(tiny_overrides(folder, tmp_path) + [override]))
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # values the code fills itself: the config's would be silently replaced (and recorded in .hydra/config.yaml)
+        ("+model.num_classes=5", r"model.num_classes cannot be set: the number of classes is the number of class"),
+        ("+trainer.logger=false", r"trainer.logger cannot be set: loggers come from the logger group"),
+        ("+optimizer.params=[]", r"optimizer.params cannot be set: the model hands the optimizer its parameter"),
+        ("+data.test_only=true", r"data.test_only cannot be set"),
+        # keys the target does not take: a TypeError traceback (the optimizer's only once fitting starts)
+        (
+            "+model.backbon=resnet34",
+            r"model.backbon: not a setting of model \(finetune.module.FineTuneModule .*"
+            r"Did you mean model.backbone\? Its settings: backbone,",
+        ),
+        ("+data.image_sise=64", r"data.image_sise: not a setting of data .*Did you mean data.image_size\?"),
+        ("+optimizer.betas=[0.9,0.99]", r"optimizer.betas: not a setting of optimizer \(torch.optim.SGD takes"),
+        ("+trainer.max_epoch=3", r"trainer.max_epoch: not a setting of trainer .*Did you mean trainer.max_epochs, "),
+        ("+callbacks.model_checkpoint.save_top=3", r"callbacks.model_checkpoint.save_top: .*save_top_k"),
+    ],
+)
+def test_config_keys_that_would_never_be_used_are_refused_by_name(tmp_path, folder, override, message):
+    with pytest.raises(SettingError, match=message):
+        train(compose_config(tiny_overrides(folder, tmp_path) + [override]))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "scheduler", "trainer", "callbacks", "logger"])
+def test_every_shipped_config_passes_the_key_check(group):
+    """No false alarm: each config of each group composes to keys its class takes."""
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        override = f"+{group}={option}" if group in ("callbacks", "logger") else f"{group}={option}"
+        cfg = compose_config([override])
+        nodes = cfg[group] if group in ("callbacks", "logger") else {group: cfg[group]}
+        for name, node in (nodes or {}).items():
+            if node is not None and "_target_" in node:
+                prefix = f"{group}.{name}" if group in ("callbacks", "logger") else group
+                check_node_keys(prefix, OmegaConf.to_container(node, resolve=False))
+
+
+def test_an_image_size_the_network_cannot_take_is_refused_before_any_data_is_read(tmp_path, folder):
+    alexnet = ["model.backbone=alexnet", "data.image_size=48", "data.resize_size=55"]
+    overrides = tiny_overrides(folder, tmp_path) + alexnet
+    with pytest.raises(SettingError, match=r"data.image_size=48: alexnet cannot take 48x48 images \(.*Output size is"):
+        assemble(compose_config(overrides))
+
+
+def test_pretrained_weights_far_above_the_image_size_get_a_warning(tmp_path, folder, caplog):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # stands for ImageNet weights, offline
+    warned = {}
+    for size, weights_setting in ((64, weights), (112, weights), (64, "null")):
+        caplog.clear()
+        overrides = tiny_overrides(folder, tmp_path / f"{size}") + [f"data.image_size={size}", "data.resize_size=128"]
+        with caplog.at_level(logging.WARNING, logger="finetune"):
+            run = assemble(compose_config(overrides + [f"model.weights={weights_setting}"]))
+        assert run.images.hparams.image_size == size
+        warned[(size, str(weights_setting) != "null")] = [
+            r.getMessage() for r in caplog.records if "half" in r.getMessage()
+        ]
+    assert len(warned[(64, True)]) == 1
+    assert (
+        "data.image_size=64 is under half the size resnet18's pretrained weights were trained at (224)"
+        in (warned[(64, True)][0])
+    )
+    assert warned[(112, True)] == [] and warned[(64, False)] == []  # half of 224 is fine; random weights have no size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -27,18 +28,30 @@ def _run(tmp_path, tiny_folder, extra: list[str]) -> dict:
     return results
 
 
+class Fitting(pl.Callback):
+    """Test-only: ``Fitting.started`` once fitting starts (forwards before it, such as the check of data.image_size
+    when the run is assembled, are not steps and run outside the trainer's precision)."""
+
+    started = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Fitting.started = True
+
+
 def test_bf16_mixed_trains_and_tests_in_bfloat16_on_cpu(tmp_path, tiny_folder):
     head_dtypes: list[torch.dtype] = []
 
     def record(module: nn.Module, inputs, output) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and Fitting.started:
             head_dtypes.append(output.dtype)
 
     handle = nn.modules.module.register_module_forward_hook(record)
     try:
-        results = _run(tmp_path, tiny_folder, ["trainer.precision=bf16-mixed"])
+        fitting = "+callbacks.fitting._target_=tests.test_precision.Fitting"
+        results = _run(tmp_path, tiny_folder, ["trainer.precision=bf16-mixed", fitting])
     finally:
         handle.remove()
+        Fitting.started = False
     assert head_dtypes and set(head_dtypes) == {torch.bfloat16}  # autocast was on for train, val and test
     assert math.isfinite(results["test/loss"])  # test/acc: checked against its own count in _run
     assert math.isfinite(results["history"][0]["train/loss"])

@@ -13,11 +13,17 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from finetune.calibrate import calibrate
 from finetune.data.transforms import CLASSES, PREPROCESSING
+from finetune.errors import SettingError
 from finetune.evaluate import evaluate
+from finetune.export import export
 from finetune.harness.checkpoint_io import CheckpointError
 from finetune.predict import predict
+from finetune.robustness import robustness
+from finetune.soup import soup
 
+from .conftest import compose_config
 from .inference import eval_config, evil_checkpoint, predict_config, run_module, trained_run
 
 
@@ -125,6 +131,56 @@ def test_inputs_that_name_no_image(run, tmp_path, inputs, error, message):
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(error, match=message):
         predict(predict_config(run["best_checkpoint"], tmp_path / inputs, tmp_path / "out"))
+
+
+def test_files_that_are_not_images_get_no_row_and_are_named_in_a_warning(run, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    shutil.copytree(run["root"] / "test" / "cat", folder)
+    Image.open(folder / "cat_000.png").save(folder / "anim.gif")  # PIL reads it; training does not
+    (folder / "IMG_0001.heic").write_bytes(b"\0" * 64)
+    (folder / "notes.txt").write_text("x")
+    for n, inputs in enumerate((folder, "'" + str(folder / "*") + "'")):  # a folder, a glob
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            rows = predict(predict_config(run["best_checkpoint"], inputs, tmp_path / f"out{n}"))
+        assert [Path(r["path"]).name for r in rows] == [f"cat_00{i}.png" for i in range(4)]
+        skipped = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+        assert len(skipped) == 1 and "Skipping 3 file(s) of inputs=" in skipped[0]
+        assert all(name in skipped[0] for name in ("anim.gif", "IMG_0001.heic", "notes.txt"))
+
+
+def test_a_single_input_file_of_another_type_is_refused_naming_it(run, tmp_path):
+    gif = tmp_path / "cat.gif"
+    Image.open(run["root"] / "test" / "cat" / "cat_000.png").save(gif)
+    with pytest.raises(SettingError, match=r"inputs=.*cat.gif: not an image file that finetune reads \(files ending"):
+        predict(predict_config(run["best_checkpoint"], gif, tmp_path / "out"))
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("eval", ["+model.backbone=resnet34"], r"finetune.evaluate does not use model.backbone: the model \(backbone"),
+        ("eval", ["+experiment=frozen"], r"does not use model.weights, model.freeze, model.head_lr_mult: "),
+        (
+            "predict",
+            ["+model.backbone=resnet34", "+data.image_size=64"],
+            r"predict does not use model.backbone, "
+            r"data.image_size: the model .* is the checkpoint's; the images go through the checkpoint's own",
+        ),
+        ("export", ["+data.image_size=64"], r"finetune.export does not use data.image_size"),
+        ("calibrate", ["+optimizer.lr=0.1"], r"finetune.calibrate does not use optimizer.lr: nothing is trained"),
+        ("soup", ["+model.freeze=backbone"], r"finetune.soup does not use model.freeze"),
+        ("robustness", ["+scheduler.T_max=3"], r"finetune.robustness does not use scheduler.T_max"),
+    ],
+)
+def test_commands_that_load_a_checkpoint_refuse_model_settings_they_would_ignore(tmp_path, command, overrides, message):
+    commands = {"eval": evaluate, "predict": predict, "export": export, "calibrate": calibrate, "soup": soup}
+    checkpoint = f"ckpts=[{tmp_path / 'x.ckpt'}]" if command == "soup" else f"ckpt_path={tmp_path / 'x.ckpt'}"
+    cfg = compose_config([checkpoint, f"paths.output_dir={tmp_path}", *overrides], command)
+    with pytest.raises(SettingError, match=message):
+        commands.get(command, robustness)(cfg)
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written
 
 
 def test_an_existing_output_is_refused_unless_overwrite(run, tmp_path):

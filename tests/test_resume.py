@@ -10,8 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from finetune.errors import ResumeError
 from finetune.harness.resume import find_checkpoint, with_run_overrides
-from finetune.train import train
+from finetune.train import check_resume_before_start, train
 
 from .conftest import (
     assert_counted_accuracy,
@@ -113,6 +114,38 @@ def test_resuming_into_another_setup_says_what_differs(tmp_path, data):
         train(compose_config([f"resume={tmp_path / 'nowhere'}"] + tiny_overrides(data, tmp_path / "d")))
     with pytest.raises(FileNotFoundError, match="holds no checkpoints/interrupted.ckpt or checkpoints/last.ckpt"):
         find_checkpoint(tmp_path / "b")  # a folder that never got a checkpoint
+
+
+def test_resuming_a_run_that_reached_its_limit_is_refused_saying_how_to_train_longer(tmp_path, data):
+    train(compose_config(["trainer.max_epochs=1"] + tiny_overrides(data, tmp_path / "done")))  # 4 steps
+    best = json.loads((tmp_path / "done" / "results.json").read_text())["best_checkpoint"]
+    again = tiny_overrides(data, tmp_path / "again")
+    resume = [f"resume={tmp_path / 'done'}", *again]
+    with pytest.raises(ResumeError) as info:
+        check_resume_before_start(["trainer.max_epochs=1", *resume])  # what the command line runs before Hydra
+    assert str(info.value) == (
+        f"resume={tmp_path / 'done'}: nothing left to train, that run already reached trainer.max_epochs=1 "
+        f"(1 epoch(s) done). To train it longer, resume with a larger limit (resume={tmp_path / 'done'} "
+        f"trainer.max_epochs=2); to test it again, python -m finetune.evaluate ckpt_path={best}."
+    )
+    last = tmp_path / "done" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ResumeError, match=r"ckpt_path=.*last.ckpt: nothing left to train, .*max_steps=4 \(4 step"):
+        train(compose_config(["trainer.max_epochs=3", "+trainer.max_steps=4", f"ckpt_path={last}", *again]))
+    assert not (tmp_path / "again").exists()  # refused before its folder was claimed
+    check_resume_before_start(["trainer.max_epochs=2", *resume])  # a larger limit goes ahead
+    assert train(compose_config(["trainer.max_epochs=2", *resume]))["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_on_the_command_line_makes_no_new_folder(tmp_path, data):
+    logs = tmp_path / "logs"
+    run_cli([*without(tiny_overrides(data, tmp_path), "paths."), f"paths.log_dir={logs}", "trainer.max_epochs=1"])
+    (run,) = (logs / "runs").iterdir()
+    done = run_cli([f"resume={run}"], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "nothing left to train" in errors[0] and "Traceback" not in done.stderr
+    assert list((logs / "runs").iterdir()) == [run]
 
 
 def test_resume_on_the_command_line_brings_back_the_runs_overrides(tmp_path):

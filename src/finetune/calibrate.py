@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference, save_checkpoint
+from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
@@ -28,6 +29,7 @@ RECORD = "calibration.json"
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "calibrate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference
+from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "evaluate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     claim_run_folder(cfg.paths.output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)

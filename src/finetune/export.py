@@ -26,6 +26,7 @@ from finetune.data import file_digest
 from finetune.data.transforms import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
+from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
@@ -61,6 +62,7 @@ class ExportedClassifier(nn.Module):
 
 def export(cfg: DictConfig) -> Path:
     """Write the exported model and its ``.json`` sidecar; the model's path."""
+    check_checkpoint_command(cfg, "export", unused=("model", "optimizer", "scheduler", "data"))
     fmt, outputs = str(cfg.format), str(cfg.get("outputs", "probabilities"))
     if fmt not in FORMATS:
         raise SettingError(f"Unknown format={fmt!r}: choose one of {FORMATS}.")

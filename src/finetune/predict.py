@@ -25,15 +25,17 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data import is_image_file, load_rgb
+from finetune.data.folders import preview
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
+from finetune.harness.config_keys import check_checkpoint_command, check_node_keys
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.writable import check_writable
@@ -50,6 +52,8 @@ FIXED_COLUMNS = ("path", "label", "score")
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict every input; the rows written (on rank 0; other ranks return an empty list)."""
+    check_checkpoint_command(cfg, "predict", unused=("model", "optimizer", "scheduler", "data"))
+    check_node_keys("trainer", OmegaConf.to_container(cfg.trainer, resolve=False))
     tta = str(cfg.get("tta") or "none")
     if tta not in TTA_MODES:
         raise SettingError(
@@ -100,29 +104,54 @@ def output_path(cfg: DictConfig) -> Path:
 
 
 def find_inputs(spec: str) -> list[str]:
-    """The image files ``inputs=`` names, in a stable order: one file, a folder's images (recursive), or a glob."""
+    """The image files ``inputs=`` names, in a stable order: one file, a folder's images (recursive), or a glob.
+
+    Images are recognised by extension, as training recognises them (:func:`finetune.data.is_image_file`): the
+    other files of a folder or a glob get no row, and are named in a warning; a single file of another type is an
+    error.
+    """
     path = Path(spec).expanduser()
     if path.is_file():
+        if not is_image_file(path.name):
+            raise SettingError(
+                f"inputs={spec}: not an image file that finetune reads (files ending in {', '.join(IMG_EXTENSIONS)}, "
+                "as in training). Convert it to one of those (e.g. PNG or JPEG), or pass a folder or a glob of images."
+            )
         return [str(path)]
     if path.is_dir():
-        found = [
+        files = [
             os.path.join(folder, name)
-            for folder, _, files in sorted(os.walk(path, followlinks=True))
-            for name in sorted(files)
-            if is_image_file(name)
+            for folder, _, names in sorted(os.walk(path, followlinks=True))
+            for name in sorted(names)
         ]
+        found, skipped = _images_and_others(files)
         if not found:
             raise SettingError(
-                f"inputs={spec}: the folder holds no images (files ending in {', '.join(IMG_EXTENSIONS)})."
+                f"inputs={spec}: the folder holds no images (files ending in {', '.join(IMG_EXTENSIONS)}); it holds "
+                f"{preview([os.path.relpath(f, path) for f in skipped])}."
             )
-        return found
-    if glob.has_magic(spec):
+    elif glob.has_magic(spec):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        found = [m for m in matches if os.path.isfile(m) and is_image_file(m)]
+        found, skipped = _images_and_others([m for m in matches if os.path.isfile(m)])
         if not found:
             raise PathError(f"inputs={spec}: the pattern matches no image files ({len(matches)} match(es)).")
-        return found
-    raise PathError(f"inputs={spec}: no such file or folder (pass an image, a folder of images, or a glob).")
+    else:
+        raise PathError(f"inputs={spec}: no such file or folder (pass an image, a folder of images, or a glob).")
+    if skipped:
+        log.warning(
+            "Skipping %d file(s) of inputs=%s that are not images (by extension: %s), with no row in the "
+            "predictions: %s",
+            len(skipped),
+            spec,
+            ", ".join(IMG_EXTENSIONS),
+            preview(skipped),
+        )
+    return found
+
+
+def _images_and_others(files: list[str]) -> tuple[list[str], list[str]]:
+    """``files`` split into images (by extension) and the rest, each in the given order."""
+    return [f for f in files if is_image_file(f)], [f for f in files if not is_image_file(f)]
 
 
 class ImageFiles(Dataset):

@@ -39,6 +39,7 @@ from finetune.data.transforms import Preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import class_names, load_for_inference
+from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
@@ -186,6 +187,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
 
     ``logits_fn``: what scores the images (default: the checkpoint's model on ``cfg.device``).
     """
+    check_checkpoint_command(cfg, "robustness")
     sets_asked = shift_sets(OmegaConf.select(cfg, "shifts"), OmegaConf.select(cfg, "severities"))
     seed = cfg.get("shift_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -29,10 +29,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 
-from finetune.backbones import preprocessing
+from finetune.backbones import check_input_size, check_pretrained_size, preprocessing
 from finetune.errors import PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
 from finetune.harness.checkpointing import CheckpointRecord
+from finetune.harness.config_keys import check_node_keys
 from finetune.harness.distributed import set_timeout
 from finetune.harness.out_of_memory import OutOfMemoryAdvice
 from finetune.harness.quiet import quiet_known_warnings
@@ -88,10 +89,26 @@ def check_settings(cfg: DictConfig, model_configured: bool = True) -> None:
     nodes = {"model": cfg.model} if model_configured else {}
     nodes |= {"features": cfg.features} if cfg.get("features") else {}
     nodes |= {f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items() if node}
+    for key, node in unused_keys_checked(cfg, model_configured).items():
+        check_node_keys(key, OmegaConf.to_container(node, resolve=False))
     for key, node in nodes.items():
         check = getattr(component(key, node), "check_settings", None)
         if check is not None:
             check(node, cfg)
+
+
+def unused_keys_checked(cfg: DictConfig, model_configured: bool) -> dict[str, DictConfig]:
+    """Every config node the assembly builds an object from (:func:`finetune.harness.config_keys.check_node_keys`)."""
+    nodes = {"trainer": cfg.trainer}
+    for group in ("callbacks", "logger"):
+        nodes |= {f"{group}.{name}": node for name, node in (cfg.get(group) or {}).items() if node}
+    if cfg.get("features"):
+        nodes["features"] = cfg.features
+    if model_configured:
+        nodes |= {"model": cfg.model, "optimizer": cfg.optimizer}
+        nodes |= {"model.criterion": cfg.model.criterion} if cfg.model.get("criterion") else {}
+        nodes |= {"scheduler.scheduler": cfg.scheduler.scheduler} if cfg.get("scheduler") else {}
+    return {key: node for key, node in nodes.items() if OmegaConf.is_dict(node)}
 
 
 def component(key: str, node: DictConfig) -> Any:
@@ -115,6 +132,7 @@ def build_datamodule(cfg: DictConfig, backbone: str | None = None, test_only: bo
     preprocessing (:func:`finetune.backbones.preprocessing`; the configured model's, or ``backbone``'s).
     """
     settings = {**OmegaConf.to_container(cfg.data, resolve=True), **backbone_preprocessing(cfg, backbone)}
+    check_node_keys("data", settings)
     component("data", cfg.data).check_settings(settings, test_only=test_only)
     how = {"test_only": True} if test_only else {}
     if not test_only and cfg.get("test_after_fit", True) is False:
@@ -157,17 +175,34 @@ def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict
     return {key: value for key, value in expected.items() if data.get(key) is None}
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> pl.LightningModule:
+def build_model(cfg: DictConfig, num_classes: int, image_size: int | None = None) -> pl.LightningModule:
     """The configured model (its criterion built from ``model.criterion``), its optimizer and scheduler factories
-    attached."""
+    attached. With the ``image_size`` it will see, that size is checked against the network (:func:`check_image_size`).
+    """
     scheduler = cfg.get("scheduler")
-    return build(
+    model = build(
         cfg.model,
         num_classes=num_classes,
         optimizer=build(cfg.optimizer),
         scheduler=build(scheduler, _convert_="all") if scheduler else None,
         _convert_="all",
     )
+    if image_size is not None:
+        check_image_size(image_size, model, configured=True)
+    return model
+
+
+def check_image_size(image_size: Any, model: pl.LightningModule, configured: bool) -> None:
+    """``data.image_size`` against the network: refused if it cannot take that size (tried only off its pretrained
+    size, which it takes); with a ``configured`` model's pretrained weights, a warning far below their size."""
+    backbone = model.hparams.get("backbone")
+    if not isinstance(backbone, str) or not isinstance(image_size, int):
+        return
+    pretrained_size = preprocessing(backbone)["image_size"]
+    if image_size != pretrained_size:
+        check_input_size(model.net, backbone, image_size)
+    if configured:
+        check_pretrained_size(image_size, backbone, model.hparams.get("weights"), pretrained_size)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
@@ -200,7 +235,9 @@ def assemble(
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
-        model = build_model(cfg, images.num_classes)
+        model = build_model(cfg, images.num_classes, images.hparams.get("image_size"))
+    else:
+        check_image_size(images.hparams.get("image_size"), model, configured=False)
     datamodule = images
     if cfg.get("features") and not test_only:
         datamodule = build(cfg.features, images=images, model=model, unfreeze_epoch=unfreeze_epoch(cfg))

@@ -31,6 +31,7 @@ from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import CheckpointError, load_checkpoint, load_for_inference, save_checkpoint
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
+from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
@@ -120,6 +121,7 @@ def interpolate(states: Sequence[State], weights: Sequence[float]) -> State:
 
 
 def soup(cfg: DictConfig) -> dict[str, Any]:
+    check_checkpoint_command(cfg, "soup")
     method = str(cfg.method)
     if method not in METHODS:
         raise SettingError(f"Unknown method={method!r}: choose one of {METHODS}.")

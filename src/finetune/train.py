@@ -28,13 +28,19 @@ from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.exits import ends_user_errors_cleanly, user_errors
 from finetune.harness.overrides import sweep_params_from_argv
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
-from finetune.harness.resume import check_resumable, claim_run_folder, resume_checkpoint, with_run_overrides
+from finetune.harness.resume import (
+    check_left_to_train,
+    check_resumable,
+    claim_run_folder,
+    resume_checkpoint,
+    with_run_overrides,
+)
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.run_settings import check_seed
 from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
-from finetune.run import CONFIG_DIR, assemble
+from finetune.run import CONFIG_DIR, assemble, compose_config
 from finetune.scoring import TEMPERATURE, Scorer
 from finetune.temperature import calibrate_checkpoint
 
@@ -50,9 +56,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None:
+        check_left_to_train(cfg, ckpt_path)  # before the folder is claimed: a refused resume leaves none
     claim_run_folder(output_dir)
     absolute_input_paths(cfg)
-    ckpt_path = resume_checkpoint(cfg)
     history = EpochHistory()
     trainer: pl.Trainer | None = None
     fitted: dict[str, Any] | None = None
@@ -195,11 +203,28 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return results["val/acc"]  # what a Hydra sweeper optimises: validation, never test
 
 
+def check_resume_before_start(args: list[str]) -> None:
+    """Refuse a resume that :func:`train` would refuse (no checkpoint there, nothing left to train) before Hydra makes
+    a run folder for it, on the config the run would have. Left to :func:`train`: multiruns, Hydra's own flags, and
+    overrides that do not compose (Hydra says what is wrong with them)."""
+    if not any(a.startswith(("resume=", "ckpt_path=")) for a in args) or any(a.startswith("-") for a in args):
+        return
+    try:
+        cfg = compose_config(args)
+    except Exception:  # noqa: BLE001 - reported by Hydra, in its own words, when it composes the run
+        return
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None:
+        check_left_to_train(cfg, ckpt_path)
+
+
 def main() -> None:
     """The command line: ``resume=RUN_DIR`` first brings back that run's own overrides, ``hydra.sweeper.params.K=V``
-    becomes the sweep override ``K=V`` (which Hydra takes), then Hydra runs."""
-    with user_errors():  # a refused resume or sweep override, before Hydra starts
+    becomes the sweep override ``K=V`` (which Hydra takes), a resume that cannot continue is refused, then Hydra
+    runs."""
+    with user_errors():  # a refused resume or sweep override, before Hydra starts (and makes a run folder)
         sys.argv = sweep_params_from_argv(with_run_overrides(sys.argv))
+        check_resume_before_start(sys.argv[1:])
     hydra_main()
 
 

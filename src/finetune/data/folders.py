@@ -169,22 +169,47 @@ def _scan_classes(split_dir: Path, layout: str, others: list[str], delete_from: 
     """
     runs: list[str] = []  # run folders found among the class folders or inside them: skipped
     classes = []
+    loose = []  # files beside the class folders: in no class
     for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
         if entry.is_dir():
             if is_run_folder(entry.path):
                 runs.append(entry.path)
             else:
                 classes.append(entry.name)
+        else:
+            loose.append(entry.name)
     if not classes and runs:
         raise DataError(
             f"{str(split_dir)!r} holds no class folders, only the output of earlier runs ({preview(runs)}). Move "
             f"those run folders out of the data, and put each class's images in {layout}<class>/<image>."
         )
     if not classes:
-        loose = sorted(entry.name for entry in os.scandir(split_dir))
         raise DataError(
             f"{str(split_dir)!r} holds no class folders (it holds {preview(loose)}). Put each class's images "
             f"in a folder of its own: {layout}<class>/<image>, e.g. {layout}hot_dog/1.jpg."
+        )
+    # Files beside the class folders belong to no class: images among them are named on their own (they look like
+    # data but are not used), the rest join the non-image files that the caller reports.
+    stray = [name for name in loose if is_image_file(name)]
+    others += [os.path.join(split_dir, name) for name in loose if not is_image_file(name)]
+    if stray:
+        log.warning(
+            "Ignoring %d image(s) directly in %s, outside the class folders: they belong to no class, so they are "
+            "not used: %s. Move each into %s<class>/, or delete them.",
+            len(stray),
+            printable(split_dir),
+            preview(stray),
+            layout,
+        )
+    same = defaultdict(list)
+    for name in classes:
+        same[name.casefold()].append(name)
+    for names in (names for names in same.values() if len(names) > 1):
+        log.warning(
+            "Class folders %s in %s differ only in case: they are separate classes. If they are one class, merge "
+            "them into one folder.",
+            " and ".join(repr(name) for name in names),
+            printable(split_dir),
         )
     found: dict[str, list[str]] = {}
     for name in classes:

@@ -52,6 +52,10 @@ EVAL_RESIZE_MEANING = (
 )
 
 
+# The smallest data.image_size: the total stride of the CNN backbones (ResNet, MobileNet, EfficientNet, ConvNeXt,
+# RegNet, DenseNet, VGG: five halvings). Below it every stage past the fifth sees a 1x1 map of mostly zero padding.
+MIN_IMAGE_SIZE = 32
+
 # The data.* settings that only shape training and validation: evaluation (test_only) ignores them.
 TRAIN_ONLY_DATA_KEYS = (
     "val_fraction",
@@ -74,6 +78,14 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
     hp.setdefault("image_size", None)
     if hp.image_size is not None:
         check_int("data.image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
+        if hp.image_size < MIN_IMAGE_SIZE:
+            raise SettingError(
+                f"data.image_size={hp.image_size} is below {MIN_IMAGE_SIZE} pixels: the backbones halve the image "
+                f"five times (a total stride of {MIN_IMAGE_SIZE}), so their last stages would see one pixel made "
+                "mostly of zero padding, and some (AlexNet, VGG) fail outright. Use data.image_size >= 32 (smaller "
+                "photos are scaled up by the crop), or null for the backbone's pretrained size (224 for torchvision "
+                "backbones)."
+            )
     if hp.resize_size is not None and hp.image_size is not None:
         check_int("data.resize_size", hp.resize_size, 1, "the resize before the centre crop, or null")
         if hp.resize_size < hp.image_size:

@@ -5,12 +5,15 @@
 - :func:`resume_checkpoint`: the checkpoint that ``resume=RUN_DIR_OR_CKPT`` (or Lightning's ``ckpt_path=``) names.
 - :func:`with_run_overrides`: ``resume=RUN_DIR`` brings back that run's own command-line overrides.
 - :func:`check_resumable`: a checkpoint only continues the setup that wrote it.
+- :func:`check_left_to_train`: a resume of a run that already reached its epoch or step limit is refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +184,45 @@ def find_checkpoint(resume: str | Path) -> Path:
         f"stopped before its first checkpoint, or this is not a run folder; it holds "
         f"{sorted(p.name for p in path.iterdir())}). Start that run again instead of resuming it."
     )
+
+
+def check_left_to_train(cfg: DictConfig, checkpoint_path: Path) -> None:
+    """Refuse to continue ``checkpoint_path`` (what ``resume=`` or ``ckpt_path=`` named: :func:`resume_checkpoint`)
+    when its run already reached ``trainer.max_epochs`` (or ``trainer.max_steps``).
+
+    Lightning would train 0 epochs, test again and write a new run folder, as if something had been trained. The
+    epochs done are the fit loop's ``processed`` count, which is what Lightning compares with ``max_epochs`` on resume.
+    """
+    setting = "resume" if cfg.get("resume") else "ckpt_path"
+    trainer: Mapping[str, Any] = cfg.trainer
+    checkpoint = load_checkpoint(checkpoint_path, mmap=True, setting=setting)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs, steps = progress.get("processed"), checkpoint.get("global_step")
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs != -1 and epochs >= max_epochs:
+        reached = f"trainer.max_epochs={max_epochs} ({epochs} epoch(s) done)"
+        longer = f"trainer.max_epochs={epochs + max(1, max_epochs // 2)}"
+    elif isinstance(steps, int) and isinstance(max_steps, int) and max_steps != -1 and steps >= max_steps:
+        reached = f"trainer.max_steps={max_steps} ({steps} step(s) done)"
+        longer = f"trainer.max_steps={2 * steps}"
+    else:
+        return
+    run = RunFolder.of_checkpoint(checkpoint_path)
+    best = _best_checkpoint(run) or f"{run.checkpoints}/<its best epochNN-val_acc*.ckpt>"
+    raise ResumeError(
+        f"{setting}={cfg.get(setting)}: nothing left to train, that run already reached {reached}. To train it "
+        f"longer, resume with a larger limit ({setting}={cfg.get(setting)} {longer}); to test it again, "
+        f"python -m finetune.evaluate ckpt_path={best}."
+    )
+
+
+def _best_checkpoint(run: RunFolder) -> str | None:
+    """The best checkpoint a finished run recorded in its ``results.json``, if that file still exists."""
+    try:
+        best = json.loads(run.results.read_text()).get("best_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return best if isinstance(best, str) and Path(best).is_file() else None
 
 
 def with_run_overrides(argv: list[str]) -> list[str]:
