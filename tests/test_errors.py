@@ -168,7 +168,7 @@ def test_unknown_experiment_lists_the_available_ones():
     "override, message",
     [
         ("model.head_lr_mult=0", r"model.head_lr_mult must be > 0, got 0"),
-        ("model.freeze=layers", r"Unknown freeze mode 'layers': model.freeze must be one of \('none', 'backbone'\)"),
+        ("model.freeze=layers", r"Unknown model.freeze='layers': choose one of \('none', 'backbone'\)"),
         ("data.val_fraction=1.0", r"data.val_fraction must be strictly between 0 and 1, got 1.0"),
         ("data.val_fraction=-0.1", r"data.val_fraction must be strictly between 0 and 1, got -0.1"),
         ("data.val_fraction=0", r"data.val_fraction must be strictly between 0 and 1, got 0: .*selects the checkpoint"),
