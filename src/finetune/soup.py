@@ -31,7 +31,7 @@ from finetune.calibration import calibration_record, collect_logits, fit_tempera
 from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.errors import SettingError
 from finetune.evaluate import check_classes, use_checkpoint_geometry
-from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_for_inference
+from finetune.harness.checkpoint import CheckpointError, check_finite_weights, load_checkpoint, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
@@ -118,6 +118,8 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
+    for path, checkpoint in checkpoints.items():
+        check_finite_weights(checkpoint.get("state_dict") or {}, path, setting="ckpts")  # would poison every soup
     check_ingredients(checkpoints)
 
     base_path = paths[-1] if method == "wise" else paths[0]  # wise: the fine-tuned model's recipe

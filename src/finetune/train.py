@@ -26,6 +26,7 @@ from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.exits import ends_user_errors_cleanly, user_errors
+from finetune.harness.guards import DivergenceStop
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
     check_left_to_train,
@@ -67,7 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_report: dict[str, Any] | None = None
     calibration: dict[str, float] = {}
     try:
-        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
+        callbacks = [history, RngState(), InterruptCheckpoint(output_dir), SignalStop(), DivergenceStop()]
+        run = assemble(cfg, callbacks)
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:
