@@ -132,11 +132,13 @@ class DivergenceStop(pl.Callback):
     def __init__(self) -> None:
         self._pending: tuple[torch.Tensor, int, int] | None = None  # (loss, epoch, batch) read at the next check
         self._largest: float | None = None  # the largest training loss of the epoch so far, for the message
-        self._group: Any = None  # where the DDP ranks agree: created once, by every rank
+        self._group: Any = None  # where the DDP ranks agree (None: the default group, under gloo)
+        self._agree = False  # several processes: they decide together
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.world_size > 1 and self._group is None:
-            self._group = signal_group(process_group_timeout(trainer.strategy))
+        if stage == "fit" and trainer.world_size > 1 and not self._agree:
+            self._group = signal_group(process_group_timeout(trainer.strategy))  # a collective: every rank, once
+            self._agree = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._largest = None
@@ -186,10 +188,7 @@ class DivergenceStop(pl.Callback):
         diverged = not math.isfinite(value)
         if pending is not None and not diverged:
             self._largest = value if self._largest is None else max(self._largest, value)
-        if self._group is not None and trainer.world_size > 1:
-            agreed = any_rank(diverged, self._group)
-        else:
-            agreed = diverged
+        agreed = any_rank(diverged, self._group) if self._agree else diverged
         if not agreed:
             return
         if diverged:
