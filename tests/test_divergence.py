@@ -40,10 +40,14 @@ class PoisonRunningStats(pl.Callback):
                     module.running_mean.fill_(float("nan"))
 
 
+def no_nan(constant: str) -> None:
+    raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+
 def assert_failed_untested(out: Path) -> dict:
     """The run's results.json: failed with the divergence, no test, no temperature; every checkpoint it left (from
     before it diverged) holds finite weights, and none was saved when it stopped."""
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(), parse_constant=no_nan)  # plain JSON: no NaN in it
     assert results["status"] == "failed" and results["error"].startswith("DivergedError: Training diverged: ")
     assert results["test/acc"] is None and results["test/loss"] is None and results["test/confusion_matrix"] is None
     assert not any(key.startswith("val/temperature") for key in results)
@@ -79,8 +83,9 @@ def test_a_diverging_run_ends_in_one_error_line_that_names_the_learning_rate(tmp
         ["model.mixup_alpha=0.4"],  # the loss of soft targets
         ["model.cutmix_alpha=1.0", "model.ema_decay=0.9", "calibrate=false"],
         ["experiment=frozen"],  # diverges on the last batch of epoch 2: found before that epoch is validated
+        ["experiment=frozen", "trainer.limit_val_batches=0"],  # ... and without validation, at the epoch's end
     ],
-    ids=["plain", "ema", "mixup", "cutmix-ema", "frozen"],
+    ids=["plain", "ema", "mixup", "cutmix-ema", "frozen", "frozen-unvalidated"],
 )
 def test_divergence_fails_the_run_whatever_the_recipe(tmp_path, tiny_folder, recipe):
     with pytest.raises(DivergedError, match=f"^Training diverged: the training loss is .*{NAMES_THE_RATE}"):

@@ -66,9 +66,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
     test_report: dict[str, Any] | None = None
-    calibration: dict[str, float] = {}
+    calibration: dict[str, Any] = {}
     try:
-        callbacks = [history, RngState(), InterruptCheckpoint(output_dir), SignalStop(), DivergenceStop()]
+        # DivergenceStop before EpochHistory: an epoch that ends on a nan loss is never recorded.
+        callbacks = [DivergenceStop(), history, RngState(), InterruptCheckpoint(output_dir), SignalStop()]
         run = assemble(cfg, callbacks)
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs

@@ -221,7 +221,7 @@ def divergence_advice(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str
     )
     if str(trainer.precision).startswith("16"):
         advice += f", or train in trainer.precision=32-true (float16, {trainer.precision} now, overflows at 65504)"
-    return advice + ". The weights are not finite: nothing was tested or calibrated."
+    return advice + ". The run stopped there: nothing was tested or calibrated."
 
 
 def configured_lr(trainer: pl.Trainer) -> float | None:
