@@ -2,7 +2,9 @@
 
 For checkpoints written without ``calibrate=true`` (or a soup). The temperature is fitted on the validation split of
 the data settings given (pass the run's, so that it is the run's own validation split), and written with the weights
-into ``calibrated.ckpt`` in a new folder, never over the original; ``calibration.json`` says what changed.
+into ``calibrated.ckpt`` in a new folder, never over the original; ``calibration.json`` says what changed. A
+temperature that cannot be trusted (too few validation images, far from 1) is not applied: the copy keeps T = 1 and
+both the record (``val/temperature_reliable``, ``val/temperature_reason``) and the printed line say why.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
-from finetune.harness.calibrate import fit_checkpoint_temperature
+from finetune.harness.calibrate import fit_checkpoint_temperature, temperature_line
 from finetune.harness.checkpoint import load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
@@ -46,10 +48,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "calibrated_checkpoint": str(output),
     }
     write_json_atomic(output_dir / RECORD, record)
-    print(
-        f"temperature {record['val/temperature']:.3f}: val ECE {record['val/ece_uncalibrated']:.3f} -> "
-        f"{record['val/ece']:.3f}. Wrote {output}"
-    )
+    print(f"{temperature_line(record)}. Wrote {output}")
     return record
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,10 @@ class FineTuneModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        # Epoch losses as torchmetrics too: weighted by samples, and exact across DDP ranks with uneven shards.
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # Epoch losses as torchmetrics too: weighted by samples, and exact across DDP ranks with uneven shards. A nan
+        # batch loss makes the epoch's nan (torchmetrics' default drops it with a warning: a broken batch would vanish
+        # from val/loss and test/loss); "disable" would also drop the weights.
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
         # The test report (per class, confusion matrix, AUROC, ECE, worst images): see finetune.metrics.
         self.test_metrics = TestMetrics(num_classes)
         self.test_report: dict[str, Any] | None = None

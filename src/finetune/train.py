@@ -26,6 +26,7 @@ from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.exits import ends_user_errors_cleanly, user_errors
+from finetune.harness.guards import DivergenceStop
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
     check_left_to_train,
@@ -65,9 +66,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
     test_report: dict[str, Any] | None = None
-    calibration: dict[str, float] = {}
+    calibration: dict[str, Any] = {}
     try:
-        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
+        # DivergenceStop before EpochHistory: an epoch that ends on a nan loss is never recorded.
+        callbacks = [DivergenceStop(), history, RngState(), InterruptCheckpoint(output_dir), SignalStop()]
+        run = assemble(cfg, callbacks)
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:
