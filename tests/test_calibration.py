@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image
 
 from finetune.calibrate import calibrate
+from finetune.errors import DivergedError
 from finetune.evaluate import evaluate
 from finetune.export import ExportedClassifier
 from finetune.harness.checkpoint_io import load_for_inference, preprocessing
+from finetune.harness.results import summary
 from finetune.predict import predict
 from finetune.run import compose_config
 from finetune.scoring import TEMPERATURE, Scorer
-from finetune.temperature import EmptyValidationError, calibration_record, fit_temperature
+from finetune.temperature import (
+    MIN_IMAGES,
+    EmptyValidationError,
+    calibrate_logits,
+    calibration_record,
+    fit_temperature,
+)
 from finetune.train import train
 
 from .conftest import make_image_folder, tiny_overrides
@@ -44,19 +53,79 @@ def test_an_empty_validation_split_is_refused_with_the_setting_to_change():
         fit_temperature(torch.empty(0, 2), torch.empty(0, dtype=torch.long))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_are_refused_not_fitted(bad):
+    logits, targets = overconfident(n=100)
+    logits[7, 1] = bad
+    with pytest.raises(DivergedError, match=r"logits for 1 of 100 validation images are nan or inf.*optimizer\.lr"):
+        fit_temperature(logits, targets)
+
+
+def test_a_trustworthy_fit_is_applied_and_recorded_as_reliable():
+    logits, targets = overconfident(n=400, temperature=2.5)
+    record = calibrate_logits(logits, targets)
+    assert record["temperature"] == record["temperature_fitted"] == pytest.approx(2.5, rel=0.15)
+    assert record["temperature_reliable"] is True and record["temperature_reason"] is None
+    assert record["temperature_images"] == 400 and record["nll"] < record["nll_uncalibrated"]
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("few images", rf"fitted on only 12 validation images \(fewer than {MIN_IMAGES}\).*data\.val_fraction"),
+        ("no mistakes", r"every validation image is classified right.*no temperature is determined"),
+        ("confidently wrong", r"it is above 20: the model is confidently wrong"),
+        ("barely trained", r"it is below 0\.05: the model's scores are nearly uniform"),
+    ],
+)
+def test_an_untrustworthy_fit_is_recorded_and_not_applied(case, reason):
+    logits, targets = overconfident(n=400, temperature=2.5)
+    if case == "few images":
+        logits, targets = logits[:12], targets[:12]
+    elif case == "no mistakes":
+        targets = logits.argmax(dim=1)
+    elif case == "confidently wrong":  # labels unrelated to the logits, which are sure of themselves
+        targets = torch.randint(0, 3, targets.shape, generator=torch.Generator().manual_seed(1))
+        logits = logits * 20
+    else:  # logits near zero: the model has barely moved from uniform
+        logits = logits / 1000
+    record = calibrate_logits(logits, targets)
+    assert record["temperature_reliable"] is False and re.search(reason, record["temperature_reason"])
+    assert record["temperature"] == 1.0 and record["temperature_fitted"] != pytest.approx(1.0, rel=0.05)
+    assert record["nll"] == record["nll_uncalibrated"] and record["ece"] == record["ece_uncalibrated"]
+
+
+def calibration_folder(root):
+    """100 training images (20 of them validated), 10 of them in the other class's folder: a model trained on them
+    makes validation mistakes with confidence, so a temperature is determined and above 1."""
+    make_image_folder(root, n_train=50, n_test=8)
+    for i in range(5):
+        for ours, other in (("cat", "dog"), ("dog", "cat")):
+            (root / "train" / ours / f"{ours}_{i * 10:03d}.png").rename(root / "train" / other / f"{ours}_{i}.png")
+    return root
+
+
+CALIBRATES = ["trainer.max_epochs=3", "optimizer.lr=0.01", "model.head_lr_mult=1"]  # T about 1.8 on these
+
+
 @pytest.fixture(scope="module")
-def calibrated_run(tmp_path_factory):
-    root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
+def calibration_data(tmp_path_factory):
+    return calibration_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory, calibration_data):
     out = tmp_path_factory.mktemp("run")
-    overrides = ["trainer.max_epochs=3", "optimizer.lr=0.05", "model.head_lr_mult=1"]
-    results = train(compose_config(overrides + tiny_overrides(root, out)))
+    results = train(compose_config(CALIBRATES + tiny_overrides(calibration_data, out)))
     assert results["status"] == "completed", results.get("error")
-    return {**results, "root": root}
+    return {**results, "root": calibration_data}
 
 
 def test_training_fits_a_temperature_on_val_and_stores_it_in_the_tested_checkpoint(calibrated_run, tmp_path):
     temperature = calibrated_run["val/temperature"]
     assert temperature > 0 and temperature != 1.0
+    assert calibrated_run["val/temperature_reliable"] is True and calibrated_run["val/temperature_images"] == 20
+    assert f"  temperature {temperature:.3f}: val ECE " in summary(calibrated_run)  # the summary line says it
     assert calibrated_run["val/ece"] <= calibrated_run["val/ece_uncalibrated"] + 1e-6
     stored = torch.load(calibrated_run["best_checkpoint"], weights_only=True)
     assert stored[TEMPERATURE] == pytest.approx(temperature)
@@ -84,9 +153,9 @@ def test_predict_and_export_divide_the_logits_by_the_temperature(calibrated_run,
     assert not torch.allclose(raw.softmax(dim=1)[0], expected, atol=1e-4)  # the temperature made a difference
 
 
-def test_finetune_calibrate_writes_a_new_checkpoint_and_leaves_the_original(tmp_path):
-    root = make_image_folder(tmp_path / "data", n_train=10, n_test=4)
-    overrides = ["trainer.max_epochs=2", "optimizer.lr=0.05", "calibrate=false"]
+def test_finetune_calibrate_writes_a_new_checkpoint_and_leaves_the_original(tmp_path, calibration_data):
+    root = calibration_data
+    overrides = [*CALIBRATES, "calibrate=false"]
     results = train(compose_config(overrides + tiny_overrides(root, tmp_path / "run")))
     original = torch.load(results["best_checkpoint"], weights_only=True)
     assert TEMPERATURE not in original and "val/temperature" not in results  # uncalibrated: the logits as they are
@@ -108,3 +177,36 @@ def test_finetune_calibrate_writes_a_new_checkpoint_and_leaves_the_original(tmp_
     assert written[TEMPERATURE] == pytest.approx(record["val/temperature"]) and record["val/temperature"] != 1.0
     assert open(results["best_checkpoint"], "rb").read() == before
     assert json.loads((tmp_path / "calibrated" / "calibration.json").read_text())["val/ece"] == record["val/ece"]
+
+
+def test_a_tiny_validation_split_keeps_temperature_1_and_every_command_says_why(tmp_path, tiny_folder, capsys):
+    overrides = ["trainer.max_epochs=2", "optimizer.lr=0.05"]
+    results = train(compose_config(overrides + tiny_overrides(tiny_folder, tmp_path / "run")))
+    assert results["status"] == "completed", results.get("error")
+    assert results["val/temperature"] == 1.0 and results["val/temperature_reliable"] is False
+    assert results["val/temperature_images"] == 4 and results["val/temperature_fitted"] != pytest.approx(1.0)
+    assert "fitted on only 4 validation images (fewer than 20)" in results["val/temperature_reason"]
+    assert torch.load(results["best_checkpoint"], weights_only=True)[TEMPERATURE] == 1.0
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["val/temperature_reason"] == results["val/temperature_reason"]
+    printed = capsys.readouterr().out
+    assert "  temperature not applied (kept 1): T=" in printed and "fewer than 20" in printed
+    assert "test/acc" in printed.split("temperature not applied")[0]  # the line sits in the summary
+
+    cfg = compose_config(
+        [
+            f"ckpt_path={results['best_checkpoint']}",
+            "data=folder",
+            f"data.root={tiny_folder}",
+            "data.val_fraction=0.2",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            f"paths.output_dir={tmp_path / 'calibrated'}",
+        ],
+        config_name="calibrate",
+    )
+    record = calibrate(cfg)
+    assert record["val/temperature"] == 1.0 and record["val/temperature_reliable"] is False
+    assert record["val/temperature_fitted"] == pytest.approx(results["val/temperature_fitted"], rel=1e-4)
+    assert torch.load(tmp_path / "calibrated" / "calibrated.ckpt", weights_only=True)[TEMPERATURE] == 1.0
+    assert "temperature not applied (kept 1)" in capsys.readouterr().out

@@ -188,6 +188,10 @@ BAD_SETTINGS = [
     ("trainer.max_epochs=2.5", r"trainer.max_epochs must be an integer >= 1 \(the epochs to train\), got 2.5\."),
     ("+trainer.max_steps=0", r"trainer.max_steps must be -1 \(no step limit\) or an integer >= 1, got 0\. Leave it"),
     ("trainer.max_epochs=-1 +trainer.max_steps=-1", r"trainer.max_epochs must be an integer >= 1 .*, got -1\."),
+    # Lightning skips clipping for a negative limit without a word, and fails on nan naming neither setting nor fix.
+    ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a number >= 0 \(null or 0: no clipping\)"),
+    ("trainer.gradient_clip_val=nan", r"trainer.gradient_clip_val must be a number >= 0 .*, got nan\."),
+    ("+trainer.gradient_clip_algorithm=max", r"trainer.gradient_clip_algorithm must be one of norm, value, got 'max'"),
 ]
 
 
@@ -221,6 +225,8 @@ def test_in_range_optimizer_settings_pass(settings):
         {"max_epochs": 5, "max_steps": -1},
         {"max_epochs": -1, "max_steps": 3},  # what scripts/gpu_check.py runs: stopped by steps
         {"max_epochs": 2, "max_steps": 1},
+        {"max_epochs": 1, "gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"},
+        {"max_epochs": 1, "gradient_clip_val": 0, "gradient_clip_algorithm": None},  # Lightning's "no clipping"
     ],
 )
 def test_runs_that_train_pass_the_trainer_check(trainer):

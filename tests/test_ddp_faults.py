@@ -48,6 +48,18 @@ class Progress(pl.Callback):
         path.with_suffix(".tmp").replace(path)
 
 
+class NanLossOnRank(pl.Callback):
+    """Test-only: on ``rank``, the loss that the callbacks see after optimizer step ``step`` reads nan (the training
+    itself is untouched): a loss that turned non-finite on one rank only, as on one rank's batch."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            outputs["loss"].fill_(float("nan"))
+
+
 @dataclass
 class DdpRun:
     process: subprocess.Popen  # rank 0
@@ -203,6 +215,30 @@ def test_killed_rank_fails_the_other_and_is_named(start_ddp):
     assert results["status"] == "failed", results
     assert results["error"].startswith(f"rank 1 (pid {rank1_pid}) was killed by SIGKILL: "), results["error"]
     assert not (run.run_dir() / "checkpoints" / "interrupted.ckpt").exists()  # no collective save without rank 1
+
+
+@linux
+@pytest.mark.slow
+def test_a_loss_that_turns_nan_on_one_rank_stops_both_with_the_divergence_error(start_ddp):
+    """Without agreeing, rank 1 would stop alone and rank 0 would wait in the next gradient all-reduce until
+    ddp_timeout_s, then fail with a timeout or a lost rank instead of the message that says what to change."""
+    run = start_ddp(
+        "+callbacks.nan_loss._target_=tests.test_ddp_faults.NanLossOnRank",
+        "+callbacks.nan_loss.rank=1",
+        "+callbacks.nan_loss.step=5",
+    )
+    rank1_pid = run.wait_until_training(min_step=2)
+    rank0 = run.process.wait(timeout=LIMIT_S)
+    rank1 = wait_for_exit(rank1_pid, time.monotonic() + LIMIT_S)
+    output = run.output()
+    assert (rank0, rank1) == (2, 2), output
+    results = run.results()
+    assert results["status"] == "failed" and results["test/acc"] is None, results
+    assert results["error"].startswith("DivergedError: Training diverged: the training loss of another DDP rank is")
+    assert "optimizer.lr=" in results["error"] and "Traceback" not in output
+    rank1_log = (run.run_dir() / "train_ddp_process_1.log").read_text()
+    assert "Error: Training diverged: the training loss is nan in epoch 1 (batch 5)" in rank1_log
+    assert not (run.run_dir() / "checkpoints" / "interrupted.ckpt").exists()
 
 
 @linux

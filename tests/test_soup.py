@@ -80,6 +80,9 @@ def test_wise_ft_sweeps_alpha_on_validation_and_calibrates(family, tmp_path):
     assert json.loads((tmp_path / "sweep" / "soup.json").read_text())["chosen"] == record["chosen"]
     stored = torch.load(tmp_path / "sweep" / "soup.ckpt", weights_only=True)
     assert stored["temperature"] == pytest.approx(record["val/temperature"])
+    # 4 validation images: as after training, a temperature fitted on so few is recorded but not applied.
+    assert record["val/temperature_images"] == 4 and record["val/temperature_reliable"] is False
+    assert record["val/temperature"] == 1.0 and "fewer than 20" in record["val/temperature_reason"]
 
 
 def test_uniform_and_greedy_soups(family, tmp_path):

@@ -2,7 +2,9 @@
 
 For checkpoints written without ``calibrate=true`` (or a soup). The temperature is fitted on the validation split of
 the data settings given (pass the run's, so that it is the run's own validation split), and written with the weights
-into ``calibrated.ckpt`` in a new folder, never over the original; ``calibration.json`` says what changed.
+into ``calibrated.ckpt`` in a new folder, never over the original; ``calibration.json`` says what changed. A
+temperature that cannot be trusted (too few validation images, far from 1) is not applied: the copy keeps T = 1 and
+both the record (``val/temperature_reliable``, ``val/temperature_reason``) and the printed line say why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
-from finetune.temperature import calibrate_checkpoint
+from finetune.temperature import calibrate_checkpoint, temperature_line
 
 CALIBRATED = "calibrated.ckpt"
 RECORD = "calibration.json"
@@ -45,10 +47,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     save_checkpoint(checkpoint, output)
     record["calibrated_checkpoint"] = str(output)
     write_json_atomic(output_dir / RECORD, record)
-    print(
-        f"temperature {record['val/temperature']:.3f}: val ECE {record['val/ece_uncalibrated']:.3f} -> "
-        f"{record['val/ece']:.3f}. Wrote {output}"
-    )
+    print(f"{temperature_line(record)}. Wrote {output}")
     return record
 
 

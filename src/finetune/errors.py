@@ -43,6 +43,11 @@ class DownloadError(UserError, RuntimeError):
     """A download that failed or arrived corrupt: the message says how to work offline."""
 
 
+class DivergedError(UserError, FloatingPointError):
+    """Training diverged (a loss that is ``nan`` or ``inf``), or a checkpoint or its logits hold what such a run left:
+    the message names the learning rate (``optimizer.lr``) and the settings that keep training stable."""
+
+
 class MissingPackageError(UserError, ModuleNotFoundError):
     """An optional package a setting needs is not installed; the message names the extra to install."""
 

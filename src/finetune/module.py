@@ -10,6 +10,7 @@ and test-time views when a trained model is scored) and ``finetune.features`` (t
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,8 +71,9 @@ class FineTuneModule(pl.LightningModule):
                 param.requires_grad_(False)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        # Epoch losses as torchmetrics: weighted by samples, and exact across DDP ranks with uneven shards.
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        # Epoch losses as torchmetrics: weighted by samples, exact across DDP ranks with uneven shards; a nan batch
+        # makes the epoch's nan (torchmetrics' default would drop it with a warning, and a broken batch would vanish).
+        self.train_loss, self.val_loss = MeanMetric(nan_strategy=math.nan), MeanMetric(nan_strategy=math.nan)
 
     @staticmethod
     def check_settings(model: DictConfig, cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ through it, so temperature and views live here and nowhere in the module being t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,7 +33,7 @@ class Scorer(pl.LightningModule):
         self.temperature = float(temperature)
         num_classes = model.hparams.num_classes
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_loss = MeanMetric()
+        self.test_loss = MeanMetric(nan_strategy=math.nan)  # a nan batch makes test/loss nan, not vanish
         self.test_metrics = TestMetrics(num_classes)  # per class, confusion matrix, AUROC, ECE, worst images
         self.report: dict[str, Any] | None = None
         self._batches: list[list[int]] | None = None

@@ -10,7 +10,8 @@
 Everything is chosen on the validation split of the data settings given, which must be the checkpoints' own split
 (their recorded ``data.split_seed``, ``val_fraction``, ``folds`` and ``fold`` are checked): the test split is never
 read. Writes ``soup.ckpt`` (a normal checkpoint: evaluate, predict, export and the shift benchmark take it; with
-``calibrate=true`` it gets a temperature fitted on validation) and ``soup.json`` (every candidate's validation score).
+``calibrate=true`` it gets a temperature fitted on validation, where one can be trusted) and ``soup.json`` (every
+candidate's validation score).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from torch.nn import functional as F
 from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_geometry
-from finetune.harness.checkpoint_io import CheckpointError, load_checkpoint, load_for_inference, save_checkpoint
+from finetune.harness.checkpoint_io import (
+    CheckpointError,
+    check_finite_weights,
+    load_checkpoint,
+    load_for_inference,
+    save_checkpoint,
+)
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import ends_user_errors_cleanly
@@ -38,7 +45,7 @@ from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
 from finetune.scoring import TEMPERATURE
-from finetune.temperature import calibration_record, collect_logits, fit_temperature
+from finetune.temperature import calibrate_logits, collect_logits, temperature_line
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +143,8 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
+    for path, checkpoint in checkpoints.items():
+        check_finite_weights(checkpoint.get("state_dict") or {}, path, setting="ckpts")  # would poison every soup
     check_ingredients(checkpoints)
 
     base_path = paths[-1] if method == "wise" else paths[0]  # wise: the fine-tuned model's recipe
@@ -196,12 +205,11 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     checkpoint["state_dict"] = final
     checkpoint[TEMPERATURE] = 1.0
     model.load_state_dict(final)
-    calibration: dict[str, float] = {}
+    calibration: dict[str, Any] = {}
     if cfg.get("calibrate", True):
         logits, targets = collect_logits(model, run.images.val_set, run.images.batch_size)
-        temperature = fit_temperature(logits, targets)
-        calibration = {f"val/{k}": v for k, v in calibration_record(logits, targets, temperature).items()}
-        checkpoint[TEMPERATURE] = temperature
+        calibration = {f"val/{k}": v for k, v in calibrate_logits(logits, targets).items()}
+        checkpoint[TEMPERATURE] = calibration["val/temperature"]  # 1 where the fit cannot be trusted
     output = output_dir / SOUP
     save_checkpoint(checkpoint, output)
     record = {
@@ -215,6 +223,8 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(output_dir / RECORD, record)
     what = f"alpha {chosen['alpha']:g}" if method == "wise" else f"{len(ingredients)} of {len(paths)} checkpoints"
     print(f"{method} soup ({what}): val/acc {chosen['val/acc']:.4f}. Wrote {output}")
+    if calibration:
+        print(temperature_line(calibration))
     return record
 
 

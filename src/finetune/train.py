@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.checkpoint_io import load_checkpoint, save_checkpoint
 from finetune.harness.checkpointing import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
+from finetune.harness.divergence import DivergenceStop
 from finetune.harness.exits import ends_user_errors_cleanly, user_errors
 from finetune.harness.overrides import sweep_params_from_argv
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
@@ -67,9 +68,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     test_metrics: dict[str, float] = {}
     test_report: dict[str, Any] | None = None
-    calibration: dict[str, float] = {}
+    calibration: dict[str, Any] = {}
     try:
-        run = assemble(cfg, [history, RngState(), InterruptCheckpoint(output_dir), SignalStop()])
+        # DivergenceStop before EpochHistory: an epoch that ends on a nan loss is never recorded.
+        callbacks = [DivergenceStop(), history, RngState(), InterruptCheckpoint(output_dir), SignalStop()]
+        run = assemble(cfg, callbacks)
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
         if ckpt_path is not None:

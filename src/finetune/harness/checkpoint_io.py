@@ -4,8 +4,8 @@
   pickled objects), with an error that names the file, and for a truncated file the run's other checkpoint.
 - :func:`class_names` and :func:`preprocessing` read back what every checkpoint of ``finetune.train`` stores beside
   the weights (the class names in order, and the eval :class:`~finetune.data.transforms.Preprocessing`).
-- :func:`load_for_inference`: the model in a checkpoint file, ready to evaluate, predict or export, and its
-  temperature.
+- :func:`load_for_inference`: the model in a checkpoint file, ready to evaluate, predict or export; refused when
+  its weights are not finite (:func:`check_finite_weights`: a diverged run's), which would score as chance.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from finetune.data import is_image_file
 from finetune.data.transforms import CLASSES, PREPROCESSING, Preprocessing
-from finetune.errors import PathError, UserError, describe_path
+from finetune.errors import DivergedError, PathError, UserError, describe_path
 from finetune.harness.run_folder import CHECKPOINTS, INTERRUPTED, LAST, RunFolder
 from finetune.module import FineTuneModule
 
@@ -249,6 +249,22 @@ def class_names(checkpoint: dict[str, Any], num_classes: int, path: str | Path =
     return classes
 
 
+def check_finite_weights(state_dict: dict[str, Any], path: str | Path, setting: str = "ckpt_path") -> None:
+    """Refuse a checkpoint whose floating-point tensors hold ``nan`` or ``inf``: a run that diverged saved it, and
+    every score of it would be chance (an accuracy of the majority class, a ``nan`` loss) or a nonsense temperature."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise DivergedError(
+            f"{setting}={path}: {len(bad)} of its weight tensors hold nan or inf (e.g. {', '.join(bad[:3])}): the "
+            "run that saved it diverged. Use a checkpoint from before it diverged, or train again with a lower "
+            "optimizer.lr (or trainer.gradient_clip_val=1.0)."
+        )
+
+
 # The module's recipe in a checkpoint's hyper-parameters; others (training settings of earlier versions) are ignored.
 MODEL_KEYS = ("num_classes", "backbone", "freeze", "head_lr_mult")
 
@@ -265,6 +281,7 @@ def load_for_inference(path: str | Path) -> tuple[FineTuneModule, dict[str, Any]
     if "num_classes" not in hparams:
         raise CheckpointError(f"{str(path)!r} has no model hyper-parameters: it was not written by finetune.train.")
     preprocessing(checkpoint, path)
+    check_finite_weights(checkpoint.get("state_dict") or {}, path)
     model = FineTuneModule(**{key: hparams[key] for key in MODEL_KEYS if key in hparams}, weights=None)
     weights = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("criterion.")}
     try:

@@ -4,7 +4,8 @@
   only does when the best one changes) and keeps its best-so-far when a resumed run writes to a new folder
   (Lightning forgets it when the folder changes); the earlier run's files are never deleted.
 - ``InterruptCheckpoint``: Ctrl+C, SIGTERM (Lightning stops at the end of the batch) or a crash while fitting
-  saves ``checkpoints/interrupted.ckpt``; under DDP only a stop that every rank agreed on does (``SignalStop``).
+  saves ``checkpoints/interrupted.ckpt``; under DDP only a stop that every rank agreed on does (``SignalStop``);
+  never a diverged fit's non-finite weights (``DivergenceStop``).
 - ``CheckpointRecord``: what every checkpoint carries beside the weights: the class names and the eval
   preprocessing of its data (what evaluate, predict and export rely on), the optimizer's class and the recipe's
   components (what a resume checks) and the format version.
@@ -23,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from finetune.data.transforms import CLASSES, PREPROCESSING
+from finetune.errors import DivergedError
 from finetune.harness.distributed import StopRequested
 from finetune.harness.run_folder import RunFolder
 
@@ -82,6 +84,8 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing trained yet (or interrupted while testing): last.ckpt, if any, is the state to keep
+        if isinstance(exception, DivergedError):
+            return  # the weights are nan or inf now: last.ckpt, if any, holds the last finite ones
         if trainer.world_size > 1 and not isinstance(exception, StopRequested):
             log.warning("Not saving %s: under DDP only a stop that every rank reached together can", self.ckpt_path)
             return

@@ -13,7 +13,8 @@ the job's own overrides (``hydra.overrides.task``, no sweep lists) and its outpu
 restores the launcher's environment variables, so the next job of a sequential sweep starts a fresh DDP group.
 
 Faults: :func:`agree_on_signal` is how the ranks agree to stop together after a signal reached any one of them
-(``finetune.harness.signals.SignalStop``), raising :class:`StopRequested` at the same point on every rank;
+(``finetune.harness.signals.SignalStop``), raising :class:`StopRequested` at the same point on every rank
+(:func:`any_rank`: the same for a diverged loss, ``finetune.harness.divergence.DivergenceStop``);
 :func:`set_timeout` bounds every collective (``ddp_timeout_s``), so that a dead or stuck rank makes the others fail
 instead of wait; :func:`lost_ranks` names the rank that went missing, for the error message.
 """
@@ -147,6 +148,12 @@ def agree_on_signal(signum: int, group: dist.ProcessGroup | None = None) -> int:
     flag = torch.tensor([signum], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` is true on any rank, the same answer on every rank (a CPU all-reduce over ``group``, see
+    :func:`signal_group`). A collective: every rank must call it at the same point of the loop."""
+    return bool(agree_on_signal(int(flag), group))
 
 
 def set_timeout(trainer: pl.Trainer, seconds: float | None) -> None:

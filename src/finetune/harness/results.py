@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from finetune.harness.figures import write_figures
 from finetune.harness.run_folder import RunFolder
 from finetune.metrics import TEST_REPORT_KEYS, report_record
+from finetune.temperature import temperature_line
 
 
 def to_number(value: Any) -> float | None:
@@ -108,15 +109,15 @@ def summary(results: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    return "\n".join(
-        [
-            f"[{results['experiment']}] {results['backbone']} weights={results['weights']} seed={results['seed']}",
-            f"  best val/acc {fmt(results['val/acc'])}   test/acc {fmt(results['test/acc'])}   "
-            f"test/loss {fmt(results['test/loss'])}   epochs {results['epochs']}   fit {results['fit_seconds']:.1f}s",
-            f"  best checkpoint: {results['best_checkpoint']}",
-            f"  output folder:   {results['output_dir']}",
-        ]
-    )
+    lines = [
+        f"[{results['experiment']}] {results['backbone']} weights={results['weights']} seed={results['seed']}",
+        f"  best val/acc {fmt(results['val/acc'])}   test/acc {fmt(results['test/acc'])}   "
+        f"test/loss {fmt(results['test/loss'])}   epochs {results['epochs']}   fit {results['fit_seconds']:.1f}s",
+    ]
+    if "val/temperature" in results:  # calibrate=true: the temperature applied, or why none was
+        lines.append(f"  {temperature_line(results)}")
+    lines += [f"  best checkpoint: {results['best_checkpoint']}", f"  output folder:   {results['output_dir']}"]
+    return "\n".join(lines)
 
 
 def command_line_overrides() -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.checks import check_number
 from finetune.errors import SettingError
 
 
@@ -35,6 +36,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
             "for trainer.max_epochs, or set the number of optimizer steps to stop after."
         )
     check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
+    check_gradient_clipping(trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
     epochs = trainer.get("max_epochs")
     if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
         raise SettingError(
@@ -66,6 +68,27 @@ def check_devices(devices: Any, num_nodes: Any) -> None:
             )
     if not (_count(num_nodes) and num_nodes >= 1):
         raise SettingError(f"trainer.num_nodes must be an integer >= 1 (machines to train on), got {num_nodes!r}.")
+
+
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def check_gradient_clipping(value: Any, algorithm: Any) -> None:
+    """``trainer.gradient_clip_val`` (null or 0: no clipping) and ``trainer.gradient_clip_algorithm``. Lightning skips
+    clipping for a negative limit without a word, and fails on ``nan`` with a message about a conflict."""
+    if value is not None:
+        check_number(
+            "trainer.gradient_clip_val",
+            value,
+            "a number >= 0 (null or 0: no clipping)",
+            lambda x: x >= 0,
+            "It is the largest gradient norm a step may take (gradient_clip_algorithm=norm); 1.0 is a usual limit.",
+        )
+    if algorithm is not None and algorithm not in CLIP_ALGORITHMS:
+        raise SettingError(
+            f"trainer.gradient_clip_algorithm must be one of {', '.join(CLIP_ALGORITHMS)}, got {algorithm!r}. norm "
+            "(Lightning's default) scales the whole gradient down to trainer.gradient_clip_val; value clips each entry."
+        )
 
 
 SEED_RANGE = (0, 2**32 - 1)  # Lightning's: outside it, seed_everything only warns and draws a random seed
