@@ -19,6 +19,7 @@ from finetune.evaluate import evaluate
 from finetune.harness.checkpoint_io import check_finite_weights
 from finetune.module import FineTuneModule
 from finetune.run import compose_config
+from finetune.scoring import Scorer
 from finetune.soup import soup
 from finetune.train import train
 
@@ -149,7 +150,7 @@ def test_calibrate_and_soup_refuse_a_checkpoint_with_nan_weights(broken_checkpoi
 
 def test_a_nan_batch_makes_the_epoch_loss_nan_instead_of_vanishing_from_it():
     model = FineTuneModule(num_classes=2, weights=None)
-    for metric in (model.train_loss, model.val_loss, model.test_loss):
+    for metric in (model.train_loss, model.val_loss, Scorer(model).test_loss):
         metric.update(torch.tensor(1.0), weight=3)
         metric.update(torch.tensor(3.0), weight=1)
         assert float(metric.compute()) == pytest.approx(1.5)  # weighted by the images of each batch

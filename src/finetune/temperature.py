@@ -193,8 +193,8 @@ def temperature_line(record: dict[str, Any]) -> str:
     """What a command that calibrated prints about it: the temperature applied, or why none was."""
     if record.get("val/temperature_reliable", True):
         return (
-            f"temperature {record['val/temperature']:.3f} (on {record.get('val/temperature_images')} validation "
-            f"images): val ECE {record['val/ece_uncalibrated']:.3f} -> {record['val/ece']:.3f}"
+            f"temperature {record['val/temperature']:.3f}: val ECE {record['val/ece_uncalibrated']:.3f} -> "
+            f"{record['val/ece']:.3f}"
         )
     fitted = record.get("val/temperature_fitted")
     fitted = "a nan or infinite T" if fitted is None else f"T={fitted:.4g}"
