@@ -6,14 +6,18 @@ that are missing, not a state_dict or for another architecture, and unknown back
 unknown freeze modes and head_lr_mult <= 0 on the module (test_module.py).
 """
 
+import importlib
 import json
 import logging
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -21,6 +25,7 @@ from omegaconf import OmegaConf
 from finetune.data import ImageFolderDataModule
 from finetune.errors import SettingError
 from finetune.harness.exits import fail, user_errors
+from finetune.harness.overrides import check_override_syntax
 from finetune.harness.settings import check_accelerator, check_node_keys
 from finetune.run import assemble
 from finetune.train import train
@@ -370,3 +375,55 @@ def test_an_accelerator_that_is_not_there_is_refused_by_name(accelerator):
         SettingError, match=rf"^trainer.accelerator={accelerator}, but PyTorch sees no .*accelerator=cpu"
     ):
         check_accelerator(accelerator)
+
+
+# --- the command line: a value Hydra's grammar cannot read ------------------------------------------------------
+
+ENTRY_POINTS = ["train", "evaluate", "predict", "export", "calibrate", "lr_find", "robustness", "shards", "soup"]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_an_apostrophe_in_a_value_is_one_line_showing_the_quoting_in_every_entry_point(
+    entry_point, monkeypatch, capsys
+):
+    module = importlib.import_module(f"finetune.{entry_point}")
+    monkeypatch.setattr(sys, "argv", [entry_point, "seed=1", "data.root=/x/bob's photos"])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith('Error: Hydra cannot read the override "data.root=/x/bob\'s photos"')
+    shell_word = line.rsplit("for the shell: ", 1)[1].removesuffix(".")
+    assert shell_word == '"data.root=\\"/x/bob\'s photos\\""'  # "data.root=\"/x/bob's photos\""
+    [override] = shlex.split(shell_word)  # what the shell passes on: Hydra reads the value given
+    assert OverridesParser.create().parse_override(override).value() == "/x/bob's photos"
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("data.root=/x/a#b", "'data.root=\"/x/a#b\"'"),
+        ("ckpt_path=/x/run(2)/last.ckpt", "'ckpt_path=\"/x/run(2)/last.ckpt\"'"),
+        ("data.root=/x/a=b", "'data.root=\"/x/a=b\"'"),
+    ],
+)
+def test_other_values_hydra_cannot_read_show_their_quoting(override, shown):
+    with pytest.raises(SettingError, match=r"^Hydra cannot read the override") as info:
+        check_override_syntax(["-m", override, "--cfg", "job"])
+    assert str(info.value).endswith(f"for the shell: {shown}.")
+    value = override.partition("=")[2]
+    assert OverridesParser.create().parse_override(shlex.split(shown)[0]).value() == value
+
+
+def test_overrides_hydra_reads_and_hydras_flags_pass_the_check():
+    check_override_syntax(["-m", "--config-name", "train", "data.root=/x/a b", "~logger", "+x='a(b)'", "seed=0,1"])
+
+
+@pytest.mark.slow
+def test_an_apostrophe_on_the_command_line_is_one_error_line_and_its_quoting_works(tmp_path, tiny_folder):
+    photos = tmp_path / "bob's photos"
+    args = without(tiny_overrides(tiny_folder, tmp_path / "run"), "data.root")
+    error = _one_error_line(_train([*args, f"data.root={photos}"]), "Hydra cannot read the override", "double quotes")
+    [quoted] = shlex.split(error.rsplit("for the shell: ", 1)[1].removesuffix("."))
+    # Quoted as the message says, Hydra reads the path: the run gets as far as looking for the folder.
+    _one_error_line(_train([*args, quoted]), f'Dataset folder "{photos}" (data.root) does not exist')

@@ -32,7 +32,7 @@ from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.errors import SettingError
 from finetune.evaluate import check_classes, use_checkpoint_geometry
 from finetune.harness.checkpoint import CheckpointError, load_checkpoint, load_for_inference
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_alpha, check_alphas, check_checkpoint_command, check_seed
@@ -217,6 +217,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="soup")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
-from finetune.harness.exits import ends_user_errors_cleanly, user_error_in, user_errors
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, user_error_in, user_errors
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
     check_left_to_train,
@@ -190,6 +190,7 @@ def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
     return signal.SIGTERM if isinstance(err, SystemExit) else 0
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @ends_user_errors_cleanly
 def hydra_main(cfg: DictConfig) -> float | None:

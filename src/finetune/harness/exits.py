@@ -3,8 +3,10 @@
 A :class:`~finetune.errors.UserError` (a setting, a file, a folder, a refused resume or overwrite, a bad checkpoint)
 is the user's to fix, so its message is all they need, also when it was raised inside ``hydra.utils.instantiate``
 (which wraps it in an ``InstantiationException``); any other exception is a bug and keeps its traceback (Hydra
-prints it). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to the run's log file
-(``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by then.
+prints it). An override that Hydra's grammar cannot read ends the same way, before Hydra starts
+(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to
+the run's log file (``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by
+then.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 from hydra.errors import CompactHydraException, InstantiationException
 
 from finetune.errors import UserError
+from finetune.harness.overrides import check_override_syntax
 
 USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,6 +86,21 @@ def ends_user_errors_cleanly(main: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with user_errors():
             return main(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def checks_command_line(hydra_main: F) -> F:
+    """Decorator for an entry point's ``@hydra.main`` function (outside it): an override on the command line that
+    Hydra's grammar cannot read (``data.root=/x/bob's photos``) ends as one ``Error:`` line that names it and shows it
+    quoted, exit code 2, before Hydra starts (Hydra's own report names neither the fix nor the override's value)."""
+
+    @wraps(hydra_main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:  # @hydra.main reads sys.argv only when called without a config
+            with user_errors(job=False):
+                check_override_syntax(sys.argv[1:])
+        return hydra_main(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
