@@ -23,10 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from finetune.data import ImageFolderDataModule
-from finetune.errors import SettingError
+from finetune.errors import PathError, SettingError
 from finetune.harness.exits import fail, user_errors
 from finetune.harness.overrides import check_override_syntax
 from finetune.harness.settings import check_accelerator, check_node_keys
+from finetune.harness.writable import check_name_lengths, check_writable
 from finetune.run import assemble
 from finetune.train import train
 
@@ -377,7 +378,7 @@ def test_an_accelerator_that_is_not_there_is_refused_by_name(accelerator):
         check_accelerator(accelerator)
 
 
-# --- the command line: a value Hydra's grammar cannot read ------------------------------------------------------
+# --- the command line: a value Hydra's grammar cannot read, a run folder name too long for the filesystem ----------
 
 ENTRY_POINTS = ["train", "evaluate", "predict", "export", "calibrate", "lr_find", "robustness", "shards", "soup"]
 
@@ -427,3 +428,23 @@ def test_an_apostrophe_on_the_command_line_is_one_error_line_and_its_quoting_wor
     [quoted] = shlex.split(error.rsplit("for the shell: ", 1)[1].removesuffix("."))
     # Quoted as the message says, Hydra reads the path: the run gets as far as looking for the folder.
     _one_error_line(_train([*args, quoted]), f'Dataset folder "{photos}" (data.root) does not exist')
+
+
+@pytest.mark.slow
+def test_a_run_folder_name_too_long_for_the_filesystem_is_one_line_naming_name(tmp_path, tiny_folder):
+    logs = tmp_path / "logs"
+    args = [*without(tiny_overrides(tiny_folder, tmp_path), "paths."), f"paths.log_dir={logs}", "name=" + "x" * 300]
+    error = _one_error_line(_train(args), "The run folder (hydra.run.dir", "more than the 255", "a shorter name=")
+    assert "bytes long" in error and not (logs / "runs").exists()  # refused before any folder was made
+    done = run_cli(["-m", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
+    _one_error_line(done, "A multirun job's folder (hydra.sweep.dir, hydra.sweep.subdir)", "_seed0", "shorter name=")
+
+
+def test_name_lengths_are_checked_against_the_filesystems_limit(tmp_path):
+    check_name_lengths(tmp_path / ("x" * 200) / "y", "paths.log_dir=...", "Shorten it.")
+    with pytest.raises(PathError, match=r"^paths.log_dir=...: the name 'x{40}\.\.\.x{12}' is 300 bytes long, more "):
+        check_name_lengths(tmp_path / ("x" * 300) / "y", "paths.log_dir=...", "Shorten it.")
+    with pytest.raises(
+        PathError, match=r"^paths.output_dir=.*is 256 bytes long.*Pass paths.output_dir= a shorter path"
+    ):
+        check_writable(tmp_path / ("é" * 128), "paths.output_dir")  # 128 characters, 256 bytes
