@@ -378,6 +378,11 @@ def test_an_accelerator_that_is_not_there_is_refused_by_name(accelerator):
         check_accelerator(accelerator)
 
 
+def test_an_empty_data_root_is_named_as_empty_not_read_as_the_current_folder(tmp_path, folder):
+    with pytest.raises(SettingError, match=r"^data.root is empty: set data.root=PATH"):
+        train(compose_config([*tiny_overrides(folder, tmp_path / "run"), "data.root="]))
+
+
 # --- the command line: a value Hydra's grammar cannot read, a run folder name too long for the filesystem ----------
 
 ENTRY_POINTS = ["train", "evaluate", "predict", "export", "calibrate", "lr_find", "robustness", "shards", "soup"]

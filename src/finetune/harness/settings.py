@@ -287,6 +287,10 @@ def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) ->
     check_node_keys("data", {"_target_": DATA_TARGET, **settings})
     ignored = ("_target_", *TRAIN_ONLY_DATA_KEYS) if test_only else ("_target_",)
     hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k not in ignored}})
+    if isinstance(settings.get("root"), str) and not settings["root"].strip():
+        raise SettingError(  # Path("") is the current folder: the error would be about the wrong folder
+            "data.root is empty: set data.root=PATH, a folder holding train/<class>/ and test/<class>/ image folders."
+        )
     hp.image_size = 224 if hp.image_size is None else hp.image_size
     check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
     if hp.image_size < MIN_IMAGE_SIZE:
