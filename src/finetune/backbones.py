@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import urllib.error
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune.errors import MissingPackageError, PathError, SettingError
+from finetune.errors import DownloadError, MissingPackageError, PathError, SettingError, describe_path
 
 IMAGENET = "imagenet"
 TIMM_PREFIX = "timm/"
@@ -27,6 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Prefixes that wrappers add to state_dict keys: DDP/DataParallel, torch.compile, our own LightningModule.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -70,7 +74,7 @@ def build_backbone(name: str, num_classes: int, weights: str | Path | None = IMA
     else:
         model, head_name = _torchvision_with_new_head(name, num_classes, pretrained=use_imagenet)
     if weights is not None and not use_imagenet and str(weights).lower() not in ("none", "null", "random"):
-        load_backbone_weights(model, head_name, Path(weights))
+        load_backbone_weights(model, head_name, Path(weights), backbone=name)
     return Backbone(model=model, head_name=head_name)
 
 
@@ -114,57 +118,119 @@ def find_head(model: nn.Module) -> str:
     return linears[-1]
 
 
-def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
+def load_backbone_weights(model: nn.Module, head_name: str, path: Path, backbone: str | None = None) -> None:
     """Load a local ``state_dict`` (full or backbone-only) into every layer but the head.
 
     Head entries in the file are ignored (the head is always new). Anything else that does not fit
-    (missing layers, unexpected keys, wrong shapes) is an error that lists the offending keys.
+    (missing layers, unexpected keys, wrong shapes) is an error that lists the offending keys and names the
+    torchvision architectures the file does fit, if any (``backbone``: the ``model.backbone`` name, for the message).
     """
     if not path.is_file():
-        raise PathError(
-            f"Weights file {str(path)!r} does not exist. Pass model.weights=PATH to an existing state_dict "
-            "file, model.weights=imagenet for the library's pretrained download, or model.weights=null for random "
-            "init."
-        )
+        raise PathError(_not_a_weights_file(path))
     try:
         state = _read_state_dict(path)
     except Exception as err:  # pickle errors, zip errors, truncated files
-        raise SettingError(f"Could not read weights file {str(path)!r} as a PyTorch state_dict: {err}") from err
+        raise SettingError(
+            f"Could not read weights file {str(path)!r} (model.weights) as a PyTorch state_dict: {err}. Pass a "
+            "file saved with torch.save(model.state_dict(), path) (or a .safetensors file)."
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SettingError(
-            f"Weights file {str(path)!r} does not hold a state_dict (a dict of tensors); "
+            f"Weights file {str(path)!r} (model.weights) does not hold a state_dict (a dict of tensors); "
             f"it holds a {type(state).__name__}. Save weights with torch.save(model.state_dict(), path)."
         )
     state = {_strip_wrapper_prefixes(key): value for key, value in state.items()}
 
-    expected = model.state_dict()
+    problems = _misfit(state, model.state_dict(), head_name)
+    if any(problems.values()):
+        named = f"model.backbone={backbone}" if backbone else "the backbone"
+        fits = _architecture_that_fits(state)
+        advice = (
+            f" These weights fit model.backbone={fits}: pass that (model.backbone must name the architecture the "
+            "weights were trained for)."
+            if fits
+            else " model.backbone must name the architecture these weights were trained for (a timm model's "
+            "weights need model.backbone=timm/<name>)."
+        )
+        raise SettingError(
+            f"Weights file {str(path)!r} (model.weights) does not fit {named} ({type(model).__name__}, "
+            f"head {head_name!r} excluded): "
+            + "; ".join(f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in problems.items() if keys)
+            + "."
+            + advice
+        )
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head_name + ".")}, strict=False)
+
+
+def _not_a_weights_file(path: Path) -> str:
+    """Why ``path`` is not a weights file, with what to pass instead (the weights files inside a folder)."""
+    options = (
+        "Pass model.weights=PATH to an existing state_dict file, model.weights=imagenet for the library's "
+        "pretrained download, or model.weights=null for random init."
+    )
+    found = describe_path(path)
+    if found == "nothing":
+        return f"Weights file {str(path)!r} (model.weights) does not exist. {options}"
+    inside = ""
+    if found == "a folder":
+        files = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHTS_SUFFIXES and p.is_file())
+        inside = f" It holds {_preview(files, limit=5)}: pass one of them." if files else " It holds no weights file."
+    return f"model.weights={str(path)!r} is {found}, not a weights file.{inside} {options}"
+
+
+def _misfit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], head_name: str) -> dict[str, list]:
+    """What keeps ``state`` from loading into a model with ``expected`` keys, its head aside."""
     is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
     state = {key: value for key, value in state.items() if not is_head(key)}
-    unexpected = sorted(key for key in state if key not in expected)
-    missing = sorted(key for key in expected if key not in state and not is_head(key))
-    wrong_shape = sorted(
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in state
-        if key in expected and state[key].shape != expected[key].shape
-    )
-    if unexpected or missing or wrong_shape:
-        raise SettingError(
-            f"Weights file {str(path)!r} does not fit backbone {type(model).__name__} "
-            f"(head {head_name!r} excluded): "
-            + "; ".join(
-                f"{label} ({len(keys)}): {_preview(keys)}"
-                for label, keys in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("wrong shape", wrong_shape),
-                )
-                if keys
-            )
-            + ". Check that model.backbone names the architecture these weights were trained for."
-        )
-    model.load_state_dict(state, strict=False)
+    return {
+        "missing": sorted(key for key in expected if key not in state and not is_head(key)),
+        "unexpected": sorted(key for key in state if key not in expected),
+        "wrong shape": sorted(
+            f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+            for key in state
+            if key in expected and state[key].shape != expected[key].shape
+        ),
+    }
+
+
+def _architecture_that_fits(state: dict[str, torch.Tensor]) -> str | None:
+    """The first torchvision backbone that ``state`` loads into, or ``None``. Models are built without memory (on
+    the meta device), and only in the families (torchvision modules) whose first member's layer names resemble the
+    file's: a second or two. (RegNets cannot be built on the meta device, so they are never suggested.)"""
+
+    def built(name: str) -> tuple[dict[str, torch.Tensor], str] | None:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. GoogLeNet's notice about its future default init
+                net = torchvision.models.get_model(name, weights=None)
+            return net.state_dict(), find_head(net)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is not suggested
+            return None
+
+    def pattern(keys: Iterable[str]) -> set[str]:
+        return {re.sub(r"\.\d+(?=\.)", ".#", key) for key in keys}
+
+    def size(name: str) -> int:  # parameters of its pretrained weights: the smaller, the quicker to build
+        try:
+            return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+        except Exception:  # noqa: BLE001 - no weights recorded: last
+            return 1 << 62
+
+    families: dict[str, list[str]] = {}
+    for name in sorted(available_backbones(), key=size):
+        families.setdefault(torchvision.models.get_model_builder(name).__module__, []).append(name)
+    ours = pattern(state)
+    for members in families.values():
+        first = built(members[0])
+        if first is None or len(ours & pattern(first[0])) < 0.5 * len(ours):
+            continue
+        for name in members:
+            candidate = first if name == members[0] else built(name)
+            if candidate is not None and not any(_misfit(state, *candidate).values()):
+                return name
+    return None
 
 
 # --- network structure: what the head receives, and the random layers around it ---------------------------------
@@ -321,12 +387,12 @@ def _timm_model(backbone: str, num_classes: int, pretrained: bool) -> tuple[nn.M
         try:
             model = timm.create_model(arch, pretrained=True)
         except Exception as err:  # no network, no such weights, a broken download or cache entry
-            raise RuntimeError(
+            raise DownloadError(
                 f"Could not load timm's pretrained weights for {backbone!r} ({type(err).__name__}: {err}). timm "
                 "downloads them through the Hugging Face Hub (cached under $HF_HOME, by default ~/.cache/huggingface). "
                 "Offline, either fill that cache on a machine with internet and set HF_HUB_OFFLINE=1, or pass "
-                "model.weights=PATH to a local state_dict (.pth or .safetensors), or model.weights=null for random "
-                "init."
+                f"model.weights=PATH to a local state_dict (.pth or .safetensors) {_LOCAL_FILE_MATCHES}, or "
+                "model.weights=null for random init."
             ) from err
     else:
         model = timm.create_model(arch, pretrained=False)
@@ -357,11 +423,19 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
         return torchvision.models.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-        raise RuntimeError(
+        raise DownloadError(
             f"Could not download the ImageNet weights {weights} for {name!r} ({err}). "
             f"Offline, either copy {Path(weights.url).name} into {checkpoints} (set TORCH_HOME to use another "
-            f"cache), or pass model.weights=PATH to a local state_dict, or model.weights=null for random init."
+            f"cache), or pass model.weights=PATH to a local state_dict {_LOCAL_FILE_MATCHES}, or model.weights=null "
+            "for random init."
         ) from err
+
+
+# A local weights file is one architecture's: model.backbone (resnet18 by default) must name it.
+_LOCAL_FILE_MATCHES = (
+    "with model.backbone set to the architecture that file was trained for (model.backbone=mobilenet_v2 for a "
+    "MobileNetV2 file)"
+)
 
 
 def _read_state_dict(path: Path):

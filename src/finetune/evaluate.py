@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from finetune.data.preprocessing import CLASSES, TTA_MODES, Preprocessing
 from finetune.errors import DataError, PathError, SettingError, describe_path
 from finetune.harness.checkpoint import load_for_inference
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder, run_cwd
@@ -155,6 +155,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -26,7 +26,7 @@ from finetune.data import file_digest
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.settings import check_checkpoint_command
@@ -220,6 +220,7 @@ def sidecar_record(
     }
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

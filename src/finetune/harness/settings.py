@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
@@ -286,6 +287,10 @@ def check_data_settings(settings: Mapping[str, Any], test_only: bool = False) ->
     check_node_keys("data", {"_target_": DATA_TARGET, **settings})
     ignored = ("_target_", *TRAIN_ONLY_DATA_KEYS) if test_only else ("_target_",)
     hp = AttributeDict({**DATA_DEFAULTS, **{k: v for k, v in settings.items() if k not in ignored}})
+    if isinstance(settings.get("root"), str) and not settings["root"].strip():
+        raise SettingError(  # Path("") is the current folder: the error would be about the wrong folder
+            "data.root is empty: set data.root=PATH, a folder holding train/<class>/ and test/<class>/ image folders."
+        )
     hp.image_size = 224 if hp.image_size is None else hp.image_size
     check_int("image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")
     if hp.image_size < MIN_IMAGE_SIZE:
@@ -501,6 +506,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
         )
     check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
     check_gradient_clipping(trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
+    check_accelerator(trainer.get("accelerator", "auto"))
     epochs = trainer.get("max_epochs")
     if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
         raise SettingError(
@@ -555,6 +561,23 @@ def check_gradient_clipping(value: Any, algorithm: Any) -> None:
         )
 
 
+def check_accelerator(accelerator: Any) -> None:
+    """``trainer.accelerator=gpu``, ``cuda`` or ``mps`` on a machine where PyTorch sees no such device, refused by
+    name (Lightning's own message, "No supported gpu backend found!", names neither the setting nor the fix)."""
+    name = str(accelerator).strip().lower()
+    cuda = torch.cuda.is_available()
+    mps = torch.backends.mps.is_available()
+    missing = {"gpu": not (cuda or mps), "cuda": not cuda, "mps": not mps}.get(name, False)
+    if missing:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SettingError(
+            f"trainer.accelerator={accelerator}, but PyTorch sees no {_DEVICE_KINDS[name]} on this machine "
+            f"(torch {torch.__version__}, {build}). Use trainer.accelerator=cpu, or trainer.accelerator=auto to "
+            "take a GPU where there is one."
+        )
+
+
+_DEVICE_KINDS = {"gpu": "GPU (CUDA or Apple MPS)", "cuda": "CUDA GPU", "mps": "Apple MPS device"}
 SEED_RANGE = (0, 2**32 - 1)  # Lightning's: outside it, seed_everything only warns and draws a random seed
 
 
