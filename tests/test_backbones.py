@@ -8,7 +8,7 @@ from torch import nn
 
 from finetune.backbones import build_backbone, load_backbone_weights
 from finetune.backbones.torchvision import find_head
-from finetune.errors import DownloadError
+from finetune.errors import DownloadError, PathError, SettingError
 
 from .conftest import MOBILENET_V2_WEIGHTS, needs_shared
 
@@ -76,18 +76,48 @@ def test_backbone_only_and_wrapped_state_dicts_load(tmp_path):
     _assert_backbone_equals(built.model, reference, "fc")
 
 
-def test_weights_for_another_architecture_list_the_offending_keys(tmp_path):
+def test_weights_for_another_architecture_list_the_offending_keys_and_name_the_backbone_they_fit(tmp_path):
     torch.save(_reference("resnet18").state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(ValueError, match=r"does not fit backbone ResNet.*missing \(\d+\): layer1\.2\..*model.backbone"):
+    with pytest.raises(
+        SettingError, match=r"does not fit model.backbone=resnet34 \(ResNet.*missing \(\d+\): layer1\.2\."
+    ) as info:
         build_backbone("resnet34", 2, weights=tmp_path / "r18.pth")
+    assert str(info.value).endswith(
+        "These weights fit model.backbone=resnet18: pass that (model.backbone must name the architecture the weights "
+        "were trained for)."
+    )
     with pytest.raises(ValueError, match=r"wrong shape .*layer1.0.conv1.weight|unexpected"):
         build_backbone("resnet50", 2, weights=tmp_path / "r18.pth")
+
+
+def test_a_features_only_mobilenet_v2_file_is_named_as_mobilenet_v2_and_loads_there(tmp_path):
+    """The offline newcomer's file: MobileNetV2's ``features.*`` alone, tried with the default resnet18."""
+    reference = torchvision.models.mobilenet_v2()
+    weights = tmp_path / "mobilenet_v2-features.pth"
+    torch.save({k: v for k, v in reference.state_dict().items() if k.startswith("features.")}, weights)
+    with pytest.raises(SettingError, match=r"does not fit model.backbone=resnet18 .*fit model.backbone=mobilenet_v2:"):
+        build_backbone("resnet18", 2, weights=weights)
+    built = build_backbone("mobilenet_v2", 2, weights=weights)
+    _assert_backbone_equals(built.model, reference, "classifier.1")
+
+
+def test_weights_that_fit_no_torchvision_backbone_say_what_model_backbone_must_name(tmp_path):
+    torch.save({"blocks.0.weight": torch.zeros(3, 3)}, tmp_path / "odd.pth")
+    with pytest.raises(SettingError, match=r"must name the architecture these weights were trained for \(a timm"):
+        build_backbone("resnet18", 2, weights=tmp_path / "odd.pth")
 
 
 def test_missing_or_unreadable_weights_file(tmp_path):
     model = _reference()
     with pytest.raises(FileNotFoundError, match="does not exist.*model.weights"):
         load_backbone_weights(model, "fc", tmp_path / "absent.pth")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(PathError, match=r"^model.weights='.*weights' is a folder, not a weights file. It holds no wei"):
+        load_backbone_weights(model, "fc", tmp_path / "weights")
+    for name in ("b.safetensors", "a.pth", "notes.txt"):
+        (tmp_path / "weights" / name).write_bytes(b"")
+    with pytest.raises(PathError, match=r"is a folder, not a weights file. It holds a.pth, b.safetensors: pass one"):
+        load_backbone_weights(model, "fc", tmp_path / "weights")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="Could not read weights file"):
         load_backbone_weights(model, "fc", tmp_path / "junk.pth")
@@ -115,8 +145,11 @@ def test_imagenet_download_failure_explains_the_offline_options(tmp_path, monkey
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", unreachable)
-    with pytest.raises(DownloadError, match=r"resnet18-f37072fd.pth into .*hub/checkpoints.*model.weights=PATH"):
+    with pytest.raises(
+        DownloadError, match=r"resnet18-f37072fd.pth into .*hub/checkpoints.*model.weights=PATH"
+    ) as info:
         build_backbone("resnet18", 2, weights="imagenet")
+    assert "with model.backbone set to the architecture that file was trained for" in str(info.value)
 
 
 @pytest.mark.slow

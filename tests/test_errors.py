@@ -6,24 +6,33 @@ that are missing, not a state_dict or for another architecture, and unknown back
 unknown freeze modes and head_lr_mult <= 0 on the module (test_module.py).
 """
 
+import importlib
 import json
 import logging
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from hydra.errors import MissingConfigException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from finetune.data import ImageFolderDataModule
-from finetune.errors import SettingError
+from finetune.errors import PathError, SettingError
 from finetune.harness.config_keys import check_node_keys
+from finetune.harness.exits import fail, user_errors
+from finetune.harness.overrides import check_override_syntax
+from finetune.harness.run_settings import check_accelerator
+from finetune.harness.writable import check_name_lengths, check_writable
 from finetune.run import assemble
 from finetune.train import train
 
-from .conftest import CONF_DIR, compose_config, make_image_folder, tiny_overrides
+from .conftest import CONF_DIR, compose_config, make_image_folder, run_cli, tiny_overrides, without
 
 
 def _datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
@@ -250,3 +259,198 @@ def test_pretrained_weights_far_above_the_image_size_get_a_warning(tmp_path, fol
         in (warned[(64, True)][0])
     )
     assert warned[(112, True)] == [] and warned[(64, False)] == []  # half of 224 is fine; random weights have no size
+
+
+# --- mistakes that used to end in a stack trace: one Error line naming the setting, exit code 2 --------------------
+
+
+def _one_error_line(done, *named: str) -> str:
+    """The single ``Error:`` line of a command that stopped on a user's mistake; it contains each of ``named``."""
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert all(text in errors[0] for text in named), errors[0]
+    return errors[0]
+
+
+def _train(args: list[str]):
+    return run_cli([*args, "trainer.max_epochs=1"], check=False)
+
+
+def test_a_user_error_raised_inside_instantiate_ends_as_itself_and_a_bug_keeps_its_exception(capsys):
+    target = {"_target_": "finetune.backbones.build_backbone", "name": "resnet19", "num_classes": 2}
+    with pytest.raises(SystemExit) as info, user_errors(job=False):
+        instantiate(target)  # Hydra wraps the SettingError in an InstantiationException
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("Error: Unknown backbone 'resnet19': not a torchvision classification model")
+    with pytest.raises(InstantiationException) as bug, user_errors(job=False):
+        instantiate({"_target_": "builtins.int", "_args_": ["not a number"]})
+    assert isinstance(bug.value.__cause__, ValueError)
+
+
+def test_a_message_quoting_another_librarys_lines_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        fail("Could not read 'w.pth': Weights only load failed.\n\n  Unsupported operand 110\n")
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err == "Error: Could not read 'w.pth': Weights only load failed. Unsupported operand 110\n"
+    )
+
+
+@pytest.mark.slow
+def test_weights_of_another_architecture_are_one_line_naming_the_backbone_they_fit(tmp_path, tiny_folder):
+    """The first thing an offline newcomer tries: a MobileNetV2 file with the default backbone (resnet18)."""
+    weights = tmp_path / "mobilenet_v2-features.pth"
+    state = torchvision.models.mobilenet_v2().state_dict()
+    torch.save({key: value for key, value in state.items() if key.startswith("features.")}, weights)
+    out = tmp_path / "run"
+    done = _train([*without(tiny_overrides(tiny_folder, out), "model.weights"), f"model.weights={weights}"])
+    _one_error_line(done, "(model.weights) does not fit model.backbone=resnet18", "fit model.backbone=mobilenet_v2")
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"].startswith("SettingError: Weights file")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["list", "folder"])
+def test_a_weights_file_that_is_not_a_state_dict_or_a_folder_is_one_line(tmp_path, tiny_folder, kind):
+    if kind == "list":
+        weights, named = tmp_path / "list.pth", "does not hold a state_dict (a dict of tensors); it holds a list"
+        torch.save([torch.zeros(1)], weights)
+    else:
+        weights, named = tmp_path / "weights", "is a folder, not a weights file. It holds resnet18.pth: pass one"
+        weights.mkdir()
+        torch.save({}, weights / "resnet18.pth")
+        (weights / "notes.txt").write_text("where these came from")
+    done = _train(
+        [*without(tiny_overrides(tiny_folder, tmp_path / "run"), "model.weights"), f"model.weights={weights}"]
+    )
+    _one_error_line(done, "model.weights", named)
+
+
+@pytest.mark.slow
+def test_a_dataset_with_one_class_is_one_line_naming_data_root_and_the_class(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("cat",), n_train=5, n_test=2)
+    done = _train(tiny_overrides(root, tmp_path / "run"))
+    _one_error_line(done, f"data.root='{root}' holds 1 class ['cat']: a classifier needs at least two")
+
+
+_HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        pytest.param(
+            "trainer.accelerator=gpu",
+            "trainer.accelerator=gpu, but PyTorch sees no GPU",
+            marks=pytest.mark.skipif(_HAS_GPU, reason="this machine has a GPU"),
+        ),
+        ("trainer.precision=bf17", "trainer.precision=bf17: Lightning cannot build its Trainer"),
+        ("model.backbone=", "Unknown backbone ''"),
+    ],
+)
+def test_trainer_and_model_settings_refused_inside_instantiate_are_one_line(tmp_path, tiny_folder, setting, named):
+    _one_error_line(_train([*tiny_overrides(tiny_folder, tmp_path / "run"), setting]), named)
+
+
+def test_lightnings_refusal_of_trainer_flags_names_the_settings_it_mentions():
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from finetune.run import trainer_setting_error
+
+    trainer = compose_config([]).trainer
+    refused = trainer_setting_error(trainer, MisconfigurationException("Precision 'bf17' is invalid."))
+    assert str(refused).startswith("trainer.precision=32-true: Lightning cannot build its Trainer with these settings")
+    assert trainer_setting_error(trainer, RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "mps"])
+def test_an_accelerator_that_is_not_there_is_refused_by_name(accelerator):
+    present = {"gpu": _HAS_GPU, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if present[accelerator]:
+        check_accelerator(accelerator)  # there: nothing to refuse
+        return
+    with pytest.raises(
+        SettingError, match=rf"^trainer.accelerator={accelerator}, but PyTorch sees no .*accelerator=cpu"
+    ):
+        check_accelerator(accelerator)
+
+
+def test_an_empty_data_root_is_named_as_empty_not_read_as_the_current_folder(tmp_path, folder):
+    with pytest.raises(SettingError, match=r"^data.root is empty: set data.root=PATH"):
+        train(compose_config([*tiny_overrides(folder, tmp_path / "run"), "data.root="]))
+
+
+# --- the command line: a value Hydra's grammar cannot read, a run folder name too long for the filesystem ----------
+
+ENTRY_POINTS = ["train", "evaluate", "predict", "export", "calibrate", "lr_find", "robustness", "shards", "soup"]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_an_apostrophe_in_a_value_is_one_line_showing_the_quoting_in_every_entry_point(
+    entry_point, monkeypatch, capsys
+):
+    module = importlib.import_module(f"finetune.{entry_point}")
+    monkeypatch.setattr(sys, "argv", [entry_point, "seed=1", "data.root=/x/bob's photos"])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith('Error: Hydra cannot read the override "data.root=/x/bob\'s photos"')
+    shell_word = line.rsplit("for the shell: ", 1)[1].removesuffix(".")
+    assert shell_word == '"data.root=\\"/x/bob\'s photos\\""'  # "data.root=\"/x/bob's photos\""
+    [override] = shlex.split(shell_word)  # what the shell passes on: Hydra reads the value given
+    assert OverridesParser.create().parse_override(override).value() == "/x/bob's photos"
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("data.root=/x/a#b", "'data.root=\"/x/a#b\"'"),
+        ("ckpt_path=/x/run(2)/last.ckpt", "'ckpt_path=\"/x/run(2)/last.ckpt\"'"),
+        ("data.root=/x/a=b", "'data.root=\"/x/a=b\"'"),
+    ],
+)
+def test_other_values_hydra_cannot_read_show_their_quoting(override, shown):
+    with pytest.raises(SettingError, match=r"^Hydra cannot read the override") as info:
+        check_override_syntax(["-m", override, "--cfg", "job"])
+    assert str(info.value).endswith(f"for the shell: {shown}.")
+    value = override.partition("=")[2]
+    assert OverridesParser.create().parse_override(shlex.split(shown)[0]).value() == value
+
+
+def test_overrides_hydra_reads_and_hydras_flags_pass_the_check():
+    check_override_syntax(["-m", "--config-name", "train", "data.root=/x/a b", "~logger", "+x='a(b)'", "seed=0,1"])
+
+
+@pytest.mark.slow
+def test_an_apostrophe_on_the_command_line_is_one_error_line_and_its_quoting_works(tmp_path, tiny_folder):
+    photos = tmp_path / "bob's photos"
+    args = without(tiny_overrides(tiny_folder, tmp_path / "run"), "data.root")
+    error = _one_error_line(_train([*args, f"data.root={photos}"]), "Hydra cannot read the override", "double quotes")
+    [quoted] = shlex.split(error.rsplit("for the shell: ", 1)[1].removesuffix("."))
+    # Quoted as the message says, Hydra reads the path: the run gets as far as looking for the folder.
+    _one_error_line(_train([*args, quoted]), f'Dataset folder "{photos}" (data.root) does not exist')
+
+
+@pytest.mark.slow
+def test_a_run_folder_name_too_long_for_the_filesystem_is_one_line_naming_name(tmp_path, tiny_folder):
+    logs = tmp_path / "logs"
+    args = [*without(tiny_overrides(tiny_folder, tmp_path), "paths."), f"paths.log_dir={logs}", "name=" + "x" * 300]
+    error = _one_error_line(_train(args), "The run folder (hydra.run.dir", "more than the 255", "a shorter name=")
+    assert "bytes long" in error and not (logs / "runs").exists()  # refused before any folder was made
+    done = run_cli(["-m", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
+    _one_error_line(done, "A multirun job's folder (hydra.sweep.dir, hydra.sweep.subdir)", "_seed0", "shorter name=")
+
+
+def test_name_lengths_are_checked_against_the_filesystems_limit(tmp_path):
+    check_name_lengths(tmp_path / ("x" * 200) / "y", "paths.log_dir=...", "Shorten it.")
+    with pytest.raises(PathError, match=r"^paths.log_dir=...: the name 'x{40}\.\.\.x{12}' is 300 bytes long, more "):
+        check_name_lengths(tmp_path / ("x" * 300) / "y", "paths.log_dir=...", "Shorten it.")
+    with pytest.raises(
+        PathError, match=r"^paths.output_dir=.*is 256 bytes long.*Pass paths.output_dir= a shorter path"
+    ):
+        check_writable(tmp_path / ("é" * 128), "paths.output_dir")  # 128 characters, 256 bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from finetune.run import compose_config
 from finetune.soup import check_alpha, interpolate, soup
 from finetune.train import train
 
-from .conftest import make_image_folder, tiny_overrides
+from .conftest import make_image_folder, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,25 @@ def test_checkpoints_of_other_families_are_refused_by_what_differs(family, tmp_p
     with pytest.raises(SettingError, match=r"validated on the split"):
         soup(soup_config(family, tmp_path / "s4", "method=uniform", f"ckpts=[{family['tuned0']},{family['tuned1']}]",
                          "data.split_seed=5"))  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["wise", "uniform", "greedy"])
+def test_the_same_checkpoint_twice_is_refused_by_name_before_anything_is_read(tmp_path, method):
+    a = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    a.parent.mkdir(parents=True)
+    a.write_bytes(b"never read")  # the check comes before any checkpoint is loaded
+    for ckpts, shown in ((f"[{a},{a}]", ""), (f"[{a},{a.parent}/../checkpoints/last.ckpt]", " (as ")):
+        cfg = compose_config([f"ckpts={ckpts}", f"method={method}", f"paths.output_dir={tmp_path / 'soup'}"], "soup")
+        with pytest.raises(SettingError, match=rf"^ckpts names the checkpoint .*last.ckpt' twice{re.escape(shown)}"):
+            soup(cfg)
+    assert not (tmp_path / "soup").exists()
+
+
+@pytest.mark.slow
+def test_the_same_checkpoint_twice_on_the_command_line_is_one_error_line(tmp_path):
+    a = tmp_path / "last.ckpt"
+    a.write_bytes(b"never read")
+    done = run_cli([f"ckpts=[{a},{a}]", f"hydra.run.dir={tmp_path / 'soup'}"], check=False, module="finetune.soup")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: ckpts names the checkpoint '{a}' twice")

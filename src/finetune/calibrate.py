@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference, save_checkpoint
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -51,6 +51,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="calibrate")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -26,7 +26,7 @@ from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_folder import RunFolder
@@ -81,6 +81,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -27,7 +27,7 @@ from finetune.data.transforms import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.writable import check_writable
@@ -221,6 +221,7 @@ def sidecar_record(
     }
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

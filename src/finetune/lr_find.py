@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.errors import SettingError
 from finetune.harness import distributed
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
@@ -174,6 +174,7 @@ def plot(test: RangeTest, suggested: float | None, path: Path) -> Path | None:
     return path
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_find")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -36,7 +36,7 @@ from finetune.data.folders import preview
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command, check_node_keys
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.writable import check_writable
 from finetune.run import CONFIG_DIR, build_trainer
@@ -263,6 +263,7 @@ def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> 
     os.replace(tmp, output)
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

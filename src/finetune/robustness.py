@@ -40,7 +40,7 @@ from finetune.errors import PathError, SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import class_names, load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -324,6 +324,7 @@ def write_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     return paths
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="robustness")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from finetune.backbones import check_input_size, check_pretrained_size, preprocessing
-from finetune.errors import PathError, SettingError, UserError
+from finetune.errors import DataError, PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
 from finetune.harness.checkpointing import CheckpointRecord
 from finetune.harness.config_keys import check_node_keys
@@ -163,6 +165,20 @@ def check_output_outside_data(cfg: DictConfig, datamodule: pl.LightningDataModul
             )
 
 
+def check_class_count(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Refuse to train a classifier on fewer than two classes (torchmetrics would fail deep inside the model with
+    ``num_classes ... larger than 1``), naming ``data.root`` and the classes found."""
+    if datamodule.num_classes >= 2:
+        return
+    root = OmegaConf.select(cfg, "data.root", default=None)
+    classes = list(getattr(datamodule, "classes", None) or [])
+    raise DataError(
+        f"data.root={str(root)!r} holds {datamodule.num_classes} class {classes}: a classifier needs at least two. "
+        "Add a folder of images for every other class (train/<class>/ and test/<class>/), e.g. train/hot_dog/ "
+        "and train/not_hot_dog/."
+    )
+
+
 def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict[str, Any]:
     """The ``data.*`` settings left null that the backbone's pretrained config fills; explicit values win. A given
     ``data.image_size`` keeps the backbone's crop fraction for a null ``data.resize_size``."""
@@ -213,9 +229,42 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
     loggers = [build(c) for c in (cfg.get("logger") or {}).values()]
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    try:
+        trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    except InstantiationException as err:
+        refused = trainer_setting_error(cfg.trainer, err.__cause__)
+        if refused is None:
+            raise
+        raise refused from err.__cause__
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
+
+
+# What Lightning raises for trainer flags that cannot work (an unknown precision, a GPU that is not there, ...).
+_TRAINER_SETTING_ERRORS = (MisconfigurationException, ValueError)
+
+
+def trainer_setting_error(trainer: DictConfig, err: BaseException | None) -> SettingError | None:
+    """Lightning's refusal of the ``trainer.*`` flags as a :class:`SettingError` naming the settings it is about
+    (those whose name or value its message mentions), or ``None`` where ``err`` is not such a refusal."""
+    if not isinstance(err, _TRAINER_SETTING_ERRORS):
+        return None
+    message = str(err)
+    flags = {k: v for k, v in trainer.items() if k not in ("_target_", "default_root_dir")}
+
+    def mentioned(word: object) -> bool:
+        return re.search(rf"\b{re.escape(str(word))}\b", message, re.IGNORECASE) is not None
+
+    named = [
+        f"trainer.{key}={value}"
+        for key, value in flags.items()
+        if mentioned(key) or (isinstance(value, str) and value not in ("auto", "") and mentioned(value))
+    ]
+    named = named or [f"trainer.{k}={flags.get(k)}" for k in ("accelerator", "devices", "strategy", "precision")]
+    return SettingError(
+        f"{', '.join(named)}: Lightning cannot build its Trainer with these settings: {message} "
+        "(trainer.accelerator=cpu trainer.devices=1 trainer.precision=32-true runs anywhere)."
+    )
 
 
 def assemble(
@@ -235,6 +284,7 @@ def assemble(
     backbone = model.hparams.get("backbone") if model is not None else None
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
+        check_class_count(cfg, images)
         model = build_model(cfg, images.num_classes, images.hparams.get("image_size"))
     else:
         check_image_size(images.hparams.get("image_size"), model, configured=False)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
 from finetune.errors import SettingError
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.run import CONFIG_DIR, build_datamodule
 
 
@@ -38,6 +38,7 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
     return manifest
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="shards")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

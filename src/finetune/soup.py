@@ -17,6 +17,7 @@ candidate's validation score).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from finetune.harness.checkpoint_io import (
 )
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -106,6 +107,20 @@ def check_ingredients(checkpoints: dict[str, dict[str, Any]]) -> None:
             raise CheckpointError(f"{path} and {first_path} hold different tensors: they are not one architecture.")
 
 
+def check_distinct(paths: Sequence[Path]) -> None:
+    """Refuse a checkpoint named twice in ``ckpts`` (by any path to the same file): a soup of a model with itself
+    is that model, and mixing in a copy would only weight it twice."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        same = seen.setdefault(Path(os.path.realpath(path.expanduser())), path)
+        if same is not path:
+            also = "" if str(same) == str(path) else f" (as {str(same)!r} and {str(path)!r})"
+            raise SettingError(
+                f"ckpts names the checkpoint {str(path)!r} twice{also}: a soup mixes different checkpoints. List "
+                "each once, e.g. ckpts=[RUN_A/checkpoints/last.ckpt,RUN_B/checkpoints/last.ckpt]."
+            )
+
+
 def _preprocessing(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint_preprocessing(checkpoint).to_dict()
 
@@ -137,6 +152,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         raise SettingError(f"method=wise interpolates two checkpoints, ckpts=[A,B]; got {len(paths)}.")
     if len(paths) < 2:
         raise SettingError(f"A soup needs at least two checkpoints in ckpts=[...]; got {len(paths)}.")
+    check_distinct(paths)
     alpha = check_alpha(cfg.get("alpha"))
     alphas = check_alphas(OmegaConf.to_container(cfg.alphas) if cfg.get("alphas") is not None else None)
     pl.seed_everything(check_seed(cfg.seed), workers=True)
@@ -228,6 +244,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="soup")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:

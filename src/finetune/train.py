@@ -26,7 +26,7 @@ from finetune.harness.checkpoint_io import load_checkpoint, save_checkpoint
 from finetune.harness.checkpointing import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.divergence import DivergenceStop
-from finetune.harness.exits import ends_user_errors_cleanly, user_errors
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, user_error_in, user_errors
 from finetune.harness.overrides import sweep_params_from_argv
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
@@ -153,7 +153,8 @@ def _record_stop(
     interrupted = RunFolder(output_dir).interrupted_checkpoint
     results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
     lost = None if signum else lost_ranks(trainer)  # under DDP, a rank that died is the likely cause: name it
-    results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(err).__name__}: {err}"[:4000]
+    shown = user_error_in(err) or err  # a user's mistake as itself, not as Hydra's instantiate wrapped it
+    results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(shown).__name__}: {shown}"[:4000]
     if rank_zero_only.rank == 0:
         write_json_atomic(RunFolder(output_dir).results, results)
         if trainer is not None:
@@ -197,6 +198,7 @@ def _interrupting_signal(err: BaseException, trainer: pl.Trainer | None) -> int:
     return signal.SIGTERM if isinstance(err, SystemExit) else 0
 
 
+@checks_command_line
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @ends_user_errors_cleanly
 def hydra_main(cfg: DictConfig) -> float | None:

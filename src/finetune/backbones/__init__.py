@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.errors import MissingPackageError, PathError, SettingError
+from finetune.errors import MissingPackageError, PathError, SettingError, describe_path
 
 IMAGENET = "imagenet"
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ FAMILIES = {
 }
 # Prefixes that wrappers add to state_dict keys: DDP/DataParallel, torch.compile, our own LightningModule.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -62,7 +63,7 @@ def build_backbone(name: str, num_classes: int, weights: str | Path | None = IMA
     pretrained = isinstance(weights, str) and weights.lower() == IMAGENET
     model, head_name = family(name).build(name, num_classes, pretrained)
     if weights is not None and not pretrained:
-        load_backbone_weights(model, head_name, Path(weights))
+        load_backbone_weights(model, head_name, Path(weights), backbone=name)
     return Backbone(model=model, head_name=head_name)
 
 
@@ -130,50 +131,83 @@ def new_head(in_features: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def load_backbone_weights(model: nn.Module, head_name: str, path: Path) -> None:
+def load_backbone_weights(model: nn.Module, head_name: str, path: Path, backbone: str | None = None) -> None:
     """Load a local ``state_dict`` (full or backbone-only) into every layer but the head.
 
-    Head entries in the file are ignored (the head is always new). Anything else that does not fit (missing layers,
-    unexpected keys, wrong shapes) is an error that lists the offending keys.
+    Head entries in the file are ignored (the head is always new). Anything else that does not fit
+    (missing layers, unexpected keys, wrong shapes) is an error that lists the offending keys and names the
+    torchvision architectures the file does fit, if any (``backbone``: the ``model.backbone`` name, for the message).
     """
     if not path.is_file():
-        raise PathError(
-            f"Weights file {str(path)!r} does not exist. Pass model.weights=PATH to an existing state_dict "
-            "file, model.weights=imagenet for the library's pretrained download, or model.weights=null for random "
-            "init."
-        )
+        raise PathError(_not_a_weights_file(path))
     try:
         state = _read_state_dict(path)
     except MissingPackageError:
         raise
     except Exception as err:  # pickle errors, zip errors, truncated files
-        raise SettingError(f"Could not read weights file {str(path)!r} as a PyTorch state_dict: {err}") from err
+        raise SettingError(
+            f"Could not read weights file {str(path)!r} (model.weights) as a PyTorch state_dict: {err}. Pass a "
+            "file saved with torch.save(model.state_dict(), path) (or a .safetensors file)."
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SettingError(
-            f"Weights file {str(path)!r} does not hold a state_dict (a dict of tensors); "
+            f"Weights file {str(path)!r} (model.weights) does not hold a state_dict (a dict of tensors); "
             f"it holds a {type(state).__name__}. Save weights with torch.save(model.state_dict(), path)."
         )
     state = {_strip_wrapper_prefixes(key): value for key, value in state.items()}
-    expected = model.state_dict()
+
+    problems = misfit(state, model.state_dict(), head_name)
+    if any(problems.values()):
+        named = f"model.backbone={backbone}" if backbone else "the backbone"
+        fits = family("").architecture_that_fits(state)  # torchvision's: the families other libraries name
+        advice = (
+            f" These weights fit model.backbone={fits}: pass that (model.backbone must name the architecture the "
+            "weights were trained for)."
+            if fits
+            else " model.backbone must name the architecture these weights were trained for (a timm model's "
+            "weights need model.backbone=timm/<name>)."
+        )
+        raise SettingError(
+            f"Weights file {str(path)!r} (model.weights) does not fit {named} ({type(model).__name__}, "
+            f"head {head_name!r} excluded): "
+            + "; ".join(f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in problems.items() if keys)
+            + "."
+            + advice
+        )
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head_name + ".")}, strict=False)
+
+
+def _not_a_weights_file(path: Path) -> str:
+    """Why ``path`` is not a weights file, with what to pass instead (the weights files inside a folder)."""
+    options = (
+        "Pass model.weights=PATH to an existing state_dict file, model.weights=imagenet for the library's "
+        "pretrained download, or model.weights=null for random init."
+    )
+    found = describe_path(path)
+    if found == "nothing":
+        return f"Weights file {str(path)!r} (model.weights) does not exist. {options}"
+    inside = ""
+    if found == "a folder":
+        files = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHTS_SUFFIXES and p.is_file())
+        inside = f" It holds {_preview(files, limit=5)}: pass one of them." if files else " It holds no weights file."
+    return f"model.weights={str(path)!r} is {found}, not a weights file.{inside} {options}"
+
+
+def misfit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], head_name: str) -> dict[str, list]:
+    """What keeps ``state`` from loading into a model with ``expected`` keys, its head aside."""
     is_head = lambda key: key.startswith(head_name + ".")  # noqa: E731
     state = {key: value for key, value in state.items() if not is_head(key)}
-    unexpected = sorted(key for key in state if key not in expected)
-    missing = sorted(key for key in expected if key not in state and not is_head(key))
-    wrong_shape = sorted(
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in state
-        if key in expected and state[key].shape != expected[key].shape
-    )
-    if unexpected or missing or wrong_shape:
-        found = [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)]
-        raise SettingError(
-            f"Weights file {str(path)!r} does not fit backbone {type(model).__name__} (head {head_name!r} excluded): "
-            + "; ".join(f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in found if keys)
-            + ". Check that model.backbone names the architecture these weights were trained for."
-        )
-    model.load_state_dict(state, strict=False)
+    return {
+        "missing": sorted(key for key in expected if key not in state and not is_head(key)),
+        "unexpected": sorted(key for key in state if key not in expected),
+        "wrong shape": sorted(
+            f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+            for key in state
+            if key in expected and state[key].shape != expected[key].shape
+        ),
+    }
 
 
 def _read_state_dict(path: Path) -> object:

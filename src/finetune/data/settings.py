@@ -75,6 +75,10 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
     """``data.*``, every argument of the DataModule (the assembly fills the backbone's preprocessing into the nulls
     first)."""
     hp = AttributeDict(settings)
+    if isinstance(settings.get("root"), str) and not settings["root"].strip():
+        raise SettingError(  # Path("") is the current folder: the error would be about the wrong folder
+            "data.root is empty: set data.root=PATH, a folder holding train/<class>/ and test/<class>/ image folders."
+        )
     hp.setdefault("image_size", None)
     if hp.image_size is not None:
         check_int("data.image_size", hp.image_size, 1, "the side of the square crop in pixels; the book uses 224")

@@ -1,24 +1,29 @@
 """How an entry point ends on a user's mistake: one ``Error: ...`` line on stderr and exit code 2, no traceback.
 
 A :class:`~finetune.errors.UserError` (a setting, a file, a folder, a refused resume or overwrite, a bad checkpoint)
-is the user's to fix, so its message is all they need; any other exception is a bug and keeps its traceback (Hydra
-prints it). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to the run's log file
-(``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by then.
+is the user's to fix, so its message is all they need, also when it was raised inside ``hydra.utils.instantiate``
+(which wraps it in an ``InstantiationException``); any other exception is a bug and keeps its traceback (Hydra
+prints it). An override that Hydra's grammar cannot read ends the same way, before Hydra starts
+(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to
+the run's log file (``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by
+then.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, InstantiationException
 
 from finetune.errors import UserError
+from finetune.harness.overrides import check_override_syntax
 
 USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,8 +35,10 @@ def full_errors() -> bool:
 
 
 def fail(message: str) -> NoReturn:
-    """End the program on a user's mistake: ``Error: message`` on stderr (and in the log file), exit code 2."""
-    line = f"Error: {message}"
+    """End the program on a user's mistake: ``Error: message`` on stderr (and in the log file), exit code 2.
+
+    The message is one line even where it quotes another library's message that spans several."""
+    line = f"Error: {one_line(message)}"
     _log_to_files(line)
     print(line, file=sys.stderr, flush=True)
     raise SystemExit(USER_ERROR_EXIT_CODE)
@@ -39,18 +46,33 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def user_errors(job: bool = True) -> Iterator[None]:
-    """Turn a :class:`UserError` raised inside into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``). Inside a
+    """Turn a :class:`UserError` raised inside (also one wrapped by Hydra's ``instantiate``: :func:`user_error_in`)
+    into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``). Inside a
     multirun's ``job`` it becomes a :class:`MultirunJobError` instead: Hydra records the failed job, runs the others,
     and prints the message without a stack."""
     try:
         yield
-    except UserError as err:
-        if full_errors():
+    except Exception as raised:
+        err = user_error_in(raised)
+        if err is None or full_errors():
             raise
         if job and _in_a_multirun_job():
-            _log_to_files(f"Error: {err}")
-            raise MultirunJobError(str(err)) from err
+            _log_to_files(f"Error: {one_line(str(err))}")
+            raise MultirunJobError(one_line(str(err))) from err
         fail(str(err))
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks (and the spaces around them) as single spaces."""
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The :class:`UserError` that ``err`` is, or that Hydra's ``instantiate`` wrapped into it (an
+    ``InstantiationException`` chains the original as its ``__cause__``); ``None`` for anything else."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, UserError) else None
 
 
 class MultirunJobError(CompactHydraException):
@@ -64,6 +86,21 @@ def ends_user_errors_cleanly(main: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with user_errors():
             return main(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def checks_command_line(hydra_main: F) -> F:
+    """Decorator for an entry point's ``@hydra.main`` function (outside it): an override on the command line that
+    Hydra's grammar cannot read (``data.root=/x/bob's photos``) ends as one ``Error:`` line that names it and shows it
+    quoted, exit code 2, before Hydra starts (Hydra's own report names neither the fix nor the override's value)."""
+
+    @wraps(hydra_main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:  # @hydra.main reads sys.argv only when called without a config
+            with user_errors(job=False):
+                check_override_syntax(sys.argv[1:])
+        return hydra_main(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

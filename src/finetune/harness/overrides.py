@@ -3,11 +3,12 @@ search's ``hydra.sweeper.params.<key>=`` given on the command line turned into t
 
 from __future__ import annotations
 
+import argparse
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 
 from finetune.errors import SettingError
 
@@ -79,3 +80,79 @@ def _unquoted(value: str) -> str:
         if isinstance(parsed, str):
             return parsed
     return value
+
+
+def check_override_syntax(args: Sequence[str]) -> None:
+    """Refuse the first command-line override that Hydra's grammar cannot read, naming it and showing it quoted.
+
+    ``args`` is the command line after the program (flags such as ``-m`` or ``--cfg job`` are left to Hydra). Hydra
+    reads ``'``, ``"``, ``#``, ``(``, ``[``, ``{``, ``=`` and the like in a value as its own syntax: such a value
+    goes in double quotes for Hydra, and the whole override in quotes for the shell.
+    """
+    overrides = _overrides_in(args)
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            if "=" not in override:
+                raise SettingError(
+                    f"Hydra cannot read the override {override!r}: an override is KEY=VALUE (e.g. "
+                    "trainer.max_epochs=10), +KEY=VALUE to add a key, or ~KEY to remove one."
+                ) from None
+            raise SettingError(
+                f"Hydra cannot read the override {override!r} ({_problem(override, err)}). A value holding a quote, "
+                "#, =, brackets or parentheses goes in double quotes for Hydra's grammar, and the whole override "
+                f"in quotes for the shell{_quoted_example(override)}."
+            ) from None
+
+
+def _overrides_in(args: Sequence[str]) -> list[str]:
+    """The overrides of a command line, as Hydra's own argument parser separates them from its flags."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        known, _ = parser.parse_known_args(list(args))
+    except (argparse.ArgumentError, SystemExit):
+        return []  # a malformed flag: Hydra reports it itself
+    return list(known.overrides or [])
+
+
+def _problem(override: str, err: OverrideParseException) -> str:
+    """Hydra's reason in a few words: the character it stopped at, or its parser's message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("See https://", "Error parsing override"))]
+    lexer = "LexerNoViableAltException: "
+    if len(lines) >= 2 and lines[0].startswith(lexer) and "^" in lines[1]:
+        column = lines[1].index("^") - len(lexer)
+        if 0 <= column < len(override):
+            return f"it stops at {override[column]!r} after {override[:column]!r}"
+    return lines[0] if lines else "a syntax error"
+
+
+def _quoted_example(override: str) -> str:
+    """``: "key=\\"value\\""`` (as typed in a POSIX shell) where that quoting reads back as the value given, else
+    ``""``."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        return ""
+    for quote_char in ('"', "'"):
+        if quote_char in value:
+            continue
+        quoted = f"{key}={quote_char}{value}{quote_char}"
+        try:
+            [parsed] = OverridesParser.create().parse_overrides([quoted])
+        except HydraException:
+            continue
+        if parsed.value() == value:
+            return f": {_shell_word(quoted)}"
+    return ""
+
+
+def _shell_word(text: str) -> str:
+    """``text`` as one word for a POSIX shell: in single quotes, or in double quotes where it holds a single quote."""
+    if "'" not in text:
+        return f"'{text}'"
+    return '"' + re.sub(r'(["\\$`])', r"\\\1", text) + '"'

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -22,16 +23,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.data.transforms import PREPROCESSING, Preprocessing
-from finetune.errors import OverwriteError, PathError, ResumeError, SettingError
+from finetune.errors import OverwriteError, PathError, ResumeError, SettingError, UserError
 from finetune.harness.checkpoint_io import CheckpointFolderError, check_checkpoint_file, load_checkpoint
 from finetune.harness.checkpointing import FORMAT, FORMAT_KEY, RECIPE, recipe
 from finetune.harness.exits import fail
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
-from finetune.harness.writable import check_writable
+from finetune.harness.writable import check_name_lengths, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def claim_run_folder(output_dir: str | Path, log_dir: str | Path | None = None) 
     """
     if rank_zero_only.rank != 0:
         return
+    check_name_lengths(output_dir, "The run folder (hydra.run.dir, paths.output_dir)", _LONG_RUN_FOLDER)
     folder = RunFolder(Path(output_dir))
     if folder.path.resolve() in _CLAIMED_BY_HYDRA:
         _CLAIMED_BY_HYDRA.discard(folder.path.resolve())
@@ -68,6 +70,13 @@ def claim_run_folder(output_dir: str | Path, log_dir: str | Path | None = None) 
         f"another run's folder. To continue that run, pass resume={output_dir} (it writes to a new folder); "
         "otherwise leave hydra.run.dir and paths.output_dir unset so that every run gets a new folder."
     )
+
+
+_LONG_RUN_FOLDER = (
+    "A run's folder is named <date>_<time>_<name> below paths.log_dir/runs/ (a multirun job's "
+    "<number>_<name>_seed<seed> below hydra.sweep.dir): pass a shorter name=, or a shorter hydra.run.dir, "
+    "paths.output_dir or paths.log_dir."
+)
 
 
 def _check_run_folder_writable(folder: Path, log_dir: str | Path | None) -> None:
@@ -103,7 +112,7 @@ class ClaimRunFolder(HydraCallback):
         HydraConfig.instance().set_config(config)  # the folder's name may use ${hydra:...}; Hydra sets it next anyway
         try:
             claim_run_folder(config.hydra.run.dir, OmegaConf.select(config, "paths.log_dir", default=None))
-        except (FileExistsError, PathError) as err:
+        except UserError as err:
             fail(str(err))  # a SystemExit: Hydra turns a callback's Exception into a mere warning
         _CLAIMED_BY_HYDRA.add(Path(config.hydra.run.dir).resolve())
 
@@ -112,6 +121,11 @@ class ClaimRunFolder(HydraCallback):
             return
         HydraConfig.instance().set_config(config)
         sweep = Path(config.hydra.sweep.dir)
+        try:  # the jobs' folders are made by Hydra before any job could refuse a name too long for the filesystem
+            job = sweep / _job_folder(config)
+            check_name_lengths(job, "A multirun job's folder (hydra.sweep.dir, hydra.sweep.subdir)", _LONG_RUN_FOLDER)
+        except UserError as err:
+            fail(str(err))
         if _continues_a_search(config, sweep):
             return  # hparams_search: the study goes on in its folder; new trials get new job folders
         taken = (
@@ -124,6 +138,17 @@ class ClaimRunFolder(HydraCallback):
                 f"sweep folder {str(sweep)!r} already holds runs ({', '.join(taken[:5])}); a multirun never "
                 "writes into an earlier sweep. Leave hydra.sweep.dir unset so that every multirun gets a new folder."
             )
+
+
+def _job_folder(config: DictConfig) -> str:
+    """The first job's folder name (``hydra.sweep.subdir`` with job number 0), or ``""`` where it cannot be told."""
+    try:
+        probe = copy.deepcopy(config)
+        with read_write(probe.hydra.job):
+            probe.hydra.job.num = 0
+        return str(probe.hydra.sweep.subdir or "")
+    except Exception:  # noqa: BLE001 - a subdir that needs more than the job number: checked as the job starts
+        return ""
 
 
 def _continues_a_search(config: DictConfig, sweep: Path) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checks import check_number
@@ -37,6 +38,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
         )
     check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
     check_gradient_clipping(trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
+    check_accelerator(trainer.get("accelerator", "auto"))
     epochs = trainer.get("max_epochs")
     if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
         raise SettingError(
@@ -91,6 +93,23 @@ def check_gradient_clipping(value: Any, algorithm: Any) -> None:
         )
 
 
+def check_accelerator(accelerator: Any) -> None:
+    """``trainer.accelerator=gpu``, ``cuda`` or ``mps`` on a machine where PyTorch sees no such device, refused by
+    name (Lightning's own message, "No supported gpu backend found!", names neither the setting nor the fix)."""
+    name = str(accelerator).strip().lower()
+    cuda = torch.cuda.is_available()
+    mps = torch.backends.mps.is_available()
+    missing = {"gpu": not (cuda or mps), "cuda": not cuda, "mps": not mps}.get(name, False)
+    if missing:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SettingError(
+            f"trainer.accelerator={accelerator}, but PyTorch sees no {_DEVICE_KINDS[name]} on this machine "
+            f"(torch {torch.__version__}, {build}). Use trainer.accelerator=cpu, or trainer.accelerator=auto to "
+            "take a GPU where there is one."
+        )
+
+
+_DEVICE_KINDS = {"gpu": "GPU (CUDA or Apple MPS)", "cuda": "CUDA GPU", "mps": "Apple MPS device"}
 SEED_RANGE = (0, 2**32 - 1)  # Lightning's: outside it, seed_everything only warns and draws a random seed
 
 
