@@ -30,8 +30,8 @@ def build(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str
             f"Could not load timm's pretrained weights for {name!r} ({type(err).__name__}: {err}). timm downloads "
             "them through the Hugging Face Hub (cached under $HF_HOME, by default ~/.cache/huggingface). Offline, "
             "either fill that cache on a machine with internet and set HF_HUB_OFFLINE=1, or pass "
-            "model.weights=PATH to a local state_dict (.pth or .safetensors) with model.backbone naming the "
-            "architecture it was saved from, or model.weights=null for random init."
+            "model.weights=PATH to a local state_dict (.pth or .safetensors) with model.backbone set to the "
+            "architecture that file was trained for (timm/<name> for timm's), or model.weights=null for random init."
         ) from err
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     if isinstance(classifier, (list, tuple)) and len(classifier) > 1:

@@ -18,7 +18,12 @@ from finetune.backbones.timm import knows as timm_knows
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, book_resize_size
 from finetune.errors import DownloadError, SettingError
 
-IMAGE_SIZE = 224  # the crop torchvision's ImageNet weights were trained and evaluated on (resized from 256)
+IMAGE_SIZE = 224
+# A local weights file is one architecture's: model.backbone (resnet18 by default) must name it.
+LOCAL_FILE_MATCHES = (
+    "with model.backbone set to the architecture that file was trained for (model.backbone=mobilenet_v2 for a "
+    "MobileNetV2 file)"
+)  # the crop torchvision's ImageNet weights were trained and evaluated on (resized from 256)
 
 
 def names() -> list[str]:
@@ -116,6 +121,5 @@ def _download(name: str) -> nn.Module:
         raise DownloadError(
             f"Could not download the ImageNet weights {weights} for {name!r} ({err}). Offline, either copy "
             f"{Path(weights.url).name} into {checkpoints} (set TORCH_HOME to use another cache), or pass "
-            "model.weights=PATH to a local state_dict with model.backbone naming the architecture it was saved "
-            "from, or model.weights=null for random init."
+            f"model.weights=PATH to a local state_dict {LOCAL_FILE_MATCHES}, or model.weights=null for random init."
         ) from err
