@@ -317,7 +317,7 @@ def run_loading(args, workdir: Path) -> dict[str, list[dict]]:
 # --- frozen: cached features ----------------------------------------------------------------------------------
 def run_frozen(args, cache_features: bool, workdir: Path) -> dict:
     overrides = common_overrides(args, workdir, "frozen")
-    overrides += [*(["features=cached"] if cache_features else []), "data.augment=false"]
+    overrides += [*(["features=cached"] if cache_features else []), "data.augmentation=null"]
     overrides += [f"trainer.max_epochs={args.frozen_epochs}", "test_after_fit=false"]
     cfg = compose_config(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -67,7 +67,10 @@ def common_overrides(args: argparse.Namespace, data_root: Path, weights: str) ->
     )
     overrides += ["trainer.devices=1", f"+trainer.max_steps={args.steps}", "trainer.max_epochs=-1"]
     # The throughput callback by key: a row may add its own +callbacks= (Hydra takes one per command line).
-    overrides += ["~callbacks.model_checkpoint", "+callbacks.throughput._target_=finetune.harness.throughput.Throughput"]
+    overrides += [
+        "~callbacks.model_checkpoint",
+        "+callbacks.throughput._target_=finetune.harness.throughput.Throughput",
+    ]
     if args.cpu_smoke:
         overrides += ["data.image_size=32", "data.resize_size=36", "data.val_fraction=0.2"]
     return overrides

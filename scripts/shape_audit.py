@@ -20,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.data.folders import displayed_size, scan_image_folder
+from finetune.data.folders import scan_image_folder
+from finetune.data.images import displayed_size
 
 ORIENTATIONS = ("square", "landscape", "portrait")
 

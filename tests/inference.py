@@ -34,7 +34,7 @@ def trained_run(
     if key not in _TRAINED:
         root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
         out = tmp_path_factory.mktemp(f"run_{key}")
-        extra = ["experiment=frozen", "features=cached", "data.augment=false"] if cache_features else []
+        extra = ["experiment=frozen", "features=cached", "data.augmentation=null"] if cache_features else []
         extra.append(f"data.eval_resize={eval_resize}")
         overrides = ["trainer.max_epochs=2", "optimizer.lr=0.002", "model.head_lr_mult=1", *extra]
         results = train(compose_config(overrides + tiny_overrides(root, out)))

@@ -111,8 +111,8 @@ def test_mixup_writes_mixed_images_and_soft_targets_that_sum_to_one_into_the_bat
 def test_a_run_with_every_lever_trains_and_records_them(tmp_path):
     root = make_image_folder(tmp_path / "data", n_train=8, n_test=2)
     levers = [
-        "data.augment=trivial",
-        "data.random_erasing=0.25",
+        "data.augmentation.policy=trivial",
+        "data.augmentation.random_erasing=0.25",
         "model.criterion.label_smoothing=0.1",
         "+callbacks=mixup",
         "callbacks.mixup.mixup_alpha=0.2",
@@ -125,5 +125,5 @@ def test_a_run_with_every_lever_trains_and_records_them(tmp_path):
     recipe, data = checkpoint["recipe"], checkpoint["datamodule_hyper_parameters"]
     assert recipe["model.criterion"]["label_smoothing"] == 0.1
     assert (recipe["callbacks.mixup"]["mixup_alpha"], recipe["callbacks.mixup"]["cutmix_alpha"]) == (0.2, 1.0)
-    assert (data["augment"], data["random_erasing"]) == ("trivial", 0.25)
+    assert (data["augmentation"]["policy"], data["augmentation"]["random_erasing"]) == ("trivial", 0.25)
     assert all(0 <= e["train/acc"] <= 1 and e["train/loss"] > 0 for e in results["history"])

@@ -45,8 +45,8 @@ def test_cached_eval_images_are_bit_identical_and_train_images_keep_their_labels
 
 
 def test_train_without_augmentation_uses_the_eval_transform_cached_or_not(tiny_folder):
-    plain = _datamodule(tiny_folder, augment=False)
-    cached = _datamodule(tiny_folder, augment=False, cache="memory")
+    plain = _datamodule(tiny_folder, augmentation=None)
+    cached = _datamodule(tiny_folder, augmentation=None, cache="memory")
     for i in (0, len(plain.train_set) - 1):
         assert torch.equal(plain.train_set[i][0], cached.train_set[i][0])
         assert torch.equal(plain.train_set[i][0], plain.train_set[i][0])  # deterministic: no random crop/flip

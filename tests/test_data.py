@@ -1,4 +1,5 @@
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, eval_transform, train_transform
-from finetune.data.folders import stratified_split
+from finetune.data.splits import stratified_split
 from finetune.data.transforms import Preprocessing
 
 from .conftest import make_image_folder
@@ -110,6 +111,9 @@ def test_train_and_test_classes_must_match(tmp_path):
         dm.setup("test")
 
 
+AUG = {"_target_": "finetune.data.transforms.train_transform", "_partial_": True}  # conf/data/folder.yaml's node
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -131,17 +135,20 @@ def test_train_and_test_classes_must_match(tmp_path):
         ({"val_fraction": 1.0}, r"data.val_fraction must be strictly between 0 and 1, got 1.0"),
         ({"val_fraction": -0.1}, r"data.val_fraction must be strictly between 0 and 1, got -0.1"),
         ({"val_fraction": "0.1"}, r"data.val_fraction must be a number, got '0.1'\."),
-        ({"augment": "no"}, r"data.augment must be true \(the book's random crop and flip\), false .* got 'no'\."),
-        ({"random_erasing": 1.5}, r"data.random_erasing must be in \[0, 1\], got 1.5"),
-        ({"augment": "trivial", "augment_on": "device"}, r"data.augment=trivial run in the loader: data.augment_on="),
+        ({"augmentation": AUG | {"policy": "no"}}, r"data.augmentation.policy must be null or one of trivial, .*'no'"),
+        ({"augmentation": AUG | {"random_erasing": 1.5}}, r"data.augmentation.random_erasing must be in \[0, 1\]"),
+        (
+            {"augmentation": AUG | {"policy": "trivial"}, "augment_on": "device"},
+            r"data.augmentation.policy=trivial run in the loader: data.augment_on=device",
+        ),
         ({"skip_corrupt": 1}, r"data.skip_corrupt must be true or false, got 1\."),
         ({"download": {"url": "http://x/a.zip"}}, r"data.download must be null or a mapping with a url and .*sha1"),
         ({"cache_short_side": 0}, r"data.cache_short_side must be an integer >= 1 .*got 0\."),
-        ({"crop_scale": [0, 1]}, r"data.crop_scale must be \[min, max\] with 0 < min <= max <= 1 .*got \[0, 1\]\."),
-        ({"crop_scale": [0.5, 0.2]}, r"data.crop_scale must be \[min, max\] .*got \[0.5, 0.2\]\."),
-        ({"crop_scale": [0.5, 1.5]}, r"data.crop_scale must be \[min, max\] .*got \[0.5, 1.5\]\."),
-        ({"crop_scale": [0.5]}, r"data.crop_scale must be \[min, max\] .*got \[0.5\]\."),
-        ({"crop_scale": "0.5"}, r"data.crop_scale must be \[min, max\] .*got '0.5'\."),
+        ({"augmentation": AUG | {"crop_scale": [0, 1]}}, r"crop_scale must be \[min, max\] with 0 < min <= max <= 1"),
+        ({"augmentation": AUG | {"crop_scale": [0.5, 0.2]}}, r"data.augmentation.crop_scale must be .*\[0.5, 0.2\]"),
+        ({"augmentation": AUG | {"crop_scale": [0.5, 1.5]}}, r"data.augmentation.crop_scale must be .*\[0.5, 1.5\]"),
+        ({"augmentation": AUG | {"crop_scale": [0.5]}}, r"data.augmentation.crop_scale must be .*got \[0.5\]\."),
+        ({"augmentation": AUG | {"crop_scale": "0.5"}}, r"data.augmentation.crop_scale must be .*got '0.5'\."),
     ],
 )
 def test_out_of_range_values_are_rejected_by_their_config_name(tmp_path: Path, kwargs, message):
@@ -179,7 +186,8 @@ def test_crop_scale_sets_the_area_of_the_training_crop(tmp_path):
 
     def red_fractions(crop_scale) -> list[float]:
         torch.manual_seed(0)
-        dm = ImageFolderDataModule(root, num_workers=0, image_size=16, crop_scale=crop_scale, val_fraction=0.2)
+        augmentation = partial(train_transform, crop_scale=crop_scale)
+        dm = ImageFolderDataModule(root, num_workers=0, image_size=16, augmentation=augmentation, val_fraction=0.2)
         dm.setup("fit")
         unnormalised = [
             dm.train_set[i % len(dm.train_set)][0][0] * IMAGENET_STD[0] + IMAGENET_MEAN[0] for i in range(40)
@@ -190,11 +198,12 @@ def test_crop_scale_sets_the_area_of_the_training_crop(tmp_path):
     assert all(abs(fraction - 0.5) <= 1 / 16 for fraction in whole)  # half the columns red, up to the boundary
     book = red_fractions([0.08, 1.0])
     assert sum(fraction in (0.0, 1.0) for fraction in book) >= 5  # crops inside one half
+    augmentation = partial(train_transform, crop_scale=[0.35, 1])
     dm = ImageFolderDataModule(
-        root, num_workers=0, image_size=16, crop_scale=[0.35, 1], augment_on="device", val_fraction=0.2
+        root, num_workers=0, image_size=16, augmentation=augmentation, augment_on="device", val_fraction=0.2
     )
     dm.setup("fit")
-    assert dm.device_augment.scale == (0.35, 1) and dm.hparams.crop_scale == [0.35, 1]
+    assert dm.device_augment.scale == (0.35, 1) and dm.hparams.augmentation == {"crop_scale": [0.35, 1]}
 
 
 def test_a_class_without_validation_images_names_val_fraction_and_the_counts(tmp_path):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import ImageFolderDataModule, folders
-from finetune.data.folders import load_rgb
+from finetune.data import ImageFolderDataModule, folders, verify
+from finetune.data.images import load_rgb
 from finetune.errors import DataError, PathError, SettingError
 from finetune.export import export
 from finetune.predict import predict
@@ -78,8 +78,8 @@ def test_train_val_and_test_see_a_sideways_photo_as_its_upright_pixels(tmp_path,
         upright, tmp_path / "phone", [f"train/{n}/{n}_{i:03d}.png" for n in ("cat", "dog") for i in range(5)]
     )
     save_sideways(upright / "test/cat/cat_000.png", phone / "test/cat/cat_000.png")
-    a = _datamodule(upright, augment=False, cache=cache)
-    b = _datamodule(phone, augment=False, cache=cache)
+    a = _datamodule(upright, augmentation=None, cache=cache)
+    b = _datamodule(phone, augmentation=None, cache=cache)
     for split in ("train_set", "val_set", "test_set"):
         first, second = getattr(a, split), getattr(b, split)
         assert len(first) == len(second) > 0
@@ -229,10 +229,10 @@ def test_a_clean_folder_says_nothing_and_only_files_of_a_shared_size_are_read(tm
     same_size[-1] ^= 1  # the same size, other bytes: read, and not a duplicate
     (root / "test/dog/same_size.png").write_bytes(bytes(same_size))
     hashed = []
-    real = folders.file_digest
-    monkeypatch.setattr(folders, "file_digest", lambda path, algorithm: hashed.append(path) or real(path, algorithm))
+    real = verify.file_digest
+    monkeypatch.setattr(verify, "file_digest", lambda path, algorithm: hashed.append(path) or real(path, algorithm))
     layout, _ = folders.scan_image_folder(root)
-    assert folders.find_duplicates(layout) == []
+    assert verify.find_duplicates(layout) == []
     sizes = [p.stat().st_size for p in root.rglob("*.png")]
     assert all(sizes.count(os.path.getsize(path)) > 1 for path in hashed)
     assert str(root / "train/cat/big.png") not in hashed

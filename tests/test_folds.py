@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetune.data import ImageFolderDataModule
-from finetune.data.folders import fold_split, stratified_folds
+from finetune.data.splits import fold_split, stratified_folds
 from finetune.report import load_sweep, to_markdown
 
 from .conftest import make_image_folder

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.data import ImageFolderDataModule, load_rgb
-from finetune.data.folders import printable
+from finetune.data.images import printable
 
 from .conftest import make_image_folder
 

@@ -128,7 +128,9 @@ def test_a_timm_checkpoint_stores_its_preprocessing_and_predict_matches_evaluate
         assert row["label"] == entry["predicted"] and row["score"] == pytest.approx(entry["probability"], abs=1e-5)
     # A new crop given to evaluate keeps timm's crop fraction (the checkpoint's backbone), and its normalisation.
     bigger = evaluate(eval_config(results["best_checkpoint"], tiny_folder, tmp / "eval40", "data.image_size=40"))
-    assert (bigger["image_size"], bigger["resize_size"]) == (40, math.floor(40 / expected["crop_pct"])) == (40, 42)
+    crop_pct = expected["image_size"] / expected["resize_size"]  # the pretrained crop fraction, 224 / 235
+    assert (bigger["image_size"], bigger["resize_size"]) == (40, math.floor(40 / 0.95)) == (40, 42)
+    assert crop_pct == pytest.approx(0.95, abs=0.01)
 
 
 def test_an_aspect_keeping_checkpoint_is_evaluated_and_predicted_the_way_it_was_trained(tmp_path_factory):

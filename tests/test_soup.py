@@ -23,7 +23,7 @@ def family(tmp_path_factory) -> dict:
     root = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10, n_test=4)
     runs = {}
     for name, extra in {
-        "probe": ["experiment=frozen", "features=cached", "data.augment=false"],
+        "probe": ["experiment=frozen", "features=cached", "data.augmentation=null"],
         "tuned0": ["seed=0"],
         "tuned1": ["seed=1"],
     }.items():

@@ -134,7 +134,7 @@ def test_timm_channels_last_and_cached_features(tmp_path, tiny_folder):
             "model.backbone=timm/convnext_nano",
             "+callbacks=channels_last",
             "features=cached",
-            "data.augment=false",
+            "data.augmentation=null",
             "trainer.fast_dev_run=true",
         ]
         + tiny_overrides(tiny_folder, tmp_path)

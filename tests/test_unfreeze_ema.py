@@ -175,7 +175,7 @@ def test_the_cached_probe_epochs_are_the_frozen_experiment_on_cached_features(tm
     common = ["model.backbone=mobilenet_v3_small", "optimizer.momentum=0.9", "trainer.deterministic=true", "seed=5"]
     frozen = train(
         compose_config(
-            ["experiment=frozen", "features=cached", "data.augment=false", "trainer.max_epochs=2", *common]
+            ["experiment=frozen", "features=cached", "data.augmentation=null", "trainer.max_epochs=2", *common]
             + tiny_overrides(data, tmp_path / "frozen")
         )
     )

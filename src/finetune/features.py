@@ -7,8 +7,8 @@ test), with the *eval* transform and the backbone in eval mode, keeps it in memo
 What changes, and what does not:
 
 - Train-time augmentation is dropped: every epoch sees the same centre-cropped image of each training example
-  (``data.augment`` is set to false, with a warning if it was on). For a bit-for-bit comparison, run the uncached
-  frozen path with ``data.augment=false``.
+  (``data.augmentation`` is set to null, with a warning if it was on). For a bit-for-bit comparison, run the
+  uncached frozen path with ``data.augmentation=null``.
 - Dropout placed directly in front of the head (MobileNetV2/V3's and EfficientNet's ``classifier`` Dropout) still
   applies at train time: it runs on the cached features exactly where it ran on the backbone's output.
 - Random layers *inside* the frozen backbone (e.g. EfficientNet's stochastic depth, VGG's first dropout) act at
@@ -61,12 +61,12 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         super().__init__()
         self.staged = unfreeze_epoch is not None  # features for the frozen epochs only
         self.unfreeze_epoch = unfreeze_epoch
-        if getattr(images, "augment", False) and not self.staged:
+        if getattr(images, "augmentation", None) is not None and not self.staged:
             log.warning(
                 "features=cached: train-time augmentation is dropped; the head trains on features of the eval "
-                "transform (centre crop) of each training image. Set data.augment=false to silence this."
+                "transform (centre crop) of each training image. Set data.augmentation=null to silence this."
             )
-            images.augment = False
+            images.augmentation = None
         skipped = random_layers_inside_backbone(model.net, model.head_name)
         if skipped:
             log.warning(

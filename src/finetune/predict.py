@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data import is_image_file, load_rgb
-from finetune.data.folders import preview
+from finetune.data.images import preview
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command, check_node_keys

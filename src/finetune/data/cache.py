@@ -10,7 +10,7 @@ each image is decoded once into a uint8 ``CxHxW`` tensor and the per-epoch trans
   crop's *content* distribution is unchanged (its scale and ratio are fractions of the image) but its source
   resolution is capped, so most crops are upsampled from fewer pixels and training images get blurrier than the
   test images (measured on the hot dog photos: see docs/performance.md).
-- evaluation images (val, test, and train when ``data.augment=false``) go through the deterministic part of the eval
+- evaluation images (val, test, and train when ``data.augmentation=null``) go through the deterministic part of the eval
   transform (square ``Resize`` then ``CenterCrop``) before they are stored, so they are bit-identical to the
   uncached path and only the float conversion and normalisation run per epoch.
 
@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
-from finetune.data.folders import load_rgb
+from finetune.data.images import load_rgb
 from finetune.data.stale import remove_stale, temp_name
 from finetune.errors import SettingError
 from finetune.progress import track

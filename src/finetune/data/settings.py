@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from collections.abc import Mapping
 from typing import Any
 
 from pytorch_lightning.utilities.parsing import AttributeDict
 
-from finetune.checks import check_choice, check_int, check_number, numbers
+from finetune.checks import check_choice, check_int, numbers
 from finetune.data.cache import CACHE_MODES
 from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
-from finetune.data.folders import DUPLICATES
 from finetune.data.loading import AUTO
-from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
+from finetune.data.transforms import EVAL_RESIZES, INTERPOLATIONS, book_resize_size, train_transform
+from finetune.data.verify import DUPLICATES
 from finetune.errors import SettingError
 
 
@@ -37,15 +38,6 @@ def check_interpolation(value: object) -> None:
         )
 
 
-def check_crop_scale(value: object) -> None:
-    """``data.crop_scale``: the random crop's area range ``[min, max]``, fractions of the image, 0 < min <= max <= 1."""
-    if not numbers(value, 2) or not 0 < value[0] <= value[1] <= 1:
-        raise SettingError(
-            f"data.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a fraction of "
-            f"the image), got {value!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of each photo."
-        )
-
-
 EVAL_RESIZE_MEANING = (
     "square squashes each photo to resize_size x resize_size, the book's; shorter_side keeps its aspect ratio, "
     "torchvision's ImageNet evaluation"
@@ -62,9 +54,7 @@ TRAIN_ONLY_DATA_KEYS = (
     "split_seed",
     "folds",
     "fold",
-    "augment",
-    "random_erasing",
-    "crop_scale",
+    "augmentation",
     "augment_on",
     "device_resampling",
     "cache_short_side",
@@ -104,7 +94,6 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
         check_channels("std", hp.std, positive=True)
     if hp.interpolation is not None:
         check_interpolation(hp.interpolation)
-    check_crop_scale(hp.crop_scale)
     check_choice("data.eval_resize", hp.eval_resize, EVAL_RESIZES, EVAL_RESIZE_MEANING)
     check_int("data.batch_size", hp.batch_size, 1, "images per device and step")
     if hp.num_workers != AUTO:
@@ -134,7 +123,7 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
     for key in ("skip_corrupt", "verify_images"):
         if not isinstance(hp[key], bool):
             raise SettingError(f"data.{key} must be true or false, got {hp[key]!r}.")
-    check_augment(hp.augment, hp.get("random_erasing", 0.0), hp.augment_on)
+    check_augmentation(hp.augmentation, hp.augment_on)
     if hp.download is not None and not (
         isinstance(hp.download, Mapping)
         and isinstance(hp.download.get("url"), str)
@@ -172,24 +161,20 @@ def _check_folds(folds: object, fold: object) -> None:
         )
 
 
-def check_augment(augment: Any, random_erasing: Any, augment_on: str) -> None:
-    """``data.augment`` (true, false or a policy) and ``data.random_erasing``, which only the loader path runs."""
-    if not isinstance(augment, bool) and augment not in AUGMENT_POLICIES:
-        raise SettingError(
-            f"data.augment must be true (the book's random crop and flip), false (the eval transform) or one of "
-            f"{AUGMENT_POLICIES} (the crop and flip, then that torchvision policy), got {augment!r}."
-        )
-    check_number(
-        "data.random_erasing",
-        random_erasing,
-        "in [0, 1]",
-        lambda x: 0 <= x <= 1,
-        "It is the probability of erasing a random rectangle of each training image (0: never; timm uses 0.25).",
-    )
-    extra = [f"data.augment={augment}"] if isinstance(augment, str) else []
-    extra += [f"data.random_erasing={random_erasing}"] if random_erasing else []
-    if augment_on == "device" and augment and extra:
+def check_augmentation(augmentation: Any, augment_on: str) -> None:
+    """``data.augmentation`` (null: the eval transform): a transform is built from it, which checks its own settings
+    (:func:`~finetune.data.transforms.train_transform`); policies and erasing only run on the loader path."""
+    if augmentation is None:
+        return
+    settings = dict(augmentation.keywords if isinstance(augmentation, partial) else augmentation)
+    target = settings.pop("_target_", None)
+    settings.pop("_partial_", None)
+    if target is not None and target != f"{train_transform.__module__}.{train_transform.__name__}":
+        return  # a researcher's own training transform checks itself when it is built
+    train_transform(64, **settings)  # raises SettingError naming data.augmentation.<key>
+    extra = [f"data.augmentation.{key}={settings[key]}" for key in ("policy", "random_erasing") if settings.get(key)]
+    if augment_on == "device" and extra:
         raise SettingError(
             f"{' and '.join(extra)} run in the loader: data.augment_on=device only does the book's crop and flip. "
-            "Use data.augment_on=loader, or data.augment=true data.random_erasing=0."
+            "Use data.augment_on=loader, or leave them out."
         )

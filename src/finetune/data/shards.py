@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.device_augment import pad_collate
-from finetune.data.folders import decode_rgb, printable
+from finetune.data.images import decode_rgb, printable
 from finetune.data.loading import pin_memory
 from finetune.errors import PathError, SettingError
 from finetune.workers import worker_context

@@ -1,10 +1,10 @@
 """The image transforms: the book's random-crop augmentation for training, and the eval preprocessing as a record.
 
-The training transform is one function with one branch per augmentation (torchvision's ``presets.py`` style):
-add a ``data.*`` knob by adding an argument and a branch here, and the argument to the DataModule. The eval
-preprocessing is one frozen :class:`Preprocessing`: the DataModule builds it from ``data.*``, every checkpoint
-stores it (key ``preprocessing``, beside the class names under ``classes``), and evaluate, predict and export
-rebuild the same transform from the stored record.
+The training transform is one function with one branch per augmentation (torchvision's ``presets.py`` style),
+configured as ``data.augmentation`` (``conf/data/folder.yaml``): a new augmentation setting is an argument, its
+check and its branch here, and its default in that file. The eval preprocessing is one frozen
+:class:`Preprocessing`: the DataModule builds it from ``data.*``, every checkpoint stores it (key ``preprocessing``,
+beside the class names under ``classes``), and evaluate, predict and export rebuild the same transform from it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from finetune.checks import check_number, numbers
 from finetune.errors import SettingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,8 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range, the book's augmentation
 EVAL_RESIZES = ("square", "shorter_side")  # the book's squash to a square / torchvision's aspect-keeping resize
-# data.augment: false (eval transform), true (the book's crop and flip), or the crop and flip then one of
-# torchvision's automatic policies (TrivialAugmentWide, RandAugment, AutoAugment's ImageNet policy).
+# data.augmentation.policy: after the crop and flip, one of torchvision's automatic policies (TrivialAugmentWide,
+# RandAugment, AutoAugment's ImageNet policy), or null for none.
 AUGMENT_POLICIES = ("trivial", "randaugment", "autoaugment")
 # The checkpoint keys under which a model keeps what its data was.
 CLASSES = "classes"
@@ -51,9 +52,24 @@ def train_transform(
     policy: str | None = None,
     random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """The book's training augmentation: random resized crop (of ``crop_scale`` of the area), horizontal flip,
-    normalisation; ``policy`` adds a torchvision policy on the cropped uint8 image and ``random_erasing`` erases a
-    random rectangle of the normalised tensor with that probability (timm's recipe order)."""
+    """The book's training augmentation: a random resized crop of ``crop_scale`` of the area (the book's and
+    torchvision's ``(0.08, 1.0)``; a larger minimum keeps more of each photo), a horizontal flip, normalisation.
+    ``policy`` adds a torchvision policy on the cropped uint8 image, ``random_erasing`` erases a random rectangle of
+    the normalised tensor with that probability (timm's recipe order). The size, normalisation and resampling are
+    the eval preprocessing's (the DataModule passes them); the rest are ``data.augmentation.*``."""
+    if not (numbers(crop_scale, 2) and 0 < crop_scale[0] <= crop_scale[1] <= 1):
+        raise SettingError(
+            f"data.augmentation.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a "
+            f"fraction of the image), got {crop_scale!r}. The book's is [0.08, 1.0]; [0.35, 1.0] keeps more of "
+            "each photo."
+        )
+    if policy is not None and policy not in AUGMENT_POLICIES:
+        raise SettingError(
+            f"data.augmentation.policy must be null or one of {', '.join(AUGMENT_POLICIES)} (a torchvision policy "
+            f"after the crop and flip), got {policy!r}."
+        )
+    advice = "It is the probability of erasing a random rectangle of each training image (0: never; timm uses 0.25)."
+    check_number("data.augmentation.random_erasing", random_erasing, "in [0, 1]", lambda x: 0 <= x <= 1, advice)
     mode = interpolation_mode(interpolation)
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
@@ -65,8 +81,6 @@ def train_transform(
         steps.append(v2.RandAugment(interpolation=mode))
     elif policy == "autoaugment":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode))
-    elif policy is not None:
-        raise SettingError(f"Unknown augmentation policy {policy!r}: choose one of {AUGMENT_POLICIES}.")
     steps += to_normalized_tensor(mean, std).transforms
     if random_erasing:
         steps.append(v2.RandomErasing(p=random_erasing, value=0))

@@ -393,7 +393,7 @@ def check_resumable(
     for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), errors)
-    for key in ("batch_size", "crop_scale"):
+    for key in ("batch_size", "augmentation"):
         if key in saved_data:
             compare(f"data.{key}", saved_data[key], datamodule.hparams.get(key), warnings)
     if checkpoint.get(PREPROCESSING):  # the eval preprocessing in effect, nulls filled
