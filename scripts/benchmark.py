@@ -61,8 +61,8 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
-from finetune.backbones import load_backbone_weights  # noqa: E402
 from finetune.backbones.torchvision import find_head  # noqa: E402
+from finetune.backbones.weights import load_backbone_weights  # noqa: E402
 from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
 

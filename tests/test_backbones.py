@@ -6,8 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune.backbones import build_backbone, load_backbone_weights
+from finetune.backbones import build_backbone
 from finetune.backbones.torchvision import find_head
+from finetune.backbones.weights import load_backbone_weights
 from finetune.errors import DownloadError, PathError, SettingError
 
 from .conftest import MOBILENET_V2_WEIGHTS, needs_shared

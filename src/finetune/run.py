@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from finetune.backbones import check_input_size, check_pretrained_size, preprocessing
+from finetune.backbones import preprocessing
+from finetune.backbones.input_size import check_input_size, check_pretrained_size
 from finetune.errors import DataError, PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
 from finetune.harness.checkpointing import CheckpointRecord

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import difflib
-import re
 import urllib.error
-import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from finetune.backbones import misfit, new_head
+from finetune.backbones import new_head
 from finetune.backbones.timm import knows as timm_knows
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, book_resize_size
 from finetune.errors import DownloadError, SettingError
@@ -72,44 +69,6 @@ def find_head(model: nn.Module) -> str:
             "cannot be replaced; choose another backbone."
         )
     return linears[-1]
-
-
-def architecture_that_fits(state: dict[str, torch.Tensor]) -> str | None:
-    """The first torchvision backbone that ``state`` loads into, or ``None``. Models are built without memory (on
-    the meta device), and only in the families (torchvision modules) whose first member's layer names resemble the
-    file's: a second or two. (RegNets cannot be built on the meta device, so they are never suggested.)"""
-
-    def built(name: str) -> tuple[dict[str, torch.Tensor], str] | None:
-        try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. GoogLeNet's notice about its future default init
-                net = torchvision.models.get_model(name, weights=None)
-            return net.state_dict(), find_head(net)
-        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is not suggested
-            return None
-
-    def pattern(keys: Iterable[str]) -> set[str]:
-        return {re.sub(r"\.\d+(?=\.)", ".#", key) for key in keys}
-
-    def size(name: str) -> int:  # parameters of its pretrained weights: the smaller, the quicker to build
-        try:
-            return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
-        except Exception:  # noqa: BLE001 - no weights recorded: last
-            return 1 << 62
-
-    families: dict[str, list[str]] = {}
-    for name in sorted(names(), key=size):
-        families.setdefault(torchvision.models.get_model_builder(name).__module__, []).append(name)
-    ours = pattern(state)
-    for members in families.values():
-        first = built(members[0])
-        if first is None or len(ours & pattern(first[0])) < 0.5 * len(ours):
-            continue
-        for name in members:
-            candidate = first if name == members[0] else built(name)
-            if candidate is not None and not any(misfit(state, *candidate).values()):
-                return name
-    return None
 
 
 def _download(name: str) -> nn.Module:

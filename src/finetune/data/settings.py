@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import re
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from pytorch_lightning.utilities.parsing import AttributeDict
