@@ -13,7 +13,6 @@ initialised, as in the d2l "Fine-Tuning" chapter.
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +22,6 @@ from torch import nn
 from finetune.errors import SettingError
 
 IMAGENET = "imagenet"
-log = logging.getLogger(__name__)
 # Name prefix -> the module of that family. The first prefix that a name starts with wins ("" matches every name).
 FAMILIES = {
     "timm/": "finetune.backbones.timm",
