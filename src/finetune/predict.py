@@ -31,6 +31,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune import atomic
 from finetune.data import is_image_file, load_rgb
 from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
@@ -215,10 +216,8 @@ def row(path: str, classes: list[str], probs: list[float] | None, error: str) ->
 
 
 def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> None:
-    """``.csv`` (empty cells for missing values) or ``.json`` (a list of objects), written via a temporary file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as file:
+    """``.csv`` (empty cells for missing values) or ``.json`` (a list of objects), whole or not at all."""
+    with atomic.atomic_write(output, "w", newline="", encoding="utf-8") as file:
         if output.suffix.lower() == ".json":
             json.dump([{c: r[c] for c in columns} for r in rows], file, indent=1)
             file.write("\n")
@@ -229,7 +228,6 @@ def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> 
                 writer.writerow(
                     ["" if r[c] is None else (f"{r[c]:.8g}" if isinstance(r[c], float) else r[c]) for c in columns]
                 )
-    os.replace(tmp, output)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from finetune import atomic
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
 from finetune.data.preprocessing import TTA_MODES, Preprocessing
@@ -313,9 +314,7 @@ def write_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     paths = [output_dir / RESULTS_JSON, output_dir / RESULTS_CSV, output_dir / RESULTS_MD]
     write_json_atomic(paths[0], results)
     for path, text in zip(paths[1:], (to_csv(results), to_markdown(results)), strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic.write_text(path, text)
     return paths
 
 

@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from finetune.backbones import is_timm, preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.features import FeatureCacheDataModule
+from finetune.harness.checkpoints import use_atomic_checkpoints
 from finetune.harness.distributed import set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
 from finetune.harness.quiet import quiet_known_warnings
@@ -147,6 +148,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
     # Without a configured checkpoint callback (~callbacks.model_checkpoint) Lightning would add its own.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    use_atomic_checkpoints(trainer)  # last.ckpt and the others appear whole or not at all, also on a full disk
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
 

@@ -16,7 +16,6 @@ read. Writes ``soup.ckpt`` (a normal checkpoint: evaluate, predict, export and t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
+from finetune import atomic
 from finetune.calibration import calibration_record, collect_logits, fit_temperature
 from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.errors import SettingError
@@ -184,9 +184,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         calibration = {f"val/{k}": v for k, v in calibration_record(logits, targets, temperature).items()}
         checkpoint[TEMPERATURE] = temperature
     output = output_dir / SOUP
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, output)
+    atomic.torch_save(checkpoint, output)
     record = {
         "method": method,
         "ingredients": ingredients,

@@ -139,7 +139,10 @@ def _record_stop(
     lost = None if signum else lost_ranks(trainer)  # under DDP, a rank that died is the likely cause: name it
     results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(err).__name__}: {err}"[:4000]
     if rank_zero_only.rank == 0:
-        write_json_atomic(RunFolder(output_dir).results, results)
+        try:
+            write_json_atomic(RunFolder(output_dir).results, results)
+        except OSError as write_error:  # a full disk: say so, and keep the error that stopped the run the one shown
+            log.error("Could not write %s either: %s", RunFolder(output_dir).results, write_error)
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
