@@ -25,11 +25,11 @@ from torch import nn
 from finetune import atomic
 from finetune.data import file_digest
 from finetune.data.preprocessing import Preprocessing
-from finetune.errors import MissingPackageError, OverwriteError, SettingError
+from finetune.errors import MissingPackageError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
 from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
-from finetune.harness.writable import check_writable
+from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,12 @@ def export(cfg: DictConfig) -> Path:
         raise SettingError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
     sidecar = RunFolder.sidecar(output)
+    named = f"output={output}" if cfg.get("output") else f"the exported model {output}"
+    check_apart(
+        {named: output, f"{named}'s description {sidecar.name}": sidecar}, {f"ckpt_path={cfg.ckpt_path}": cfg.ckpt_path}
+    )
+    if output.is_dir():
+        raise PathError(f"{named} is a folder: pass output= a file name, e.g. output={output / EXPORTED_MODELS[fmt]}.")
     # Checked before loading the model: a read-only folder is said at once, not after the work.
     check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     existing = [str(p) for p in (output, sidecar) if p.exists()]

@@ -18,6 +18,7 @@ from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
 from finetune.errors import SettingError
 from finetune.harness.exits import ends_user_errors_cleanly
+from finetune.harness.writable import check_apart
 from finetune.run import CONFIG_DIR, build_datamodule
 
 
@@ -30,6 +31,7 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
         )
     if isinstance(cfg.overwrite, str) or not isinstance(cfg.overwrite, bool):
         raise SettingError(f"overwrite must be true or false, got {cfg.overwrite!r}.")
+    check_apart({f"output={cfg.output}": cfg.output}, {f"data.root={cfg.data.root}": cfg.data.root})
     images = build_datamodule(cfg)
     workers = max(1, resolve_num_workers(cfg.num_workers))
     manifest = write_shards(images, cfg.output, bool(cfg.overwrite), cfg.chunk_bytes, workers)

@@ -36,6 +36,7 @@ from finetune.harness.exits import ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_alpha, check_alphas, check_seed
+from finetune.harness.writable import check_apart
 from finetune.module import TEMPERATURE
 from finetune.run import CONFIG_DIR, assemble
 
@@ -115,6 +116,10 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     alphas = check_alphas(OmegaConf.to_container(cfg.alphas) if cfg.get("alphas") is not None else None)
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    check_apart(
+        {f"paths.output_dir={output_dir} (its {name})": output_dir / name for name in (SOUP, RECORD)},
+        {"ckpts": paths},
+    )
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
     check_ingredients(checkpoints)
