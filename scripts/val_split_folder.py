@@ -22,13 +22,14 @@ def write_val_folder(output: Path, overrides: list[str]) -> int:
     """Copy the validation photos of the data the ``overrides`` describe into ``output/test/<class>/``; their count."""
     from finetune import atomic
     from finetune.errors import OverwriteError, SettingError
-    from finetune.harness.writable import check_apart
+    from finetune.harness.writable import check_apart, check_writable
     from finetune.run import build_datamodule, compose_config
 
     cfg = compose_config(overrides)
     check_apart({f"the output folder {str(output)!r}": output}, {f"data.root={cfg.data.root}": cfg.data.root})
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise OverwriteError(f"{str(output)!r} already exists and is not an empty folder: choose another output.")
+    check_writable(output, "output")  # a read-only folder, or a file in its path: said before the copying
     images = build_datamodule(cfg)
     images.setup("fit")
     val = images.val_set

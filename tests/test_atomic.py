@@ -27,6 +27,7 @@ from finetune.harness.checkpoints import AtomicCheckpointIO
 from finetune.run import build_trainer
 
 from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides
+from .inference import trained_run
 
 MiB = 1 << 20
 
@@ -125,15 +126,16 @@ def tmpfs_available() -> str | None:
     return None
 
 
-def on_small_disk(folder: Path, size: str, command: list[str], keep: Path | None = None) -> list[str]:
-    """``command`` run where ``folder`` is a fresh tmpfs of ``size`` (private to the command); ``keep``: what was left
-    there is copied to this folder afterwards, for the test to look at."""
+def on_small_disk(folder: Path, size: str, command: list[str], keep: Path | None = None, setup: str = "") -> list[str]:
+    """``command`` run where ``folder`` is a fresh tmpfs of ``size`` (private to the command); ``setup``: shell
+    commands run there first; ``keep``: what was left there is copied to this folder afterwards, for the test to
+    look at."""
     reason = tmpfs_available()
     if reason:
         pytest.skip(reason)
     folder.mkdir(parents=True, exist_ok=True)
     copy = f'rm -f "$0/filler"; cp -a "$0/." "{keep}/"; ' if keep else ""
-    script = f'mount -t tmpfs -o size={size} tmpfs "$0" || exit 99; "$@"; rc=$?; {copy}exit $rc'
+    script = f'mount -t tmpfs -o size={size} tmpfs "$0" || exit 99; {setup}"$@"; rc=$?; {copy}exit $rc'
     return ["unshare", "-rm", "sh", "-c", script, str(folder), *command]
 
 
@@ -270,3 +272,39 @@ def test_a_run_that_fills_the_disk_ends_in_one_error_and_keeps_its_last_good_che
         assert not (out / "results.json").exists() or json.loads((out / "results.json").read_text())
         if not (out / "results.json").exists():
             assert "results.json either" in said, said[-3000:]
+
+
+@pytest.mark.slow
+def test_an_export_that_does_not_fit_keeps_the_earlier_model_and_its_description(tmp_path_factory, tmp_path):
+    run = trained_run(tmp_path_factory)  # resnet18: a TorchScript file of about 45 MB
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    kept.mkdir()
+    setup = 'echo "earlier model" > "$0/model.pt"; echo "its description" > "$0/model.pt.json"; '
+    args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"output={disk}/model.pt", "overwrite=true"]
+    command = on_small_disk(
+        disk, "8m", cli_command([*args, f"hydra.run.dir={tmp_path}/run"], "finetune.export"), kept, setup
+    )
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith(f"Error: No space left on the disk holding '{disk}': model.pt")
+    )
+    assert "Traceback" not in done.stderr
+    assert (kept / "model.pt").read_text() == "earlier model\n"
+    assert (kept / "model.pt.json").read_text() == "its description\n"
+    assert sorted(p.name for p in kept.iterdir()) == ["model.pt", "model.pt.json"]
+
+
+@pytest.mark.slow
+def test_shards_that_do_not_fit_leave_an_empty_output_and_one_error(tmp_path):
+    pytest.importorskip("litdata", reason="finetune.shards needs litdata: pip install -e '.[shards]'")
+    root = make_image_folder(tmp_path / "data", n_train=150, n_test=50)  # about 3 MB of images
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    kept.mkdir()
+    args = ["data=folder", f"data.root={root}", f"output={disk}/shards", "chunk_bytes=100KB", "num_workers=1"]
+    command = on_small_disk(disk, "1m", cli_command([*args, f"hydra.run.dir={tmp_path}/run"], "finetune.shards"), kept)
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line[line.index("Error: ") :] for line in done.stderr.splitlines() if "Error: " in line]
+    assert errors == [errors[0]] and errors[0].startswith(f"Error: No space left on the disk holding '{disk}/shards'")
+    assert list((kept / "shards").iterdir()) == []  # no manifest, no split, no staging folder

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,7 @@ from finetune.shards import shards
 from finetune.soup import soup
 from finetune.train import train
 
-from .conftest import REPO, compose_config, make_image_folder, run_cli, tiny_overrides
+from .conftest import REPO, compose_config, make_image_folder, run_cli, start_cli, tiny_overrides
 from .inference import predict_config, trained_run
 
 spec = importlib.util.spec_from_file_location("val_split_folder", REPO / "scripts" / "val_split_folder.py")
@@ -209,3 +214,52 @@ def test_robustness_keeps_its_shifted_copies_and_results_out_of_the_test_folder(
     assert (
         snapshot(root) == before and not (root / "test" / "shifted").exists() and not (root / "test" / "rob2").exists()
     )
+
+
+# --- odd outputs ----------------------------------------------------------------------------------------------------
+def test_shards_under_a_file_are_refused_by_name_before_the_work(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_train=2, n_test=1)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match=r"output=.*a_file/shards: '.*a_file' is a file, not a folder"):
+        shards(shards_config(root, tmp_path / "a_file" / "shards"))
+
+
+def wait_for(path_glob: str, folder: Path, seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if list(folder.glob(path_glob)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_shards_are_written_leaves_nothing_and_exits_130(tmp_path):
+    pytest.importorskip("litdata", reason="finetune.shards needs litdata: pip install -e '.[shards]'")
+    root = make_image_folder(tmp_path / "data", n_train=300, n_test=50)
+    output = tmp_path / "shards"
+    args = ["data=folder", f"data.root={root}", f"output={output}", "chunk_bytes=100KB", "num_workers=1"]
+    process = start_cli([*args, f"hydra.run.dir={tmp_path}/run"], module="finetune.shards")
+    assert wait_for(".writing.*/train", output), "the shards never started"
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the shards were written before the signal arrived")
+    assert process.returncode == 130, out[-3000:]
+    assert f"Interrupted: nothing was written to {output}" in out
+    assert sorted(p.name for p in output.iterdir()) == []  # no staging folder, no half-written split
+    done = run_cli([*args, f"hydra.run.dir={tmp_path}/again"], module="finetune.shards")  # the same command works
+    assert (output / "manifest.json").is_file(), done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_the_staging_folder_of_a_killed_shards_write_is_removed_by_the_next_one(tmp_path):
+    pytest.importorskip("litdata", reason="finetune.shards needs litdata: pip install -e '.[shards]'")
+    root = make_image_folder(tmp_path / "data", n_train=5, n_test=1)
+    output = tmp_path / "shards"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = output / f".writing.{socket.gethostname()}.{int(ended.stdout)}.tmp"  # a writer that is gone (kill -9)
+    (dead / "train").mkdir(parents=True)
+    (dead / "train" / "chunk-0-0.bin").write_bytes(b"half a chunk")
+    shards(shards_config(root, output, "num_workers=1", "data.val_fraction=0.4"))
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "test", "train", "val"]

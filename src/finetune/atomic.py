@@ -15,6 +15,7 @@ process killed with SIGKILL mid-write leaves only such a file, never a partial f
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -68,19 +69,23 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_files(folder: str | Path, last: str, replace: bool = True) -> Iterator[Path]:
+def staged_files(folder: str | Path, last: str, replace: bool = True, main: str | None = None) -> Iterator[Path]:
     """A temporary folder inside ``folder`` for outputs that belong together (an exported model, the weights file
     ONNX writes beside a large one, their description): what the block writes there moves into ``folder`` under the
     same names when it ends without an error, ``last`` last, each by an atomic rename; else all of it is removed.
 
     Renames need no space, so a full disk stops the block before any final name is touched. The renames hold a lock
     on ``folder``, so two commands writing the same outputs at once leave one's whole set, never a mix; with
-    ``replace=False`` the second finds the first one's files and raises :class:`OverwriteError` instead.
+    ``replace=False`` the second finds the first one's files and raises :class:`OverwriteError` instead. ``main``:
+    the file a full disk's error names (default ``last``).
     """
+    from finetune.data.stale import remove_stale  # here: finetune.data imports this module
+
     folder = Path(folder)
     staging = temp_path(folder / last)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale(folder, glob.escape(f".{last}."), ".tmp")  # the staging folder of a killed writer
         staging.mkdir()
         yield staging
         names = sorted(p.name for p in staging.iterdir() if p.name != last) + [last]
@@ -97,7 +102,7 @@ def staged_files(folder: str | Path, last: str, replace: bool = True) -> Iterato
                 os.replace(staging / name, folder / name)
             fsync_folder(folder)
     except BaseException as err:
-        full = disk_full_error(err, folder / last)
+        full = disk_full_error(err, folder / (main or last))
         _remove(staging)
         if full is not None and full is not err:
             raise full from err
@@ -170,16 +175,20 @@ def disk_full_error(
     ``whole``: the write was atomic; ``folder``: where the command writes, named when nothing names the file (see
     :meth:`DiskFullError.for_file`).
 
-    A writer that reports a full disk without an errno (torch's own file writer, LitData's) is recognised by the
-    folder's file system having no space left.
+    A writer that reports a full disk without an errno (torch's own file writer; LitData, whose workers' errors
+    arrive as text) is recognised by the ``[Errno N]`` in its message, or by the folder's file system having no
+    space left.
     """
     if isinstance(err, DiskFullError):
         return err
     cause = _no_space_cause(err)
     if cause is None:
-        if path is None or not isinstance(err, (OSError, RuntimeError)) or not _no_space_left(Path(path).parent):
+        if path is None or not isinstance(err, (OSError, RuntimeError)):
             return None
-        code = errno.ENOSPC
+        code = _errno_in_text(str(err))
+        if code is None and not _no_space_left(Path(path).parent):
+            return None
+        code = code or errno.ENOSPC
     else:
         code = cause.errno
         path = path if path is not None else (cause.filename2 or cause.filename)
@@ -194,6 +203,14 @@ def _no_space_cause(err: BaseException | None) -> OSError | None:
         if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
             return err
         err = err.__cause__ or err.__context__
+    return None
+
+
+def _errno_in_text(text: str) -> int | None:
+    """The full-disk errno an error's text quotes (``[Errno 28] No space left on device``), if any."""
+    for code in NO_SPACE_ERRNOS:
+        if f"[Errno {code}]" in text:
+            return code
     return None
 
 

@@ -93,15 +93,17 @@ def export(cfg: DictConfig) -> Path:
     # The model (with ONNX's weights file beside a large one) and its description are written and checked in a
     # temporary folder and then renamed into place together: a failed check, Ctrl+C or a full disk leaves the
     # output's earlier files (overwrite=true) as they were, never a model without its description or the reverse.
-    with atomic.staged_files(output.parent, last=sidecar.name, replace=bool(cfg.get("overwrite", False))) as staging:
+    replace = bool(cfg.get("overwrite", False))
+    with atomic.staged_files(output.parent, last=sidecar.name, replace=replace, main=output.name) as staging:
         staged = staging / output.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; the user asked for it
             if fmt == "onnx":
                 write_onnx(exported, example, staged, outputs)
             else:
-                with torch.no_grad():
-                    torch.jit.trace(exported, example).save(str(staged))
+                with torch.no_grad(), open(staged, "wb") as file:
+                    # Through a Python file: torch's own writer aborts the process on a full disk.
+                    torch.jit.save(torch.jit.trace(exported, example), file)
             difference = check_parity(exported, staged, fmt, preprocessing.image_size)
         description = sidecar_record(fmt, output, outputs, classes, preprocessing, model.hparams.backbone, ckpt_path)
         description["temperature"] = model.temperature

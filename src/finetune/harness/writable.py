@@ -22,10 +22,11 @@ def check_writable(folder: str | Path, setting: str, given: str | Path | None = 
     existing = folder.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    wanted = "a folder (it is created if missing)" if given is None else "a file in a folder you can write to"
     if not existing.is_dir():
         raise PathError(
             f"{named}: {str(existing)!r} is {describe_path(existing)}, not a folder, so nothing can be "
-            f"written there. Pass {setting}= a folder (it is created if missing)."
+            f"written there. Pass {setting}= {wanted}."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "is" if existing == folder.absolute() else f"would be created in {str(existing)!r}, which is"
