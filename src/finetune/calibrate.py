@@ -23,6 +23,7 @@ from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_checkpoint_command, check_seed
+from finetune.harness.writable import check_apart
 from finetune.run import CONFIG_DIR, assemble
 
 CALIBRATED = "calibrated.ckpt"
@@ -33,8 +34,12 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     check_checkpoint_command(cfg, "calibrate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    claim_run_folder(output_dir)
     ckpt_path = Path(cfg.ckpt_path)
+    check_apart(
+        {f"paths.output_dir={output_dir} (its {name})": output_dir / name for name in (CALIBRATED, RECORD)},
+        {f"ckpt_path={ckpt_path}": ckpt_path},
+    )
+    claim_run_folder(output_dir)
     model, checkpoint = load_for_inference(ckpt_path)
     use_checkpoint_data(cfg, checkpoint, ckpt_path)  # no data= given: the data it was trained on
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)

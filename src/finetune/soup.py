@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
+from finetune import atomic
 from finetune.calibration import calibrate_logits, collect_logits
 from finetune.data.preprocessing import CLASSES, PREPROCESSING, Preprocessing
 from finetune.errors import SettingError
@@ -38,6 +39,7 @@ from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_alpha, check_alphas, check_checkpoint_command, check_seed
+from finetune.harness.writable import check_apart
 from finetune.module import TEMPERATURE
 from finetune.run import CONFIG_DIR, assemble
 
@@ -133,6 +135,10 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     alphas = check_alphas(OmegaConf.to_container(cfg.alphas) if cfg.get("alphas") is not None else None)
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    check_apart(
+        {f"paths.output_dir={output_dir} (its {name})": output_dir / name for name in (SOUP, RECORD)},
+        {"ckpts": paths},
+    )
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
     for path, checkpoint in checkpoints.items():
@@ -203,9 +209,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         calibration = {f"val/{k}": v for k, v in calibrate_logits(logits, targets).items()}
         checkpoint[TEMPERATURE] = calibration["val/temperature"]  # 1 where the fit cannot be trusted
     output = output_dir / SOUP
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, output)
+    atomic.torch_save(checkpoint, output)
     record = {
         "method": method,
         "ingredients": ingredients,

@@ -151,7 +151,10 @@ def _record_stop(
     shown = user_error_in(err) or err  # a user's mistake as itself, not as Hydra's instantiate wrapped it
     results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(shown).__name__}: {shown}"[:4000]
     if rank_zero_only.rank == 0:
-        write_json_atomic(RunFolder(output_dir).results, results)
+        try:
+            write_json_atomic(RunFolder(output_dir).results, results)
+        except OSError as write_error:  # a full disk: say so, and keep the error that stopped the run the one shown
+            log.error("Could not write %s either: %s", RunFolder(output_dir).results, write_error)
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:

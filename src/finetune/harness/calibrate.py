@@ -9,13 +9,12 @@ does it for a checkpoint that has none, into a new file; ``finetune.soup`` for i
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
+from finetune import atomic
 from finetune.calibration import calibrate_logits, collect_logits
 from finetune.harness.checkpoint import load_checkpoint
 from finetune.module import TEMPERATURE
@@ -55,10 +54,7 @@ def fit_checkpoint_temperature(
     model.temperature = temperature
     if write:
         checkpoint[TEMPERATURE] = temperature
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, output)
+        atomic.torch_save(checkpoint, output)
     if record["temperature_reliable"]:
         log.info(
             "Temperature %.3f fitted on %d validation images: val ECE %.3f -> %.3f, NLL %.3f -> %.3f (%s)",

@@ -9,7 +9,9 @@ They are needed where Lightning has a known trap and no public hook:
   :func:`install_signal_handlers`, :func:`signal_handlers_installed`;
 - the process-group timeout is not a Trainer flag: :func:`set_process_group_timeout`, :func:`process_group_timeout`;
 - ``nn.Module.compile`` has no public "undo" when compiling fails on first use: :func:`run_eagerly`,
-  :data:`COMPILE_ERRORS`.
+  :data:`COMPILE_ERRORS`;
+- LitData's ``optimize`` answers Ctrl+C with ``os._exit(0)`` (exit code 0, no clean-up) and leaves its handler
+  installed: :func:`litdata_interruptible`.
 
 :data:`CHECKED_LIGHTNING` names the Lightning releases these were read against and tested on
 (``tests/test_private.py`` fails on a release outside it, so a new Lightning is looked at before it is trusted).
@@ -20,7 +22,8 @@ from __future__ import annotations
 import datetime
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -118,3 +121,32 @@ COMPILE_ERRORS: tuple[type[BaseException], ...] = _compile_errors()
 def run_eagerly(module: torch.nn.Module) -> None:
     """Undo ``module.compile()``: the attribute ``nn.Module.compile`` sets; None restores the eager forward."""
     module._compiled_call_impl = None
+
+
+# --- LitData's Ctrl+C -----------------------------------------------------------------------------------------------
+def _stop_workers_and_raise(processor: Any, signum: int, frame: Any) -> None:
+    """LitData's own clean-up of its workers, then ``KeyboardInterrupt`` where LitData calls ``os._exit(0)``."""
+    for queue in getattr(processor, "stop_queues", None) or []:
+        queue.put(None)
+    for worker in getattr(processor, "workers", None) or []:
+        worker.join(5)
+        if worker.is_alive():
+            worker.terminate()
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def litdata_interruptible() -> Iterator[None]:
+    """While ``litdata.optimize`` runs inside, Ctrl+C stops its workers and raises ``KeyboardInterrupt`` (so the
+    caller's clean-up runs and the command exits 130), and the SIGINT handler from before is back afterwards."""
+    from litdata.processing import data_processor
+
+    processor = data_processor.DataProcessor
+    litdata_handler = processor._signal_handler
+    previous = signal.getsignal(signal.SIGINT)
+    processor._signal_handler = _stop_workers_and_raise
+    try:
+        yield
+    finally:
+        processor._signal_handler = litdata_handler
+        signal.signal(signal.SIGINT, previous)
