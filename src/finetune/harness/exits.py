@@ -107,6 +107,8 @@ def checks_command_line(hydra_main: F) -> F:
         return hydra_main(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
 def quiet_full_log_files() -> None:
     """Make the log files (Hydra's ``train.log``) stop quietly when their disk is full: one warning line on stderr,
     then the console only. Python's logging would print a traceback for every line it could not write, burying the

@@ -81,6 +81,8 @@ def _name_limits(path: Path) -> tuple[int, int]:
         except (OSError, ValueError, AttributeError):  # not on this OS, or the filesystem does not say
             limits.append(default)
     return limits[0], limits[1]
+
+
 PathLike = str | os.PathLike
 
 
