@@ -61,6 +61,7 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
+from finetune import atomic  # noqa: E402
 from finetune.backbones.torchvision import find_head  # noqa: E402
 from finetune.backbones.weights import load_backbone_weights  # noqa: E402
 from finetune.harness import bench  # noqa: E402
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_after"] = os.getloadavg()
     print_report(args, report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        atomic.write_text(args.json, json.dumps(report, indent=2, default=str))
     return report
 
 

@@ -57,6 +57,7 @@ from torch.utils.data import ConcatDataset, Subset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
+from finetune import atomic  # noqa: E402
 from finetune.data.device_augment import RawBatch  # noqa: E402
 from finetune.harness import bench  # noqa: E402
 from finetune.run import assemble, build_datamodule, compose_config  # noqa: E402
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+            atomic.write_text(args.json, json.dumps(report, indent=2, default=str))
 
     def left() -> float:
         return args.budget - (time.perf_counter() - started)

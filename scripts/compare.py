@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -31,6 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
+from finetune import atomic
 from finetune.harness.overrides import quote
 from finetune.report import (
     DEFAULT_EXPERIMENTS,
@@ -172,10 +172,10 @@ def launch(
         "machine": machine(),
         "started": datetime.now().isoformat(timespec="seconds"),
     }
-    (sweep_dir / LAUNCH_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    atomic.write_json(sweep_dir / LAUNCH_RECORD, record)
     returncode = subprocess.run(command).returncode
     record.update(finished=datetime.now().isoformat(timespec="seconds"), returncode=returncode)
-    (sweep_dir / LAUNCH_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    atomic.write_json(sweep_dir / LAUNCH_RECORD, record)
     return returncode
 
 

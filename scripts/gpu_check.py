@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 
+from finetune import atomic  # noqa: E402 - light: no torch
+
 
 @dataclass
 class Row:
@@ -200,8 +202,7 @@ def make_smoke_folder(root: Path) -> Path:
 
 
 def _save_log(out_dir: Path, name: str, stdout: str | None, stderr: str | None) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.log").write_text((stdout or "") + (stderr or ""))
+    atomic.write_text(out_dir / f"{name}.log", (stdout or "") + (stderr or ""))
 
 
 def _last_error(output: str) -> str:

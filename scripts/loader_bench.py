@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where another copy is installed
 sys.path.insert(0, str(REPO / "scripts"))
 
+from finetune import atomic  # noqa: E402 - light: no torch
+
 SOURCES = ("folder", "cache=memory", "shards")
 
 
@@ -148,7 +150,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             f"{r['peak_rss_mib']:>9}{r['peak_pss_mib_with_workers']:>13}{r['other_cores']:>6.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic.write_json(args.json, rows)
     return rows
 
 

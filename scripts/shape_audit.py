@@ -13,13 +13,13 @@ the rule beats the class prior by a wide margin, evaluate with ``data.eval_resiz
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
+from finetune import atomic
 from finetune.data.folders import scan_image_folder
 from finetune.data.images import displayed_size
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(always guessing the largest class: {report['prior_accuracy'][split]:.3f})"
         )
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic.write_json(args.json, report)
     return 0
 
 

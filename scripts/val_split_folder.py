@@ -11,7 +11,6 @@ the test split. The photos are copied into ``VAL/test/<class>/``; an existing, n
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,12 +20,17 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where ano
 
 def write_val_folder(output: Path, overrides: list[str]) -> int:
     """Copy the validation photos of the data the ``overrides`` describe into ``output/test/<class>/``; their count."""
+    from finetune import atomic
     from finetune.errors import OverwriteError, SettingError
+    from finetune.harness.writable import check_apart, check_writable
     from finetune.run import build_datamodule, compose_config
 
+    cfg = compose_config(overrides)
+    check_apart({f"the output folder {str(output)!r}": output}, {f"data.root={cfg.data.root}": cfg.data.root})
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise OverwriteError(f"{str(output)!r} already exists and is not an empty folder: choose another output.")
-    images = build_datamodule(compose_config(overrides))
+    check_writable(output, "output")  # a read-only folder, or a file in its path: said before the copying
+    images = build_datamodule(cfg)
     images.setup("fit")
     val = images.val_set
     if not hasattr(val, "indices"):  # data.cache wraps the split: copy from the folder, not from a cache
@@ -36,8 +40,7 @@ def write_val_folder(output: Path, overrides: list[str]) -> int:
         name = val.dataset.classes[target]
         within = Path(path).relative_to(Path(val.dataset.root) / name)  # a class's subfolders kept: no name clashes
         destination = output / "test" / name / within
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, destination)
+        atomic.copy_file(path, destination)  # each photo whole or not at all
     return len(val.indices)
 
 

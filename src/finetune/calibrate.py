@@ -16,13 +16,15 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from finetune import atomic
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
-from finetune.harness.checkpoint_io import load_for_inference, save_checkpoint
+from finetune.harness.checkpoint_io import load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
+from finetune.harness.writable import check_apart
 from finetune.run import CONFIG_DIR, assemble
 from finetune.temperature import calibrate_checkpoint, temperature_line
 
@@ -34,8 +36,12 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     check_checkpoint_command(cfg, "calibrate")
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    claim_run_folder(output_dir)
     ckpt_path = Path(cfg.ckpt_path)
+    check_apart(
+        {f"paths.output_dir={output_dir} (its {name})": output_dir / name for name in (CALIBRATED, RECORD)},
+        {f"ckpt_path={ckpt_path}": ckpt_path},
+    )
+    claim_run_folder(output_dir)
     model, checkpoint = load_for_inference(ckpt_path)
     use_checkpoint_data(cfg, checkpoint, ckpt_path)  # no data= given: the data it was trained on
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
@@ -44,7 +50,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     check_classes(checkpoint, model, run.images, ckpt_path)
     output = output_dir / CALIBRATED
     record = {"checkpoint": str(ckpt_path), **calibrate_checkpoint(model, run.images, checkpoint)}
-    save_checkpoint(checkpoint, output)
+    atomic.torch_save(checkpoint, output)
     record["calibrated_checkpoint"] = str(output)
     write_json_atomic(output_dir / RECORD, record)
     print(f"{temperature_line(record)}. Wrote {output}")

@@ -63,3 +63,40 @@ def describe_path(path: str | Path) -> str:
     if p.exists() or p.is_symlink():
         return "neither a file nor a folder (a broken link, a device, ...)"
     return "nothing"
+
+
+class DiskFullError(UserError, OSError):
+    """A file that could not be written because its disk is full, the quota is used up or the file is too large
+    there; the message names the folder. Nothing was left under the file's name (see :mod:`finetune.atomic`)."""
+
+    @classmethod
+    def for_file(
+        cls, code: int | None, path: Path | None, whole: bool = True, folder: Path | None = None
+    ) -> DiskFullError:
+        """The error for a failed write of ``path`` with ``errno`` ``code`` (ENOSPC, EDQUOT or EFBIG); ``whole``:
+        the writer was atomic, so nothing incomplete is left under the file's name (else the message says nothing
+        about what is left). Without a ``path`` (a library's writer that does not say), ``folder`` is named as where
+        the command writes."""
+        import errno
+
+        if path is not None:
+            where = repr(str(path.parent))
+        elif folder is not None:
+            where = f"{str(folder)!r} (where this command writes)"
+        else:
+            where = "a folder this command writes to"
+        what = f"{path.name} could not be written" if path is not None else "a file could not be written"
+        if whole and path is not None:
+            what += " (nothing incomplete was left under that name)"
+        elsewhere = "write elsewhere: paths.log_dir=DIR for runs, output=PATH where a command takes one"
+        if code == errno.EFBIG:
+            message = (
+                f"File too large for {where}: {what}, it is larger than the largest file allowed there (the file "
+                f"system's limit, or ulimit -f). Raise the limit, or {elsewhere}."
+            )
+        else:
+            full = "The disk quota is used up on" if code == errno.EDQUOT else "No space left on"
+            message = f"{full} the disk holding {where}: {what}. Free space there, or {elsewhere}."
+        err = cls(message)
+        err.errno = code if code is not None else errno.ENOSPC
+        return err

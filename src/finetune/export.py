@@ -22,15 +22,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from finetune import atomic
 from finetune.data import file_digest
 from finetune.data.transforms import Preprocessing
-from finetune.errors import MissingPackageError, OverwriteError, SettingError
+from finetune.errors import MissingPackageError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
-from finetune.harness.results import write_json_atomic
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
-from finetune.harness.writable import check_writable
+from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR
 from finetune.scoring import TEMPERATURE, Scorer
 
@@ -70,6 +70,12 @@ def export(cfg: DictConfig) -> Path:
         raise SettingError(f"Unknown outputs={outputs!r}: choose one of {OUTPUT_KINDS}.")
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).exported_model(fmt)
     sidecar = RunFolder.sidecar(output)
+    named = f"output={output}" if cfg.get("output") else f"the exported model {output}"
+    check_apart(
+        {named: output, f"{named}'s description {sidecar.name}": sidecar}, {f"ckpt_path={cfg.ckpt_path}": cfg.ckpt_path}
+    )
+    if output.is_dir():
+        raise PathError(f"{named} is a folder: pass output= a file name, e.g. output={output / EXPORTED_MODELS[fmt]}.")
     # Checked before loading the model: a read-only folder is said at once, not after the work.
     check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     existing = [str(p) for p in (output, sidecar) if p.exists()]
@@ -86,29 +92,33 @@ def export(cfg: DictConfig) -> Path:
     eval_preprocessing = preprocessing(checkpoint, ckpt_path)
     temperature = float(checkpoint.get(TEMPERATURE, 1.0))
     exported = ExportedClassifier(Scorer(model, temperature), outputs).eval()
-    output.parent.mkdir(parents=True, exist_ok=True)
     example = example_batch(eval_preprocessing.image_size, 2)
-    try:
+    # The model (with ONNX's weights file beside a large one) and its description are written and checked in a
+    # temporary folder and then renamed into place together: a failed check, Ctrl+C or a full disk leaves the
+    # output's earlier files (overwrite=true) as they were, never a model without its description or the reverse.
+    replace = bool(cfg.get("overwrite", False))
+    with atomic.staged_files(output.parent, last=sidecar.name, replace=replace, main=output.name) as staging:
+        staged = staging / output.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; the user asked for it
             if fmt == "onnx":
-                write_onnx(exported, example, output, outputs)
+                write_onnx(exported, example, staged, outputs)
             else:
-                with torch.no_grad():
-                    torch.jit.trace(exported, example).save(str(output))
-            difference = check_parity(exported, output, fmt, eval_preprocessing.image_size)
-    except BaseException:
-        output.unlink(missing_ok=True)  # never leave a model file that failed its check (or half written)
-        raise
-    description = sidecar_record(fmt, output, outputs, classes, eval_preprocessing, model.hparams.backbone, ckpt_path)
-    description["temperature"] = temperature
-    description["output_description"] += (
-        f"; calibrated: the model divides its logits by the temperature {temperature:.4g} fitted on validation"
-        if temperature != 1.0
-        else "; uncalibrated (temperature 1)"
-    )
-    description["max_abs_difference_to_pytorch"] = difference
-    write_json_atomic(sidecar, description)
+                with torch.no_grad(), open(staged, "wb") as file:
+                    # Through a Python file: torch's own writer aborts the process on a full disk.
+                    torch.jit.save(torch.jit.trace(exported, example), file)
+            difference = check_parity(exported, staged, fmt, eval_preprocessing.image_size)
+        description = sidecar_record(
+            fmt, output, outputs, classes, eval_preprocessing, model.hparams.backbone, ckpt_path
+        )
+        description["temperature"] = temperature
+        description["output_description"] += (
+            f"; calibrated: the model divides its logits by the temperature {temperature:.4g} fitted on validation"
+            if temperature != 1.0
+            else "; uncalibrated (temperature 1)"
+        )
+        description["max_abs_difference_to_pytorch"] = difference
+        atomic.write_json(staging / sidecar.name, description)
     print(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
     return output
 

@@ -25,6 +25,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune import atomic
 from finetune.errors import SettingError
 from finetune.harness import distributed
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
@@ -169,8 +170,7 @@ def plot(test: RangeTest, suggested: float | None, path: Path) -> Path | None:
     ax.set(xscale="log", xlabel="optimizer.lr (backbone; every group at its lr_scale)", ylabel="training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    atomic.save_figure(figure, path, dpi=120)
     return path
 
 

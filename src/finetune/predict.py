@@ -31,6 +31,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune import atomic
 from finetune.data import is_image_file, load_rgb
 from finetune.data.images import preview
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
@@ -38,7 +39,7 @@ from finetune.harness.checkpoint_io import class_names, load_for_inference, prep
 from finetune.harness.config_keys import check_checkpoint_command, check_node_keys
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.run_folder import RunFolder
-from finetune.harness.writable import check_writable
+from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR, build_trainer
 from finetune.scoring import TEMPERATURE, Scorer
 from finetune.tta import TTA_MODES, views_transform
@@ -60,10 +61,12 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             f"Unknown tta={tta!r}: choose one of {TTA_MODES} (flip: with the mirror image; five_crop: corners and "
             "centre; full: the centre crop and the whole photo letterboxed, each with its mirror image)."
         )
-    output = output_path(cfg)
-    # Checked before predicting anything: a read-only folder is said at once, not after the work.
-    check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     inputs = find_inputs(str(cfg.inputs))
+    folder = Path(str(cfg.inputs)).expanduser()
+    # Checked before predicting anything: an output over an input, an existing output or a read-only folder is
+    # said at once, not after the work.
+    output = output_path(cfg, {f"inputs={cfg.inputs}": folder if folder.is_dir() else inputs})
+    check_writable(output.parent, *(("output", output) if cfg.get("output") else ("paths.output_dir",)))
     model, checkpoint = load_for_inference(cfg.ckpt_path)
     classes = class_names(checkpoint, model.hparams.num_classes, cfg.ckpt_path)
     eval_preprocessing = preprocessing(checkpoint, cfg.ckpt_path)
@@ -93,11 +96,16 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def output_path(cfg: DictConfig) -> Path:
-    """Where the predictions go; an existing file is only replaced with ``overwrite=true``."""
+def output_path(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> Path:
+    """Where the predictions go: never over ``inputs`` (or ``ckpt_path``) nor inside an input folder
+    (:func:`~finetune.harness.writable.check_apart`); an existing file is only replaced with ``overwrite=true``."""
     output = Path(cfg.output) if cfg.get("output") else RunFolder(Path(cfg.paths.output_dir)).predictions
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise SettingError(f"output={output}: the file must end in .csv or .json (that chooses the format).")
+    named = f"output={output}" if cfg.get("output") else f"the predictions file {output}"
+    check_apart({named: output}, {**(inputs or {}), f"ckpt_path={cfg.ckpt_path}": cfg.ckpt_path})
+    if output.is_dir():
+        raise PathError(f"output={output} is a folder: pass a file, e.g. output={output / 'predictions.csv'}.")
     if output.exists() and not cfg.get("overwrite", False) and os.environ.get("LOCAL_RANK", "0") == "0":
         raise OverwriteError(f"output={output} already exists: pass overwrite=true to replace it, or another file.")
     return output
@@ -246,10 +254,8 @@ def row(path: str, classes: list[str], probs: list[float] | None, error: str) ->
 
 
 def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> None:
-    """``.csv`` (empty cells for missing values) or ``.json`` (a list of objects), written via a temporary file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as file:
+    """``.csv`` (empty cells for missing values) or ``.json`` (a list of objects), whole or not at all."""
+    with atomic.atomic_write(output, "w", newline="", encoding="utf-8") as file:
         if output.suffix.lower() == ".json":
             json.dump([{c: r[c] for c in columns} for r in rows], file, indent=1)
             file.write("\n")
@@ -260,7 +266,6 @@ def write_rows(rows: list[dict[str, Any]], columns: list[str], output: Path) -> 
                 writer.writerow(
                     ["" if r[c] is None else (f"{r[c]:.8g}" if isinstance(r[c], float) else r[c]) for c in columns]
                 )
-    os.replace(tmp, output)
 
 
 @checks_command_line

@@ -24,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from finetune import atomic
 from finetune.harness.run_folder import HYDRA, RESULTS, RunFolder
 from finetune.stats import Stat, gap, summarize  # also this module's public names, as before
 
@@ -378,8 +379,7 @@ def plot_curves(sweep: Sweep, path: Path) -> Path:
         if ax.has_data():
             ax.legend()
     figure.suptitle("Fine-tune vs scratch vs frozen: mean over seeds, band ±1 std")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    atomic.save_figure(figure, path, dpi=120)
     return Path(path)
 
 
@@ -425,9 +425,9 @@ def write_report(sweep: Sweep, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     table_md, table_csv, figure, doc = (out_dir / name for name in REPORT_FILES)
     table = to_markdown(sweep)
-    table_md.write_text(table)
-    table_csv.write_text(to_csv(sweep))
-    doc.write_text(comparison_markdown(sweep, table))
+    atomic.write_text(table_md, table)
+    atomic.write_text(table_csv, to_csv(sweep))
+    atomic.write_text(doc, comparison_markdown(sweep, table))
     try:
         plot_curves(sweep, figure)
     except ImportError as error:

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from finetune import atomic
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
 from finetune.data.transforms import Preprocessing
@@ -44,6 +45,7 @@ from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
+from finetune.harness.writable import check_apart
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
 from finetune.scoring import TEMPERATURE, Scorer
@@ -195,12 +197,19 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     device = resolve_device(str(cfg.get("device", "auto")))
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    claim_run_folder(output_dir)  # its own new folder, never a training run's
     ckpt_path = Path(cfg.ckpt_path)
     model, checkpoint = load_for_inference(ckpt_path)
     use_checkpoint_data(cfg, checkpoint, ckpt_path)  # no data= given: the data it was trained on
     use_checkpoint_geometry(cfg, checkpoint, ckpt_path)
     data = cfg.data
+    root = Path(data.root)
+    split_dir = root / str(cfg.get("split", "test"))
+    cache = Path(cfg.shift_cache) if cfg.get("shift_cache") else default_cache(cfg.paths.data_dir, split_dir)
+    check_apart(  # before the claim creates the run folder: it must not appear inside the images scored either
+        {f"paths.output_dir={output_dir}": output_dir, f"shift_cache={cache}": cache},
+        {f"data.root={root} (its {split_dir.name}/)": split_dir},
+    )
+    claim_run_folder(output_dir)  # its own new folder, never a training run's
     preprocessing = Preprocessing.of(
         data.image_size,
         data.resize_size,
@@ -213,10 +222,8 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     if tta not in TTA_MODES:
         raise SettingError(f"Unknown tta={tta!r}: choose one of {TTA_MODES}.")
     transform = views_transform(preprocessing, tta) or preprocessing.transform()
-    root = Path(data.root)
     if data.get("download"):
         download_and_extract(data.download["url"], data.download["sha1"], root)
-    split_dir = root / str(cfg.get("split", "test"))
     if not split_dir.is_dir():
         raise PathError(
             f"{str(split_dir)!r} does not exist: data.root must be a folder holding {split_dir.name}/<class>/ image "
@@ -227,7 +234,6 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
     classes = class_names(checkpoint, model.hparams.num_classes, ckpt_path)
     found = SimpleNamespace(classes=clean.classes, num_classes=len(clean.classes), root=split_dir)
     check_classes(checkpoint, model, found, ckpt_path)
-    cache = Path(cfg.shift_cache) if cfg.get("shift_cache") else default_cache(cfg.paths.data_dir, split_dir)
     workers = resolve_num_workers(data.num_workers)
     folders = {}
     for shift, severity in sets_asked:
@@ -318,9 +324,7 @@ def write_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     paths = [output_dir / RESULTS_JSON, output_dir / RESULTS_CSV, output_dir / RESULTS_MD]
     write_json_atomic(paths[0], results)
     for path, text in zip(paths[1:], (to_csv(results), to_markdown(results)), strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic.write_text(path, text)
     return paths
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +34,13 @@ from finetune.backbones import preprocessing
 from finetune.backbones.input_size import check_input_size, check_pretrained_size
 from finetune.errors import DataError, PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
-from finetune.harness.checkpointing import CheckpointRecord
+from finetune.harness.checkpointing import CheckpointRecord, use_atomic_checkpoints
 from finetune.harness.config_keys import check_node_keys
 from finetune.harness.distributed import set_timeout
 from finetune.harness.out_of_memory import OutOfMemoryAdvice
 from finetune.harness.quiet import quiet_known_warnings
 from finetune.harness.run_settings import check_run_settings
+from finetune.harness.writable import overlap
 
 
 def _config_dir() -> str:
@@ -153,17 +153,23 @@ def check_output_outside_data(cfg: DictConfig, datamodule: pl.LightningDataModul
     folders = getattr(datamodule, "data_folders", None)
     if not output_dir or folders is None:
         return
-    output = Path(os.path.abspath(os.path.expanduser(str(output_dir)))).resolve()
     root = str(OmegaConf.select(cfg, "data.root", default=""))
     for folder in folders():
-        data = Path(os.path.abspath(folder)).resolve()
-        if output.is_relative_to(data):
+        if overlap(str(output_dir), folder) in ("is", "inside"):
             raise SettingError(
                 f"The run folder {str(output_dir)!r} (hydra.run.dir / paths.output_dir) is inside {str(folder)!r}, "
                 f"which data.root={root!r} reads its class folders from: the run's figures, logs and checkpoints "
                 "would be read as images by the next run. Put the run folder outside data.root's "
                 "train/ and test/ (leave hydra.run.dir unset and runs go to paths.log_dir/runs/)."
             )
+        cache_dir = OmegaConf.select(cfg, "data.cache_dir", default=None)
+        if cache_dir and OmegaConf.select(cfg, "data.cache", default="none") == "disk":
+            if overlap(str(cache_dir), folder) in ("is", "inside"):
+                raise SettingError(
+                    f"data.cache_dir={cache_dir} is inside {str(folder)!r}, which data.root={root!r} reads its class "
+                    "folders from: the cache folder would be read as a class without images by the next run. Put "
+                    "data.cache_dir outside data.root's train/ and test/."
+                )
 
 
 def check_class_count(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
@@ -237,6 +243,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
         if refused is None:
             raise
         raise refused from err.__cause__
+    use_atomic_checkpoints(trainer)  # last.ckpt and the others appear whole or not at all, also on a full disk
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
 

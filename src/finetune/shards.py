@@ -9,6 +9,8 @@ per split the counts and a digest of the file list (:func:`finetune.data.shards.
 
 from __future__ import annotations
 
+import signal
+import sys
 from typing import Any
 
 import hydra
@@ -17,7 +19,9 @@ from omegaconf import DictConfig
 from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
 from finetune.errors import SettingError
+from finetune.harness import private
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR, build_datamodule
 
 
@@ -30,9 +34,13 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
         )
     if isinstance(cfg.overwrite, str) or not isinstance(cfg.overwrite, bool):
         raise SettingError(f"overwrite must be true or false, got {cfg.overwrite!r}.")
+    check_apart({f"output={cfg.output}": cfg.output}, {f"data.root={cfg.data.root}": cfg.data.root})
+    if "://" not in str(cfg.output):  # a URI is refused by name in write_shards
+        check_writable(cfg.output, "output")  # a file in its path, or a read-only folder: said before the work
     images = build_datamodule(cfg)
     workers = max(1, resolve_num_workers(cfg.num_workers))
-    manifest = write_shards(images, cfg.output, bool(cfg.overwrite), cfg.chunk_bytes, workers)
+    with private.litdata_interruptible():  # Ctrl+C: nothing written, exit code 130 (LitData's own: exit code 0)
+        manifest = write_shards(images, cfg.output, bool(cfg.overwrite), cfg.chunk_bytes, workers)
     counts = ", ".join(f"{split} {record['count']}" for split, record in manifest["splits"].items())
     print(f"Wrote shards of {len(manifest['classes'])} classes ({counts} images) to {cfg.output}")
     return manifest
@@ -42,7 +50,11 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="shards")
 @ends_user_errors_cleanly
 def main(cfg: DictConfig) -> None:
-    shards(cfg)
+    try:
+        shards(cfg)
+    except KeyboardInterrupt:
+        print(f"Interrupted: nothing was written to {cfg.output} (shards appear whole or not at all).", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
+from finetune import atomic
 from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_geometry
@@ -36,7 +37,6 @@ from finetune.harness.checkpoint_io import (
     check_finite_weights,
     load_checkpoint,
     load_for_inference,
-    save_checkpoint,
 )
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
@@ -44,6 +44,7 @@ from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
+from finetune.harness.writable import check_apart
 from finetune.run import CONFIG_DIR, assemble
 from finetune.scoring import TEMPERATURE
 from finetune.temperature import calibrate_logits, collect_logits, temperature_line
@@ -157,6 +158,10 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     alphas = check_alphas(OmegaConf.to_container(cfg.alphas) if cfg.get("alphas") is not None else None)
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    check_apart(
+        {f"paths.output_dir={output_dir} (its {name})": output_dir / name for name in (SOUP, RECORD)},
+        {"ckpts": paths},
+    )
     claim_run_folder(output_dir)
     checkpoints = {str(p): load_checkpoint(p, setting="ckpts") for p in paths}
     for path, checkpoint in checkpoints.items():
@@ -227,7 +232,7 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
         calibration = {f"val/{k}": v for k, v in calibrate_logits(logits, targets).items()}
         checkpoint[TEMPERATURE] = calibration["val/temperature"]  # 1 where the fit cannot be trusted
     output = output_dir / SOUP
-    save_checkpoint(checkpoint, output)
+    atomic.torch_save(checkpoint, output)
     record = {
         "method": method,
         "ingredients": ingredients,

@@ -22,7 +22,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune.harness.checkpoint_io import load_checkpoint, save_checkpoint
+from finetune import atomic
+from finetune.harness.checkpoint_io import load_checkpoint
 from finetune.harness.checkpointing import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.divergence import DivergenceStop
@@ -91,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             target = calibrated_checkpoint_path(Path(best), output_dir)
             calibration = calibrate_checkpoint(run.model, run.datamodule, checkpoint)
             if trainer.is_global_zero:
-                save_checkpoint(checkpoint, target)
+                atomic.torch_save(checkpoint, target)
             trainer.strategy.barrier("calibrated")
             best = fitted["best_checkpoint"] = str(target)
         if cfg.get("test_after_fit", True):
@@ -156,7 +157,10 @@ def _record_stop(
     shown = user_error_in(err) or err  # a user's mistake as itself, not as Hydra's instantiate wrapped it
     results["error"] = None if signum else f"{lost + ': ' if lost else ''}{type(shown).__name__}: {shown}"[:4000]
     if rank_zero_only.rank == 0:
-        write_json_atomic(RunFolder(output_dir).results, results)
+        try:
+            write_json_atomic(RunFolder(output_dir).results, results)
+        except OSError as write_error:  # a full disk: say so, and keep the error that stopped the run the one shown
+            log.error("Could not write %s either: %s", RunFolder(output_dir).results, write_error)
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:

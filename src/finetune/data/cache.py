@@ -36,8 +36,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from finetune import atomic
 from finetune.data.images import load_rgb
-from finetune.data.stale import remove_stale, temp_name
+from finetune.data.stale import remove_stale
 from finetune.errors import SettingError
 from finetune.progress import track
 from finetune.workers import worker_context
@@ -223,21 +224,15 @@ def _read_disk_cache(paths: Sequence[str], data_file: Path, index_file: Path) ->
 
 
 def _write_disk_cache(paths, prepare, data_file: Path, index_file: Path, num_workers: int) -> dict:
-    tmp_data = data_file.with_name(temp_name(f".{data_file.name}.", ".tmp"))
-    tmp_index = index_file.with_name(temp_name(f".{index_file.name}.", ".tmp"))
+    """Each file whole or not at all (:mod:`finetune.atomic`); the data first: the index's presence says the entry
+    is complete."""
     offsets, shapes, offset = [], [], 0
-    try:
-        with open(tmp_data, "wb") as out:
-            for image in _decoded(paths, prepare, num_workers):
-                out.write(image.numpy().tobytes())
-                offsets.append(offset)
-                shapes.append(list(image.shape))
-                offset += image.numel()
-        index = {"offsets": offsets, "shapes": shapes, "files": list(paths)}
-        tmp_index.write_text(json.dumps(index))
-        os.replace(tmp_data, data_file)  # the data first: the index's presence says the entry is complete
-        os.replace(tmp_index, index_file)
-    finally:
-        tmp_data.unlink(missing_ok=True)
-        tmp_index.unlink(missing_ok=True)
+    with atomic.atomic_write(data_file, "wb") as out:
+        for image in _decoded(paths, prepare, num_workers):
+            out.write(image.numpy().tobytes())
+            offsets.append(offset)
+            shapes.append(list(image.shape))
+            offset += image.numel()
+    index = {"offsets": offsets, "shapes": shapes, "files": list(paths)}
+    atomic.write_json(index_file, index, indent=None)
     return index

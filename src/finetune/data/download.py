@@ -13,6 +13,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from finetune.atomic import disk_full_error
 from finetune.data.stale import remove_stale, temp_name
 from finetune.errors import DownloadError, SettingError
 from finetune.progress import copy_with_progress
@@ -53,8 +54,14 @@ def download_and_extract(url: str, sha1: str, root: Path, timeout: float = 60.0)
     tmp = root.parent / temp_name(f".{root.name}.", ".extracting")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a dead process that had our pid
     try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        except OSError as err:
+            full = disk_full_error(err, root)
+            if full is not None:
+                raise full from err
+            raise
         extracted = tmp / root.name
         if not extracted.is_dir():
             top = sorted(p.name for p in tmp.iterdir())
@@ -79,6 +86,9 @@ def _download_verified(url: str, sha1: str, archive: Path, root: Path, timeout: 
             copy_with_progress(response, out, size, f"Downloading {archive.name}")
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused or cut connections
         part.unlink(missing_ok=True)
+        full = disk_full_error(err, archive)
+        if full is not None:
+            raise full from err  # not a network problem: retrying would fail the same way
         raise DownloadError(
             f"Could not download {url} ({err}). Offline, put the extracted dataset at {root} yourself, "
             "or point the run at a local copy: data=folder data.root=PATH (a folder with train/<class>/ and "

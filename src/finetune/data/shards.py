@@ -30,10 +30,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from finetune.atomic import disk_full_error
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.device_augment import pad_collate
 from finetune.data.images import decode_rgb, printable
 from finetune.data.loading import pin_memory
+from finetune.data.stale import remove_stale, temp_name
 from finetune.errors import PathError, SettingError
 from finetune.workers import worker_context
 
@@ -45,6 +47,7 @@ FORMAT = "finetune-shards"
 VERSION = 1
 SPLIT_KEYS = ("val_fraction", "split_seed", "folds", "fold")
 INDEX = "index.json"  # LitData's own index of a split's chunks
+STAGING = ".writing."  # the shards are written into OUTPUT/.writing.<host>.<pid>.tmp/, then renamed into place
 INSTALL = 'data=shards and finetune.shards need the litdata package: pip install -e ".[shards]" (or litdata).'
 
 
@@ -112,6 +115,8 @@ def write_shards(
             "(e.g. aws s3 cp --recursive) and train with data.root=URI."
         )
     output = Path(output)
+    if output.is_dir():
+        remove_stale(output, STAGING, ".tmp")  # the staging folder of a write that was killed
     existing = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
     if output.exists() and not output.is_dir():
         raise PathError(f"output={output} is a file, not a folder: choose a folder for the shards.")
@@ -129,8 +134,11 @@ def write_shards(
     root = images.root
     hp = images.hparams
     output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=output))
+    staging = output / temp_name(STAGING, ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a dead process that had our pid
+    staging.mkdir()
     splits: dict[str, Any] = {}
+    split = SPLITS[0]
     try:
         for split in SPLITS:
             items = [(path, label, os.path.relpath(path, root)) for path, label in samples[split]]
@@ -174,6 +182,11 @@ def write_shards(
         for split in SPLITS:
             os.replace(staging / split, output / split)
         os.replace(staging / MANIFEST, output / MANIFEST)  # last: the shards are complete once it is there
+    except Exception as err:
+        full = disk_full_error(err, output / split)  # before the clean-up, which frees the space
+        if full is not None:
+            raise full from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

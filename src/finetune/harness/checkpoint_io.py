@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -80,17 +79,6 @@ def load_checkpoint(path: str | Path, mmap: bool = False, setting: str = "ckpt_p
             f"{str(path)!r} is not a Lightning checkpoint of finetune.train (no 'state_dict'; found {found})."
         )
     return checkpoint
-
-
-def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    """Write ``checkpoint`` to ``path`` whole or not at all (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Suffixes of files torch.save writes; a file with another suffix that torch cannot read is "not a checkpoint",

@@ -1,5 +1,8 @@
 """Checkpoints a run can be continued from: an up-to-date ``last.ckpt``, and ``interrupted.ckpt`` on a stop.
 
+- ``AtomicCheckpointIO``: every checkpoint Lightning saves (``last.ckpt``, the best, ``interrupted.ckpt``,
+  ``trainer.save_checkpoint``) appears whole or not at all, and a full disk is one :class:`DiskFullError`.
+
 - ``ResumableModelCheckpoint``: Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` after every epoch (2.6
   only does when the best one changes) and keeps its best-so-far when a resumed run writes to a new folder
   (Lightning forgets it when the folder changes); the earlier run's files are never deleted.
@@ -19,16 +22,45 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
+from finetune import atomic
 from finetune.data.transforms import CLASSES, PREPROCESSING
 from finetune.errors import DivergedError
 from finetune.harness.distributed import StopRequested
 from finetune.harness.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on a local disk: :func:`finetune.atomic.torch_save`.
+
+    Lightning's own "atomic" save writes the file to the system's temporary folder and then *copies* it to the
+    checkpoint's folder when that is another file system: a full disk leaves a truncated ``last.ckpt`` under its
+    final name, over the previous good one. Here the temporary file is in the checkpoint's own folder and renamed
+    over the final name once complete. Remote URLs (``s3://``) keep Lightning's writer (object stores are atomic).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        atomic.torch_save(checkpoint, path)
+
+
+def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
+    """Give ``trainer``'s strategy :class:`AtomicCheckpointIO` where it would use Lightning's plain writer.
+
+    Set on the strategy after the Trainer is built, so it holds for every strategy that saves through a
+    ``TorchCheckpointIO`` (single device, DDP and its spawn variants: rank 0 writes) whatever the precision plugin;
+    a checkpoint IO the config chose (``trainer.plugins``, a strategy's own, XLA's, an async wrapper) stays.
+    """
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class ResumableModelCheckpoint(ModelCheckpoint):
@@ -86,6 +118,9 @@ class InterruptCheckpoint(pl.Callback):
             return  # nothing trained yet (or interrupted while testing): last.ckpt, if any, is the state to keep
         if isinstance(exception, DivergedError):
             return  # the weights are nan or inf now: last.ckpt, if any, holds the last finite ones
+        if atomic.is_disk_full(exception):
+            log.warning("Not saving %s: the disk is full (the checkpoints saved before are kept).", self.ckpt_path)
+            return
         if trainer.world_size > 1 and not isinstance(exception, StopRequested):
             log.warning("Not saving %s: under DDP only a stop that every rank reached together can", self.ckpt_path)
             return

@@ -11,6 +11,7 @@ then.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException, InstantiationException
 
+from finetune.atomic import disk_full_error, is_disk_full
 from finetune.errors import UserError
 from finetune.harness.overrides import check_override_syntax
 
@@ -46,19 +48,21 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def user_errors(job: bool = True) -> Iterator[None]:
-    """Turn a :class:`UserError` raised inside (also one wrapped by Hydra's ``instantiate``: :func:`user_error_in`)
-    into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``). Inside a
-    multirun's ``job`` it becomes a :class:`MultirunJobError` instead: Hydra records the failed job, runs the others,
-    and prints the message without a stack."""
+    """Turn a :class:`UserError` raised inside (also one wrapped by Hydra's ``instantiate``: :func:`user_error_in`),
+    or an ``OSError`` of a full disk (as a :class:`DiskFullError`), into :func:`fail` (unless ``HYDRA_FULL_ERROR=1``).
+    Inside a multirun's ``job`` it becomes a :class:`MultirunJobError` instead: Hydra records the failed job, runs the
+    others, and prints the message without a stack."""
+    quiet_full_log_files()
     try:
         yield
     except Exception as raised:
-        err = user_error_in(raised)
+        # A full disk is the user's to fix too, whichever writer met it (a library's log or metrics file included).
+        err = user_error_in(raised) or disk_full_error(raised, whole=False, folder=_output_dir())
         if err is None or full_errors():
             raise
         if job and _in_a_multirun_job():
             _log_to_files(f"Error: {one_line(str(err))}")
-            raise MultirunJobError(one_line(str(err))) from err
+            raise MultirunJobError(one_line(str(err))) from raised
         fail(str(err))
 
 
@@ -105,6 +109,32 @@ def checks_command_line(hydra_main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def quiet_full_log_files() -> None:
+    """Make the log files (Hydra's ``train.log``) stop quietly when their disk is full: one warning line on stderr,
+    then the console only. Python's logging would print a traceback for every line it could not write, burying the
+    one error line that says what happened."""
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, logging.FileHandler) and "handleError" not in vars(handler):
+            handler.handleError = functools.partial(_log_file_failed, handler)  # type: ignore[method-assign]
+
+
+def _log_file_failed(handler: logging.FileHandler, record: logging.LogRecord) -> None:
+    err = sys.exc_info()[1]
+    if err is None or not is_disk_full(err):
+        type(handler).handleError(handler, record)  # anything else: logging's own report
+        return
+    logging.getLogger().removeHandler(handler)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    print(f"Warning: stopped writing the log file {handler.baseFilename} ({reason}).", file=sys.stderr, flush=True)
+
+
+def _output_dir() -> str | None:
+    """The folder this Hydra job writes to, if any: named when a full disk's error does not name its file."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
 def _in_a_multirun_job() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -115,6 +145,6 @@ def _in_a_multirun_job() -> bool:
 def _log_to_files(line: str) -> None:
     """The line into the log files the root logger writes (Hydra's ``train.log``), not again on the console."""
     record = logging.LogRecord("finetune", logging.ERROR, __file__, 0, line, None, None)
-    for handler in logging.getLogger().handlers:
+    for handler in list(logging.getLogger().handlers):
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from finetune import atomic
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD
 from finetune.harness.run_folder import RunFolder
 
@@ -78,7 +79,7 @@ def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str], path: P
             for column in range(k):
                 colour = "white" if shares[row, column] > 0.5 else "black"
                 axes.text(column, row, str(int(counts[row, column])), ha="center", va="center", color=colour)
-    figure.savefig(path)
+    atomic.save_figure(figure, path)
     return path
 
 
@@ -101,7 +102,7 @@ def top_losses_figure(worst: list[dict[str, Any]], dataset: Dataset, preprocessi
         axes.set_title(caption, fontsize=9)
         axes.set_axis_off()
     figure.suptitle(f"Highest-loss test images (loss {_fmt(worst[0]['loss'])} down to {_fmt(worst[-1]['loss'])})")
-    figure.savefig(path)
+    atomic.save_figure(figure, path)
     return path
 
 

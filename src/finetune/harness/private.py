@@ -11,7 +11,9 @@ They are needed where Lightning has a known trap and no public hook:
 - ``nn.Module.compile`` has no public "undo" when compiling fails on first use: :func:`run_eagerly`,
   :data:`COMPILE_ERRORS`;
 - Lightning's ``WeightAveraging`` keeps its ``AveragedModel`` to itself, and a checkpoint saved while it is swapped
-  into the model (mid-validation) mixes the two up: :func:`averaged_model`.
+  into the model (mid-validation) mixes the two up: :func:`averaged_model`.;
+- LitData's ``optimize`` answers Ctrl+C with ``os._exit(0)`` (exit code 0, no clean-up) and leaves its handler
+  installed: :func:`litdata_interruptible`.
 
 :data:`CHECKED_LIGHTNING` names the Lightning releases these were read against and tested on
 (``tests/test_private.py`` fails on a release outside it, so a new Lightning is looked at before it is trusted).
@@ -22,7 +24,8 @@ from __future__ import annotations
 import datetime
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -125,3 +128,32 @@ def run_eagerly(module: torch.nn.Module) -> None:
 def averaged_model(callback: Any) -> torch.optim.swa_utils.AveragedModel | None:
     """The ``AveragedModel`` of a Lightning ``WeightAveraging`` callback (``None`` before its fit starts)."""
     return callback._average_model
+
+
+# --- LitData's Ctrl+C -----------------------------------------------------------------------------------------------
+def _stop_workers_and_raise(processor: Any, signum: int, frame: Any) -> None:
+    """LitData's own clean-up of its workers, then ``KeyboardInterrupt`` where LitData calls ``os._exit(0)``."""
+    for queue in getattr(processor, "stop_queues", None) or []:
+        queue.put(None)
+    for worker in getattr(processor, "workers", None) or []:
+        worker.join(5)
+        if worker.is_alive():
+            worker.terminate()
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def litdata_interruptible() -> Iterator[None]:
+    """While ``litdata.optimize`` runs inside, Ctrl+C stops its workers and raises ``KeyboardInterrupt`` (so the
+    caller's clean-up runs and the command exits 130), and the SIGINT handler from before is back afterwards."""
+    from litdata.processing import data_processor
+
+    processor = data_processor.DataProcessor
+    litdata_handler = processor._signal_handler
+    previous = signal.getsignal(signal.SIGINT)
+    processor._signal_handler = _stop_workers_and_raise
+    try:
+        yield
+    finally:
+        processor._signal_handler = litdata_handler
+        signal.signal(signal.SIGINT, previous)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -17,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from finetune import atomic
 from finetune.harness.figures import write_figures
 from finetune.harness.run_folder import RunFolder
 from finetune.metrics import TEST_REPORT_KEYS, report_record
@@ -34,11 +34,9 @@ def to_number(value: Any) -> float | None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write whole or not at all (:func:`finetune.atomic.write_json`): a crash or a full disk never leaves a
+    half-written results file."""
+    atomic.write_json(path, payload)
 
 
 def fit_record(trainer: pl.Trainer | None, history: list[dict[str, float]]) -> dict[str, Any]:

@@ -154,7 +154,10 @@ class OptunaSweeper(Sweeper):
             study_name=s.study_name, storage=storage, direction=s.direction, load_if_exists=True
         )
         check_same_study(study, space_record(space), search_data(job_config, s.folds))
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # after the check: a refused rerun leaves it as it was
+        from finetune import atomic
+
+        # after the check: a refused rerun leaves it as it was
+        atomic.write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             log.warning("Trial %d was left running by a stopped invocation: marked failed", trial.number)
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -239,7 +242,9 @@ class OptunaSweeper(Sweeper):
             "overrides": overrides,
             "test_command": " ".join(["python -m finetune.train", *map(shlex.quote, overrides), "test_after_fit=true"]),
         }
-        OmegaConf.save(OmegaConf.create(record), sweep_dir / "best.yaml")
+        from finetune import atomic
+
+        atomic.write_text(sweep_dir / "best.yaml", OmegaConf.to_yaml(OmegaConf.create(record)))
 
 
 def best_overrides(fixed: list[str], params: dict[str, Any]) -> list[str]:
