@@ -132,7 +132,9 @@ def _output_dir() -> str | None:
     """The folder this Hydra job writes to, if any: named when a full disk's error does not name its file."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False)
 
 
 def _in_a_multirun_job() -> bool:
