@@ -39,7 +39,7 @@ from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint import class_names, load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_checkpoint_command, check_seed
@@ -256,8 +256,7 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "output_dir": str(output_dir),
     }
     written = write_results(results, output_dir)
-    print(to_markdown(results), end="")
-    print(f"Wrote {', '.join(str(p) for p in written)}")
+    tell(f"{to_markdown(results)}Wrote {', '.join(str(p) for p in written)}")
     return results
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
 from finetune.errors import SettingError
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.run import CONFIG_DIR, build_datamodule
 
 
@@ -34,7 +34,7 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
     workers = max(1, resolve_num_workers(cfg.num_workers))
     manifest = write_shards(images, cfg.output, bool(cfg.overwrite), cfg.chunk_bytes, workers)
     counts = ", ".join(f"{split} {record['count']}" for split, record in manifest["splits"].items())
-    print(f"Wrote shards of {len(manifest['classes'])} classes ({counts} images) to {cfg.output}")
+    tell(f"Wrote shards of {len(manifest['classes'])} classes ({counts} images) to {cfg.output}")
     return manifest
 
 

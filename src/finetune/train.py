@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, user_error_in, user_errors
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell, user_error_in, user_errors
 from finetune.harness.guards import DivergenceStop
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
@@ -106,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
         log_results(trainer.loggers, results)
-        print(summary(results))
+        tell(summary(results))
     return results
 
 

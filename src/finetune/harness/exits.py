@@ -7,6 +7,10 @@ prints it). An override that Hydra's grammar cannot read ends the same way, befo
 (:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to
 the run's log file (``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by
 then.
+
+How it ends well: :func:`tell` prints what the command found and where it wrote it, and puts the same text into the
+log file (``evaluate.log``, ``predict.log``, ...), which would otherwise hold only warnings: a run folder's log
+then says what the command did without the terminal it ran in.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def full_errors() -> bool:
     """``HYDRA_FULL_ERROR=1``: every error with its stack, user errors included."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def tell(text: str) -> None:
+    """Say ``text`` (a command's results, where it wrote them) on stdout and in the log files of the run's folder."""
+    print(text, flush=True)
+    _log_to_files(text, logging.INFO)
 
 
 def fail(message: str) -> NoReturn:
@@ -112,9 +122,9 @@ def _in_a_multirun_job() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _log_to_files(line: str) -> None:
+def _log_to_files(line: str, level: int = logging.ERROR) -> None:
     """The line into the log files the root logger writes (Hydra's ``train.log``), not again on the console."""
-    record = logging.LogRecord("finetune", logging.ERROR, __file__, 0, line, None, None)
+    record = logging.LogRecord("finetune", level, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
