@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from finetune.errors import UserError
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
@@ -155,7 +156,8 @@ def _record_stop(
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
-        log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
+        if not isinstance(err, UserError):  # a user's mistake is said once, by its Error: line (harness.exits)
+            log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
     log.warning("Interrupted by %s. %s", signal.Signals(signum).name, how_to_continue(output_dir, ckpt_path))
     return 128 + signum  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM

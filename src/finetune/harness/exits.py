@@ -4,9 +4,10 @@ A :class:`~finetune.errors.UserError` (a setting, a file, a folder, a refused re
 is the user's to fix, so its message is all they need, also when it was raised inside ``hydra.utils.instantiate``
 (which wraps it in an ``InstantiationException``); any other exception is a bug and keeps its traceback (Hydra
 prints it). An override that Hydra's grammar cannot read ends the same way, before Hydra starts
-(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to
-the run's log file (``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by
-then.
+(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. A single command refused
+before it did any work leaves no run folder behind (:func:`finetune.harness.run_folder.release_unstarted`): the line
+is its whole record. Otherwise the line also goes to the run's log file (``train.log``), and ``finetune.train`` has
+already recorded the failure in ``results.json`` by then; a multirun job always keeps its folder and record.
 
 How it ends well: :func:`tell` prints what the command found and where it wrote it, and puts the same text into the
 log file (``evaluate.log``, ``predict.log``, ...), which would otherwise hold only warnings: a run folder's log
@@ -28,6 +29,7 @@ from hydra.errors import CompactHydraException, InstantiationException
 
 from finetune.errors import UserError
 from finetune.harness.overrides import check_override_syntax
+from finetune.harness.run_folder import release_unstarted
 
 USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,6 +71,8 @@ def user_errors(job: bool = True) -> Iterator[None]:
         if job and _in_a_multirun_job():
             _log_to_files(f"Error: {one_line(str(err))}")
             raise MultirunJobError(one_line(str(err))) from err
+        if job and _in_a_single_run():
+            release_unstarted()  # refused before it did any work: no folder left behind
         fail(str(err))
 
 
@@ -120,6 +124,13 @@ def _in_a_multirun_job() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _in_a_single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
 
 
 def _log_to_files(line: str, level: int = logging.ERROR) -> None:
