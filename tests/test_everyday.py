@@ -15,7 +15,7 @@ import torch
 
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
-from finetune.harness.run_folder import RunFolder, release_unstarted
+from finetune.harness.run_folder import RunFolder, keep_claimed, release_unstarted
 from finetune.harness.settings import check_devices, check_seed
 from finetune.predict import predict
 from finetune.train import train
@@ -156,6 +156,14 @@ def test_only_what_a_command_wrote_at_its_start_is_taken_back_after_a_refusal(tm
     for path, names in kept.items():  # work was done: the folder stays whole
         assert sorted(p.name for p in path.rglob("*")) == names
     assert release_unstarted() == []  # each claim is considered once
+
+
+def test_once_training_starts_a_failure_keeps_the_folder_whatever_it_holds(tmp_path):
+    release_unstarted()
+    started = _claimed(tmp_path / "diverged", results=REFUSED)  # e.g. a first epoch that diverged: no checkpoint
+    keep_claimed()  # finetune.train, just before fitting
+    assert release_unstarted() == []
+    assert sorted(p.name for p in started.path.iterdir()) == [".claim", ".hydra", "results.json", "train.log"]
 
 
 def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):

@@ -36,7 +36,7 @@ from finetune.harness.resume import (
     resume_checkpoint,
     with_run_overrides,
 )
-from finetune.harness.run_folder import RunFolder
+from finetune.harness.run_folder import RunFolder, keep_claimed
 from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.settings import check_seed
 from finetune.harness.signals import SignalStop
@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
+        keep_claimed()  # training starts: a failure from here on keeps the folder and its record
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.

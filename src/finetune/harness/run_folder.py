@@ -22,7 +22,8 @@ Multirun job folders are named ``<job number>_<experiment>_seed<seed>`` (``conf/
 A single command refused before it did any work (a wrong setting, file or folder: one ``Error:`` line) leaves no
 folder behind: :func:`release_unstarted` takes back what it wrote at its start (``.claim``, ``.hydra/``, its log and
 a ``results.json`` saying it failed before its first epoch) and the folder itself if the claim made it. A folder
-holding anything else (a checkpoint, a figure, a logger's files, a trained epoch) is left as it is.
+holding anything else (a checkpoint, a figure, a logger's files, a trained epoch) is left as it is, and so is every
+folder once training has started (:func:`keep_claimed`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ class _Claim:
 
 
 _CLAIMS: list[_Claim] = []  # in claim order; release_unstarted() empties it
+
+
+def keep_claimed() -> None:
+    """From here on the command does work worth its folder (``finetune.train``: training starts): a failure no
+    longer takes back the folders it claimed, whatever they hold (a diverged first epoch leaves no checkpoint)."""
+    _CLAIMS.clear()
 
 
 def release_unstarted() -> list[Path]:
