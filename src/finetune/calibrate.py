@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.calibrate import fit_checkpoint_temperature, temperature_line
 from finetune.harness.checkpoint import load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_checkpoint_command, check_seed
@@ -53,7 +53,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "calibrated_checkpoint": str(output),
     }
     write_json_atomic(output_dir / RECORD, record)
-    print(f"{temperature_line(record)}. Wrote {output}")
+    tell(f"{temperature_line(record)}. Wrote {output}")
     return record
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from finetune.data.preprocessing import CLASSES, TTA_MODES, Preprocessing
 from finetune.errors import DataError, PathError, SettingError, describe_path
 from finetune.harness.checkpoint import load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides, to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder, run_cwd
@@ -69,8 +69,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         written = RunFolder(Path(cfg.paths.output_dir)).eval_results
         write_json_atomic(written, results)
-        print(f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}")
-        print(f"Wrote {written} (and the figures next to it)")  # last: where to look
+        tell(
+            f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}\n"
+            f"Wrote {written} (and the figures next to it)"  # last: where to look
+        )
     return results
 
 

@@ -27,7 +27,7 @@ from finetune.data import file_digest
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint import checkpoint_transform, class_names, load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.settings import check_checkpoint_command
 from finetune.harness.writable import check_apart, check_writable
@@ -117,7 +117,7 @@ def export(cfg: DictConfig) -> Path:
         )
         description["max_abs_difference_to_pytorch"] = difference
         atomic.write_json(staging / sidecar.name, description)
-    print(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
+    tell(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
     return output
 
 

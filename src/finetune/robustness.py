@@ -40,14 +40,14 @@ from finetune.data.preprocessing import TTA_MODES, Preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.evaluate import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint import class_names, load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_checkpoint_command, check_seed
 from finetune.harness.writable import check_apart
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
-from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
+from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, shifted_bytes, source_images
 from finetune.workers import ordered_loader
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _number(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -237,6 +241,14 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         start = time.perf_counter()
         folders[f"{shift}-{severity}"] = make_shifted_folder(split_dir, shift, severity, seed, cache, max(1, workers))
         log.info("%s-%d: %s (%.1f s)", shift, severity, folders[f"{shift}-{severity}"], time.perf_counter() - start)
+    cache_bytes = sum(shifted_bytes(folder) for folder in folders.values())
+    log.info(
+        "The %d shifted set(s) take %s in %s (full-size lossless PNG, reused by every benchmark of this folder; "
+        "delete it to free the space, it is rebuilt when needed).",
+        len(folders),
+        _size(cache_bytes),
+        cache,
+    )
     logits_fn = logits_fn or model_logits(model, device)
     sets: dict[str, dict[str, Any]] = {}
     datasets = {CLEAN: clean, **{n: ImageFolder(str(f), transform, loader=load_rgb) for n, f in folders.items()}}
@@ -257,13 +269,13 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "source": str(split_dir),
         "shift_seed": seed,
         "shift_cache": str(cache),
+        "shift_cache_bytes": cache_bytes,  # the shifted images of the sets scored
         "sets": sets,
         **summarise(sets, classes),
         "output_dir": str(output_dir),
     }
     written = write_results(results, output_dir)
-    print(to_markdown(results), end="")
-    print(f"Wrote {', '.join(str(p) for p in written)}")
+    tell(f"{to_markdown(results)}Wrote {', '.join(str(p) for p in written)}")
     return results
 
 

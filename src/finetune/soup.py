@@ -35,7 +35,7 @@ from finetune.errors import SettingError
 from finetune.evaluate import check_classes, use_checkpoint_geometry
 from finetune.harness.calibrate import temperature_line
 from finetune.harness.checkpoint import CheckpointError, check_finite_weights, load_checkpoint, load_for_inference
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.settings import check_alpha, check_alphas, check_checkpoint_command, check_seed
@@ -220,9 +220,8 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomic(output_dir / RECORD, record)
     what = f"alpha {chosen['alpha']:g}" if method == "wise" else f"{len(ingredients)} of {len(paths)} checkpoints"
-    print(f"{method} soup ({what}): val/acc {chosen['val/acc']:.4f}. Wrote {output}")
-    if calibration:
-        print(temperature_line(calibration))
+    said = f"{method} soup ({what}): val/acc {chosen['val/acc']:.4f}. Wrote {output}"
+    tell(f"{said}\n{temperature_line(calibration)}" if calibration else said)
     return record
 
 

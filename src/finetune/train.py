@@ -22,10 +22,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from finetune.errors import UserError
 from finetune.harness.calibrate import fit_checkpoint_temperature
 from finetune.harness.checkpoints import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, user_error_in, user_errors
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell, user_error_in, user_errors
 from finetune.harness.guards import DivergenceStop
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
@@ -35,7 +36,7 @@ from finetune.harness.resume import (
     resume_checkpoint,
     with_run_overrides,
 )
-from finetune.harness.run_folder import RunFolder
+from finetune.harness.run_folder import RunFolder, keep_claimed
 from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.settings import check_seed
 from finetune.harness.signals import SignalStop
@@ -76,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
+        keep_claimed()  # training starts: a failure from here on keeps the folder and its record
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
@@ -106,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
         log_results(trainer.loggers, results)
-        print(summary(results))
+        tell(summary(results))
     return results
 
 
@@ -158,7 +160,8 @@ def _record_stop(
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
-        log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
+        if not isinstance(err, UserError):  # a user's mistake is said once, by its Error: line (harness.exits)
+            log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
     log.warning("Interrupted by %s. %s", signal.Signals(signum).name, how_to_continue(output_dir, ckpt_path))
     return 128 + signum  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM
