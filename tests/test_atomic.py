@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from finetune.harness.checkpointing import AtomicCheckpointIO
 from lightning_fabric.plugins import TorchCheckpointIO
 
 from finetune import atomic
 from finetune.errors import DiskFullError, UserError
+from finetune.harness.checkpointing import AtomicCheckpointIO
 from finetune.run import build_trainer
 
 from .conftest import REPO, cli_command, cli_env, compose_config, make_image_folder, tiny_overrides

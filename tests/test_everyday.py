@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
 from finetune.errors import SettingError
 from finetune.evaluate import evaluate
+from finetune.harness.run_folder import RunFolder, keep_claimed, release_unstarted
 from finetune.harness.run_settings import check_devices, check_seed
 from finetune.predict import predict
+from finetune.train import train
 
-from .conftest import REPO, as_unprivileged, cli_command, cli_env, make_image_folder, run_cli, tiny_overrides, without
+from .conftest import (
+    REPO,
+    as_unprivileged,
+    cli_command,
+    cli_env,
+    compose_config,
+    make_image_folder,
+    run_cli,
+    tiny_overrides,
+    without,
+)
 from .inference import eval_config, predict_config, trained_run
 
 
@@ -66,7 +82,7 @@ def test_predict_reads_a_folder_of_test_images_alone(run, tmp_path, plain):
 # --- a user's mistake ends in one line and exit code 2; a bug keeps its traceback ----------------------------------
 
 
-def test_a_user_error_is_one_line_on_stderr_with_exit_code_2_and_is_recorded(tmp_path):
+def test_a_user_error_is_one_line_on_stderr_with_exit_code_2_and_leaves_no_folder(tmp_path):
     a_file = tmp_path / "photos.zip"
     a_file.write_bytes(b"not a folder")
     out = tmp_path / "run"
@@ -76,9 +92,78 @@ def test_a_user_error_is_one_line_on_stderr_with_exit_code_2_and_is_recorded(tmp
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "is a file, not a folder" in errors[0] and "data.root" in errors[0]
-    assert errors[0] in (out / "train.log").read_text()
-    results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "failed" and "is a file, not a folder" in results["error"]
+    assert "is a file, not a folder" not in done.stdout  # said once
+    assert not out.exists()  # refused before it started: the Error line is its whole record
+
+
+@pytest.mark.slow
+def test_commands_refused_before_they_start_leave_no_folder_and_a_users_folder_as_it_was(run, tmp_path, tiny_folder):
+    logs = tmp_path / "logs"
+    for module, args in [
+        ("finetune.train", [*without(tiny_overrides(tiny_folder, tmp_path), "paths."), "model.head_lr_mult=0"]),
+        ("finetune.evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}"]),
+        ("finetune.predict", [f"ckpt_path={run['best_checkpoint']}", f"inputs={tmp_path / 'missing'}"]),
+    ]:
+        done = run_cli([*args, f"paths.log_dir={logs}"], check=False, module=module)
+        assert done.returncode == 2 and done.stderr.count("Error: ") == 1, done.stderr[-3000:]
+    assert list((logs / "runs").iterdir()) == []
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    done = run_cli(
+        [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={mine}"], check=False, module="finetune.evaluate"
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def _claimed(folder: Path, *, results: dict | None = None, extra: str | None = None) -> RunFolder:
+    """``folder`` claimed by this process, with what a command writes at its start (and ``extra``, a file)."""
+    run_folder = RunFolder(folder)
+    run_folder.claim()
+    run_folder.hydra.mkdir()
+    run_folder.overrides.write_text("- seed=0\n")
+    (folder / "train.log").write_text("")
+    if results is not None:
+        run_folder.results.write_text(json.dumps(results))
+    if extra:
+        (folder / extra).parent.mkdir(parents=True, exist_ok=True)
+        (folder / extra).write_bytes(b"work")
+    return run_folder
+
+
+REFUSED = {"status": "failed", "history": [], "best_checkpoint": None, "last_checkpoint": None, "error": "E"}
+
+
+def test_only_what_a_command_wrote_at_its_start_is_taken_back_after_a_refusal(tmp_path):
+    release_unstarted()  # claims of earlier tests in this process are not this test's
+    gone = _claimed(tmp_path / "refused", results=REFUSED)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.log").write_text("the user's")
+    restored = _claimed(theirs)
+    trained = _claimed(tmp_path / "trained", results={**REFUSED, "history": [{"epoch": 0}]})
+    checkpoint = _claimed(tmp_path / "checkpoint", results=REFUSED, extra="checkpoints/last.ckpt")
+    figure = _claimed(tmp_path / "figure", extra="confusion_matrix.png")
+    kept = {
+        run_folder.path: sorted(p.name for p in run_folder.path.rglob("*"))
+        for run_folder in (trained, checkpoint, figure)
+    }
+
+    assert sorted(release_unstarted()) == sorted([gone.path, restored.path])
+    assert not gone.path.exists()
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.log"]  # the user's folder, as it was
+    for path, names in kept.items():  # work was done: the folder stays whole
+        assert sorted(p.name for p in path.rglob("*")) == names
+    assert release_unstarted() == []  # each claim is considered once
+
+
+def test_once_training_starts_a_failure_keeps_the_folder_whatever_it_holds(tmp_path):
+    release_unstarted()
+    started = _claimed(tmp_path / "diverged", results=REFUSED)  # e.g. a first epoch that diverged: no checkpoint
+    keep_claimed()  # finetune.train, just before fitting
+    assert release_unstarted() == []
+    assert sorted(p.name for p in started.path.iterdir()) == [".claim", ".hydra", "results.json", "train.log"]
 
 
 def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):
@@ -131,6 +216,100 @@ def test_a_run_without_a_terminal_logs_one_line_per_epoch(tmp_path, tiny_folder)
     assert [line.split("epoch ")[1].split()[0] for line in summaries] == ["1/3", "2/3", "3/3"]
     assert all("train/loss" in line and "val/loss" in line and "best val/acc" in line for line in summaries)
     assert sum("ETA" in line for line in done.stdout.splitlines()) == 3
+    assert f"output folder:   {out}" in done.stdout and f"output folder:   {out}" in (out / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "args", "said"),
+    [
+        ("finetune.evaluate", ["data=folder", "data.root={root}", "data.num_workers=0"], "{ckpt}: test/acc "),
+        ("finetune.predict", ["inputs={root}/test", "num_workers=0"], "Predicted 8 image(s) with {ckpt}: "),
+        ("finetune.export", ["format=torchscript"], "Exported {ckpt} to "),
+    ],
+    ids=["evaluate", "predict", "export"],
+)
+def test_a_command_says_its_results_in_its_log_file_too(run, tmp_path, module, args, said):
+    out = tmp_path / "out"
+    filled = [a.format(root=run["root"]) for a in args]
+    done = run_cli([f"ckpt_path={run['best_checkpoint']}", *filled, f"hydra.run.dir={out}"], module=module)
+    said = said.format(ckpt=run["best_checkpoint"])
+    printed = [line for line in done.stdout.splitlines() if line.startswith((said, "Wrote "))]
+    assert printed and printed[0].startswith(said), done.stdout[-2000:]
+    log = (out / f"{module.split('.')[1]}.log").read_text()  # evaluate.log, predict.log, export.log
+    assert all(line in log for line in printed), log
+
+
+class StopAtStep(pl.Callback):
+    """Test-only: fails the fit at the end of training step ``step``, as a crash in the middle of an epoch would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped by the test")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(tmp_path_factory) -> dict:
+    """A run stopped at step 6 of 8 (epoch 2 of 2, 4 steps an epoch), then resumed in-process; what each logged."""
+    data = make_image_folder(tmp_path_factory.mktemp("data"), n_train=10)  # 16 training images: batch 4
+    tmp = tmp_path_factory.mktemp("runs")
+    recipe = ["trainer.max_epochs=2", "callbacks.epoch_summary.when=always", "test_after_fit=false", "calibrate=false"]
+    records = Records()
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "finetune")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(records)
+        logger.setLevel(logging.INFO)
+    try:
+        stop = [f"+callbacks.stop._target_={__name__}.StopAtStep", "+callbacks.stop.step=6"]
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            train(compose_config([*recipe, *stop, *tiny_overrides(data, tmp / "stopped")]))
+        stopping = list(records.lines)
+        records.lines.clear()
+        start = time.perf_counter()
+        resumed = train(compose_config([*recipe, f"resume={tmp / 'stopped'}", *tiny_overrides(data, tmp / "resumed")]))
+        seconds = time.perf_counter() - start
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(records)
+            logger.setLevel(level)
+    return {
+        "stopped": tmp / "stopped",
+        "stopping": stopping,
+        "resuming": records.lines,
+        "resumed": resumed,
+        "seconds": seconds,
+    }
+
+
+def test_an_interrupted_run_saves_its_whole_state_without_a_weights_only_notice(stopped_and_resumed):
+    saved = RunFolder(stopped_and_resumed["stopped"]).interrupted_checkpoint
+    state = torch.load(saved, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6 and state["optimizer_states"] and state["callbacks"]  # enough to resume
+    lines = stopped_and_resumed["stopping"]
+    assert any("saved" in line and str(saved) in line for line in lines), lines  # the records were captured
+    assert not [line for line in lines if "weights_only" in line]
+
+
+def test_an_epoch_resumed_from_its_middle_is_timed_from_the_resume(stopped_and_resumed):
+    assert stopped_and_resumed["resumed"]["resumed_from"].endswith("interrupted.ckpt")
+    lines = [line for line in stopped_and_resumed["resuming"] if line.startswith("epoch ")]
+    assert len(lines) == 1 and lines[0].startswith("epoch 2/2 ") and "(resumed mid-epoch)" in lines[0], lines
+    seconds = float(lines[0].split(" s (resumed mid-epoch)")[0].split()[-1])
+    assert 0 <= seconds <= stopped_and_resumed["seconds"]  # this process's time, not the clock's origin
+    assert "ETA" not in lines[0]  # no whole epoch was timed in this process
 
 
 def test_the_epoch_line_says_the_best_so_far_and_the_eta():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 
-from finetune.lr_find import RangeTest, lr_find
+from finetune.lr_find import RangeTest, lr_find, range_test_config
+from finetune.run import assemble
 
-from .conftest import compose_config, tiny_overrides
+from .conftest import compose_config, tiny_overrides, without
 
 STEPS = 12
 
@@ -66,3 +68,24 @@ def test_bad_range_settings_name_the_setting():
         RangeTest(1.0, 0.1, 10, 4.0)
     with pytest.raises(ValueError, match="lr_find.num_training must be at least 2"):
         RangeTest(1e-6, 1.0, 1, 4.0)
+
+
+def test_progress_is_counted_in_steps_not_in_lightnings_epochs(tmp_path, tiny_folder, caplog):
+    """A step-bounded test has no epoch count: Lightning's bar read "Epoch 1/-2"; the test's own counts steps."""
+    overrides = [
+        "model.backbone=mobilenet_v3_small",
+        f"lr_find.num_training={STEPS}",
+        "lr_find.early_stop_threshold=null",
+    ]
+    overrides += without(tiny_overrides(tiny_folder, tmp_path), "trainer.enable_progress_bar")  # the bar is on
+    cfg = compose_config(overrides, config_name="lr_find")
+    assert cfg.trainer.enable_progress_bar is True
+    test = RangeTest(1e-5, 1.0, STEPS, None, progress_delay=0)
+    run = assemble(range_test_config(cfg), [test])
+    assert run.trainer.progress_bar_callback is None  # Lightning's epoch bar is off
+    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    lines = [record.getMessage() for record in caplog.records if record.name == "finetune.progress"]
+    assert lines[0].startswith(f"lr_find: 1/{STEPS} steps (")
+    assert lines[-1].startswith(f"lr_find: {STEPS}/{STEPS} steps (100.0%), done in ")
+    assert not any("Epoch" in line for line in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -297,10 +298,11 @@ def robustness_config(ckpt: Path, root: Path, output_dir: Path, *extra: str):
     return compose_config(overrides, config_name="robustness")
 
 
-def test_the_benchmark_scores_the_clean_split_and_every_shift(trained, tmp_path, capsys):
+def test_the_benchmark_scores_the_clean_split_and_every_shift(trained, tmp_path, capsys, caplog):
     root = only_test_split(trained["root"], tmp_path / "photos")
     out = tmp_path / "bench"
-    results = robustness(robustness_config(Path(trained["best_checkpoint"]), root, out))
+    with caplog.at_level(logging.INFO, logger="finetune.robustness"):
+        results = robustness(robustness_config(Path(trained["best_checkpoint"]), root, out))
     written = json.loads((out / "robustness.json").read_text())
     assert written == json.loads(json.dumps(results))
     sets = written["sets"]
@@ -328,6 +330,10 @@ def test_the_benchmark_scores_the_clean_split_and_every_shift(trained, tmp_path,
     assert printed[-1].startswith("Wrote ") and str(out / "robustness.json") in printed[-1]
     cache = Path(written["shift_cache"])
     assert cache.parent == tmp_path / "data" / "shifts" and len(list(cache.glob("*/manifest.json"))) == 21
+    on_disk = sum(p.stat().st_size for p in cache.glob("*/*/*.png"))  # the disk the copies take is said
+    assert written["shift_cache_bytes"] == on_disk > 0
+    said = [r.getMessage() for r in caplog.records if "shifted set(s) take" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"The 21 shifted set(s) take {on_disk / 1e6:.1f} MB in {cache} (")
     before = mtimes(cache)
     robustness(robustness_config(Path(trained["best_checkpoint"]), root, tmp_path / "again", "shifts=[jpeg]"))
     assert mtimes(cache) == before  # a second benchmark of the same folder reuses the shifted copies

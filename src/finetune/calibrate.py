@@ -20,7 +20,7 @@ from finetune import atomic
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -53,7 +53,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     atomic.torch_save(checkpoint, output)
     record["calibrated_checkpoint"] = str(output)
     write_json_atomic(output_dir / RECORD, record)
-    print(f"{temperature_line(record)}. Wrote {output}")
+    tell(f"{temperature_line(record)}. Wrote {output}")
     return record
 
 

@@ -26,7 +26,7 @@ from finetune.errors import SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import to_number, write_json_atomic, write_test_report
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_folder import RunFolder
@@ -72,8 +72,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         written = RunFolder(Path(cfg.paths.output_dir)).eval_results
         write_json_atomic(written, results)
-        print(f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}")
-        print(f"Wrote {written} (and the figures next to it)")  # last: where to look
+        tell(
+            f"{ckpt_path}: test/acc {_fmt(results['test/acc'])}  test/loss {_fmt(results['test/loss'])}\n"
+            f"Wrote {written} (and the figures next to it)"  # last: where to look
+        )
     return results
 
 

@@ -28,7 +28,7 @@ from finetune.data.transforms import Preprocessing
 from finetune.errors import MissingPackageError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.run_folder import EXPORTED_MODELS, RunFolder
 from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR
@@ -119,7 +119,7 @@ def export(cfg: DictConfig) -> Path:
         )
         description["max_abs_difference_to_pytorch"] = difference
         atomic.write_json(staging / sidecar.name, description)
-    print(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
+    tell(f"Exported {ckpt_path} to {output} ({fmt}, {outputs}); description in {sidecar}")
     return output
 
 

@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import atomic
 from finetune.errors import SettingError
 from finetune.harness import distributed
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_settings import check_seed
+from finetune.progress import DELAY, Reporter
 from finetune.run import CONFIG_DIR, assemble
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,20 @@ class RangeTest(pl.Callback):
     ``base`` grows exponentially from ``min_lr`` (step 0) to ``max_lr`` (step ``num_training - 1``); the test stops
     early once the smoothed loss exceeds ``early_stop_threshold`` times its lowest value (or is not finite).
     ``steps`` holds, per optimizer step, the base rate, every group's rate as the optimizer used it, and the loss.
+
+    Progress is counted in steps, ``lr_find: 37/100 steps`` (:class:`~finetune.progress.Reporter`: a bar on a
+    terminal, a log line every 30 s elsewhere) after ``progress_delay`` seconds, never with ``None``. Lightning's own
+    bar counts epochs, which a test bounded by steps does not have (it read ``Epoch 1/-2``).
     """
 
     def __init__(
-        self, min_lr: float, max_lr: float, num_training: int, early_stop_threshold: float | None, beta: float = 0.98
+        self,
+        min_lr: float,
+        max_lr: float,
+        num_training: int,
+        early_stop_threshold: float | None,
+        beta: float = 0.98,
+        progress_delay: float | None = DELAY,
     ) -> None:
         if not 0 < min_lr < max_lr:
             raise SettingError(f"lr_find.min_lr must be > 0 and below lr_find.max_lr, got {min_lr} and {max_lr}.")
@@ -54,9 +65,26 @@ class RangeTest(pl.Callback):
             raise SettingError(f"lr_find.num_training must be at least 2 steps, got {num_training}.")
         self.min_lr, self.max_lr, self.num_training = min_lr, max_lr, num_training
         self.early_stop_threshold, self.beta = early_stop_threshold, beta
+        self.progress_delay = progress_delay
         self.steps: list[dict[str, Any]] = []
         self._average = 0.0
         self._best: float | None = None
+        self._progress: Reporter | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progress_delay is not None:
+            self._progress = Reporter(self.num_training, "lr_find", unit="steps", delay=self.progress_delay)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_progress()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_progress()
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def base_lr(self, step: int) -> float:
         return self.min_lr * (self.max_lr / self.min_lr) ** (step / (self.num_training - 1))
@@ -80,6 +108,8 @@ class RangeTest(pl.Callback):
         self._average = self.beta * self._average + (1 - self.beta) * loss
         smoothed = self._average / (1 - self.beta**n)
         self.steps[-1].update(loss=loss, smoothed=smoothed)
+        if self._progress is not None:
+            self._progress.advance()
         diverged = not math.isfinite(smoothed) or (
             self.early_stop_threshold is not None
             and self._best is not None
@@ -123,6 +153,7 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.num_sanity_val_steps = 0
         cfg.trainer.enable_model_summary = False  # the layer table says nothing about the rate
+        cfg.trainer.enable_progress_bar = False  # RangeTest counts steps; Lightning's bar counts epochs (none here)
     return cfg
 
 
@@ -130,7 +161,14 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     """Run the range test of ``cfg``; write ``lr_find.json`` (and ``lr_find.png``) into ``cfg.paths.output_dir``."""
     pl.seed_everything(check_seed(cfg.seed), workers=True)
     settings = cfg.lr_find
-    test = RangeTest(settings.min_lr, settings.max_lr, settings.num_training, settings.early_stop_threshold)
+    show = cfg.trainer.get("enable_progress_bar", True)
+    test = RangeTest(
+        settings.min_lr,
+        settings.max_lr,
+        settings.num_training,
+        settings.early_stop_threshold,
+        progress_delay=DELAY if show else None,
+    )
     run = assemble(range_test_config(cfg), [test])
     run.trainer.fit(run.model, datamodule=run.datamodule)
     suggested = test.suggestion()
@@ -146,11 +184,11 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(out / "lr_find.json", result)
         figure = plot(test, suggested, out / "lr_find.png")
         if suggested is None:
-            print(f"lr_find: no suggestion ({len(test.steps)} steps): raise lr_find.num_training or the data size")
+            said = f"lr_find: no suggestion ({len(test.steps)} steps): raise lr_find.num_training or the data size"
         else:
-            print(f"Suggested learning rate (the backbone's; the head at {cfg.model.head_lr_mult}x):")
-            print(f"  {result['override']}")
-        print(f"  {figure or FIGURE_NEEDS} ({out / 'lr_find.json'} holds every step)")
+            said = f"Suggested learning rate (the backbone's; the head at {cfg.model.head_lr_mult}x):"
+            said += f"\n  {result['override']}"
+        tell(f"{said}\n  {figure or FIGURE_NEEDS} ({out / 'lr_find.json'} holds every step)")
     return result
 
 

@@ -37,7 +37,7 @@ from finetune.data.images import preview
 from finetune.errors import DataError, OverwriteError, PathError, SettingError
 from finetune.harness.checkpoint_io import class_names, load_for_inference, preprocessing
 from finetune.harness.config_keys import check_checkpoint_command, check_node_keys
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.run_folder import RunFolder
 from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR, build_trainer
@@ -92,7 +92,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     if len(failed) == len(rows):
         raise DataError(f"None of the {len(rows)} input(s) could be predicted: every one failed to load ({output}).")
-    print(f"Predicted {len(rows) - len(failed)} image(s) with {cfg.ckpt_path}: {output}")
+    tell(f"Predicted {len(rows) - len(failed)} image(s) with {cfg.ckpt_path}: {output}")
     return rows
 
 

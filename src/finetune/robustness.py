@@ -41,7 +41,7 @@ from finetune.errors import PathError, SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import class_names, load_for_inference
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -49,7 +49,7 @@ from finetune.harness.writable import check_apart
 from finetune.metrics import TestMetrics
 from finetune.run import CONFIG_DIR
 from finetune.scoring import TEMPERATURE, Scorer
-from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, source_images
+from finetune.shifts import SHIFTS, check_shift, make_shifted_folder, shifted_bytes, source_images
 from finetune.tta import TTA_MODES, views_transform
 from finetune.workers import ordered_loader
 
@@ -176,6 +176,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _number(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -240,6 +244,14 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         start = time.perf_counter()
         folders[f"{shift}-{severity}"] = make_shifted_folder(split_dir, shift, severity, seed, cache, max(1, workers))
         log.info("%s-%d: %s (%.1f s)", shift, severity, folders[f"{shift}-{severity}"], time.perf_counter() - start)
+    cache_bytes = sum(shifted_bytes(folder) for folder in folders.values())
+    log.info(
+        "The %d shifted set(s) take %s in %s (full-size lossless PNG, reused by every benchmark of this folder; "
+        "delete it to free the space, it is rebuilt when needed).",
+        len(folders),
+        _size(cache_bytes),
+        cache,
+    )
     scorer = Scorer(model, checkpoint.get(TEMPERATURE, 1.0))
     logits_fn = logits_fn or model_logits(scorer, device)
     sets: dict[str, dict[str, Any]] = {}
@@ -261,13 +273,13 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "source": str(split_dir),
         "shift_seed": seed,
         "shift_cache": str(cache),
+        "shift_cache_bytes": cache_bytes,  # the shifted images of the sets scored
         "sets": sets,
         **summarise(sets, classes),
         "output_dir": str(output_dir),
     }
     written = write_results(results, output_dir)
-    print(to_markdown(results), end="")
-    print(f"Wrote {', '.join(str(p) for p in written)}")
+    tell(f"{to_markdown(results)}Wrote {', '.join(str(p) for p in written)}")
     return results
 
 

@@ -20,7 +20,7 @@ from finetune.data.loading import resolve_num_workers
 from finetune.data.shards import ShardsDataModule, write_shards
 from finetune.errors import SettingError
 from finetune.harness import private
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.writable import check_apart, check_writable
 from finetune.run import CONFIG_DIR, build_datamodule
 
@@ -42,7 +42,7 @@ def shards(cfg: DictConfig) -> dict[str, Any]:
     with private.litdata_interruptible():  # Ctrl+C: nothing written, exit code 130 (LitData's own: exit code 0)
         manifest = write_shards(images, cfg.output, bool(cfg.overwrite), cfg.chunk_bytes, workers)
     counts = ", ".join(f"{split} {record['count']}" for split, record in manifest["splits"].items())
-    print(f"Wrote shards of {len(manifest['classes'])} classes ({counts} images) to {cfg.output}")
+    tell(f"Wrote shards of {len(manifest['classes'])} classes ({counts} images) to {cfg.output}")
     return manifest
 
 

@@ -40,7 +40,7 @@ from finetune.harness.checkpoint_io import (
 )
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.config_keys import check_checkpoint_command
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
 from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
@@ -243,9 +243,8 @@ def soup(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomic(output_dir / RECORD, record)
     what = f"alpha {chosen['alpha']:g}" if method == "wise" else f"{len(ingredients)} of {len(paths)} checkpoints"
-    print(f"{method} soup ({what}): val/acc {chosen['val/acc']:.4f}. Wrote {output}")
-    if calibration:
-        print(temperature_line(calibration))
+    said = f"{method} soup ({what}): val/acc {chosen['val/acc']:.4f}. Wrote {output}"
+    tell(f"{said}\n{temperature_line(calibration)}" if calibration else said)
     return record
 
 

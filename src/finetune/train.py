@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from finetune import atomic
+from finetune.errors import UserError
 from finetune.harness.checkpoint_io import load_checkpoint
 from finetune.harness.checkpointing import InterruptCheckpoint
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.divergence import DivergenceStop
-from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, user_error_in, user_errors
+from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell, user_error_in, user_errors
 from finetune.harness.overrides import sweep_params_from_argv
 from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
 from finetune.harness.resume import (
@@ -37,7 +38,7 @@ from finetune.harness.resume import (
     resume_checkpoint,
     with_run_overrides,
 )
-from finetune.harness.run_folder import RunFolder
+from finetune.harness.run_folder import RunFolder, keep_claimed
 from finetune.harness.run_settings import check_seed
 from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.signals import SignalStop
@@ -79,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path is not None:
             check_resumable(ckpt_path, run.model, run.images, cfg)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
+        keep_claimed()  # training starts: a failure from here on keeps the folder and its record
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
@@ -112,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
         log_results(trainer.loggers, results)
-        print(summary(results))
+        tell(summary(results))
     return results
 
 
@@ -164,7 +166,8 @@ def _record_stop(
         if trainer is not None:
             log_results(trainer.loggers, results)  # trackers see the stopped run's status too
     if not signum:
-        log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
+        if not isinstance(err, UserError):  # a user's mistake is said once, by its Error: line (harness.exits)
+            log.error("Run failed: %s (output folder %s)", results["error"], output_dir)
         return 0
     log.warning("Interrupted by %s. %s", signal.Signals(signum).name, how_to_continue(output_dir, ckpt_path))
     return 128 + signum  # the shell's convention: 130 for Ctrl+C, 143 for SIGTERM

@@ -7,6 +7,10 @@ could not tell epoch 3 from a hang. This callback logs, on global rank 0, after 
 
 The line goes through :mod:`logging`, so it reaches ``train.log`` and stdout (Hydra's handlers). ``when=auto`` (the
 default) logs only when stdout is not a terminal or the progress bar is off; ``always`` and ``never`` force it.
+
+An epoch resumed from its middle (``resume=`` of an interrupted run) gets no ``on_train_epoch_start`` from Lightning:
+its line counts from the start of training in this process, says ``resumed mid-epoch``, and is left out of the ETA
+(it ran only part of the batches).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class EpochSummary(pl.Callback):
         self.when = when
         self.monitor = monitor
         self.best: float | None = None
-        self._epoch_start = 0.0
+        self._epoch_start = time.perf_counter()
+        self._whole_epoch = False  # whether Lightning started the current epoch in this process
         self._seconds: list[float] = []
 
     def active(self, trainer: pl.Trainer) -> bool:
@@ -43,35 +48,41 @@ class EpochSummary(pl.Callback):
         return not sys.stdout.isatty() or trainer.progress_bar_callback is None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start, self._whole_epoch = time.perf_counter(), False  # until an epoch starts here
         checkpoint = trainer.checkpoint_callback
         score = getattr(checkpoint, "best_model_score", None)  # a resumed run ranks against its earlier best
         if score is not None and getattr(checkpoint, "monitor", None) == self.monitor:
             self.best = float(score)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
+        self._epoch_start, self._whole_epoch = time.perf_counter(), True
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self._epoch_start
-        self._seconds.append(seconds)
+        whole, self._whole_epoch = self._whole_epoch, False
+        if whole:
+            self._seconds.append(seconds)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
         score = metrics.get(self.monitor)
         if score is not None and not math.isnan(score) and (self.best is None or score > self.best):
             self.best = score
         if self.active(trainer):
-            log.info(self.line(trainer.current_epoch + 1, trainer.max_epochs, metrics, seconds))
+            log.info(self.line(trainer.current_epoch + 1, trainer.max_epochs, metrics, seconds, resumed=not whole))
 
-    def line(self, epoch: int, total: int | None, metrics: dict[str, float], seconds: float) -> str:
-        """The summary of epoch ``epoch`` (1-based) of ``total`` (None or -1: no limit)."""
+    def line(
+        self, epoch: int, total: int | None, metrics: dict[str, float], seconds: float, resumed: bool = False
+    ) -> str:
+        """The summary of epoch ``epoch`` (1-based) of ``total`` (None or -1: no limit); ``resumed``: this process
+        ran only its last part, in ``seconds``."""
         known = total is not None and total > 0
         parts = [f"epoch {epoch}/{total}" if known else f"epoch {epoch}"]
         parts += [f"{key} {metrics[key]:.4f}" for key in ("train/loss", "val/loss", "val/acc") if key in metrics]
         if self.best is not None:
             parts.append(f"best {self.monitor} {self.best:.4f}")
-        parts.append(f"{seconds:.1f} s")
-        if known:
-            recent = self._seconds[-5:]  # the last epochs: the first one also caches and compiles
+        parts.append(f"{seconds:.1f} s" + (" (resumed mid-epoch)" if resumed else ""))
+        if known and self._seconds:
+            recent = self._seconds[-5:]  # the last whole epochs: the first one also caches and compiles
             parts.append(f"ETA {_duration(sum(recent) / len(recent) * max(total - epoch, 0))}")
         return "  ".join(parts)
 

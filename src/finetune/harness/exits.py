@@ -4,9 +4,14 @@ A :class:`~finetune.errors.UserError` (a setting, a file, a folder, a refused re
 is the user's to fix, so its message is all they need, also when it was raised inside ``hydra.utils.instantiate``
 (which wraps it in an ``InstantiationException``); any other exception is a bug and keeps its traceback (Hydra
 prints it). An override that Hydra's grammar cannot read ends the same way, before Hydra starts
-(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. The line also goes to
-the run's log file (``train.log``), and ``finetune.train`` has already recorded the failure in ``results.json`` by
-then.
+(:func:`checks_command_line`). ``HYDRA_FULL_ERROR=1`` shows the full stack for everything. A single command refused
+before it did any work leaves no run folder behind (:func:`finetune.harness.run_folder.release_unstarted`): the line
+is its whole record. Otherwise the line also goes to the run's log file (``train.log``), and ``finetune.train`` has
+already recorded the failure in ``results.json`` by then; a multirun job always keeps its folder and record.
+
+How it ends well: :func:`tell` prints what the command found and where it wrote it, and puts the same text into the
+log file (``evaluate.log``, ``predict.log``, ...), which would otherwise hold only warnings: a run folder's log
+then says what the command did without the terminal it ran in.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException, InstantiationException
+from omegaconf import OmegaConf
 
 from finetune.atomic import disk_full_error, is_disk_full
 from finetune.errors import UserError
 from finetune.harness.overrides import check_override_syntax
+from finetune.harness.run_folder import release_unstarted
 
 USER_ERROR_EXIT_CODE = 2  # the shell's convention for "wrong usage" (argparse's too)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,6 +41,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def full_errors() -> bool:
     """``HYDRA_FULL_ERROR=1``: every error with its stack, user errors included."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def tell(text: str) -> None:
+    """Say ``text`` (a command's results, where it wrote them) on stdout and in the log files of the run's folder."""
+    print(text, flush=True)
+    _log_to_files(text, logging.INFO)
 
 
 def fail(message: str) -> NoReturn:
@@ -63,6 +76,8 @@ def user_errors(job: bool = True) -> Iterator[None]:
         if job and _in_a_multirun_job():
             _log_to_files(f"Error: {one_line(str(err))}")
             raise MultirunJobError(one_line(str(err))) from raised
+        if job and _in_a_single_run():
+            release_unstarted()  # refused before it did any work: no folder left behind
         fail(str(err))
 
 
@@ -132,7 +147,9 @@ def _output_dir() -> str | None:
     """The folder this Hydra job writes to, if any: named when a full disk's error does not name its file."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False)
 
 
 def _in_a_multirun_job() -> bool:
@@ -142,9 +159,16 @@ def _in_a_multirun_job() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _log_to_files(line: str) -> None:
+def _in_a_single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+
+
+def _log_to_files(line: str, level: int = logging.ERROR) -> None:
     """The line into the log files the root logger writes (Hydra's ``train.log``), not again on the console."""
-    record = logging.LogRecord("finetune", logging.ERROR, __file__, 0, line, None, None)
+    record = logging.LogRecord("finetune", level, __file__, 0, line, None, None)
     for handler in list(logging.getLogger().handlers):
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
