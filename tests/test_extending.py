@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from finetune import backbones
+from finetune.errors import SettingError
 from finetune.losses import FocalLoss
 from finetune.run import assemble, compose_config
 from finetune.train import train
@@ -54,6 +55,24 @@ def test_a_loss_is_swapped_by_config_alone_and_trains(tmp_path, data):
     results = train(cfg)
     assert results["status"] == "completed" and math.isfinite(results["history"][0]["train/loss"])
     assert torch.load(results["last_checkpoint"], weights_only=True)["recipe"]["model.criterion"]["gamma"] == 1.5
+
+
+# --- 2. an augmentation setting: src/finetune/data/transforms.py (argument, check, branch) + conf/data/folder.yaml ---
+def test_an_augmentation_setting_is_one_argument_and_its_default_and_it_takes_effect(tmp_path, data):
+    extended = ["data.augmentation._target_=tests.extended_transforms.train_transform"]
+    cfg = compose_config(tiny_overrides(data, tmp_path) + [*extended, "+data.augmentation.color_jitter=0.4"])
+    run = assemble(cfg)
+    run.images.setup("fit")
+    steps = [type(t).__name__ for t in run.images.train_transform().transforms]
+    assert steps[:3] == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter"]
+    assert run.images.hparams.augmentation["color_jitter"] == 0.4  # recorded in the checkpoints' data settings
+    torch.manual_seed(0)
+    image = run.images.train_set.dataset.loader(run.images.train_set.dataset.samples[0][0])
+    outputs = {tuple(run.images.train_transform()(image).flatten()[:64].tolist()) for _ in range(4)}
+    assert len(outputs) == 4  # the jitter draws new colours each time
+    bad = compose_config(tiny_overrides(data, tmp_path / "bad") + [*extended, "+data.augmentation.color_jitter=2"])
+    with pytest.raises(SettingError, match=r"data.augmentation.color_jitter must be in \[0, 1\], got 2"):
+        assemble(bad)
 
 
 # --- 3. a backbone family: src/finetune/backbones/<family>.py + one line in FAMILIES -----------------------------

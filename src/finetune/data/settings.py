@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
 from functools import partial
@@ -169,9 +170,11 @@ def check_augmentation(augmentation: Any, augment_on: str) -> None:
     settings = dict(augmentation.keywords if isinstance(augmentation, partial) else augmentation)
     target = settings.pop("_target_", None)
     settings.pop("_partial_", None)
+    build = train_transform
     if target is not None and target != f"{train_transform.__module__}.{train_transform.__name__}":
-        return  # a researcher's own training transform checks itself when it is built
-    train_transform(64, **settings)  # raises SettingError naming data.augmentation.<key>
+        module, _, name = str(target).rpartition(".")
+        build = getattr(importlib.import_module(module), name)  # a researcher's own transform checks itself too
+    build(64, **settings)  # raises SettingError naming data.augmentation.<key>
     extra = [f"data.augmentation.{key}={settings[key]}" for key in ("policy", "random_erasing") if settings.get(key)]
     if augment_on == "device" and extra:
         raise SettingError(
