@@ -63,7 +63,10 @@ def _entry_points(ckpt: Path, data: Path, out: Path) -> dict:
         "robustness": (robustness, compose_config([f"ckpt_path={ckpt}", *data_args[:3], *common], "robustness")),
         "predict": (predict, compose_config([f"ckpt_path={ckpt}", f"inputs={data}", *common], "predict")),
         "export": (export, compose_config([f"ckpt_path={ckpt}", "format=torchscript", *common], "export")),
-        "soup": (soup, compose_config(["method=uniform", f"ckpts=[{ckpt},{ckpt}]", *data_args, *common], "soup")),
+        "soup": (
+            soup,
+            compose_config(["method=uniform", f"ckpts=[{ckpt},{ckpt}/x.ckpt]", *data_args, *common], "soup"),
+        ),
         "train ckpt_path=": (train, compose_config([f"ckpt_path={ckpt}", *tiny_overrides(data, out)])),
     }
 
@@ -386,7 +389,7 @@ def _bare_eval(ckpt: Path, out: Path, *extra: str):
 
 
 def test_evaluate_without_data_settings_uses_the_data_the_checkpoint_was_trained_on(trained, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="finetune.evaluate"):
+    with caplog.at_level(logging.INFO, logger="finetune.harness.checkpoint_data"):
         results = evaluate(_bare_eval(trained["best_checkpoint"], tmp_path / "eval"))
     assert results["classes"] == ["cat", "dog"]  # the tiny folder's, not the d2l hot dogs (no download tried)
     assert results["test/acc"] == pytest.approx(trained["test/acc"])

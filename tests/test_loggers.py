@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from finetune.loggers import log_config, log_results, results_metrics, wandb_offline
 from finetune.run import assemble, build_trainer
+from finetune.scoring import Scorer
 
 from .conftest import compose_config, tiny_overrides
 
@@ -28,7 +29,7 @@ def _run_and_log(tmp_path: Path, tiny_folder: Path, logger: str) -> tuple[Path, 
     run = assemble(cfg)
     log_config(run.trainer.loggers, cfg)
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    tested = run.trainer.test(run.model, datamodule=run.datamodule)[0]
+    tested = run.trainer.test(Scorer(run.model), datamodule=run.datamodule)[0]
     results = {**RESULTS, "test/acc": tested["test/acc"], "test/loss": tested["test/loss"]}
     log_results(run.trainer.loggers, results)
     return tmp_path, results

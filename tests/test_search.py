@@ -183,7 +183,7 @@ def test_every_search_config_is_validation_only_and_persists_its_study(name):
 def test_the_probe_search_trains_only_the_head_on_cached_features():
     cfg = compose_with_hydra(["hparams_search=probe"])
     assert cfg.hydra.runtime.choices.experiment == "frozen"
-    assert cfg.model.freeze == "backbone" and cfg.features is not None and cfg.data.augment is False
+    assert cfg.model.freeze == "backbone" and cfg.features is not None and cfg.data.augmentation is None
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs"}
 
 

@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path),
         "backbone": model.hparams.backbone,
         "classes": run.images.classes,
-        "image_size": run.images.hparams.image_size,
+        "image_size": run.images.preprocessing.image_size,
         "resize_size": run.images.resize_size,
         "eval_resize": run.images.hparams.eval_resize,
         "tta": tta,

@@ -293,9 +293,9 @@ def assemble(
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
         check_class_count(cfg, images)
-        model = build_model(cfg, images.num_classes, images.hparams.get("image_size"))
+        model = build_model(cfg, images.num_classes, images.preprocessing.image_size)
     else:
-        check_image_size(images.hparams.get("image_size"), model, configured=False)
+        check_image_size(images.preprocessing.image_size, model, configured=False)
     datamodule = images
     if cfg.get("features") and not test_only:
         datamodule = build(cfg.features, images=images, model=model, unfreeze_epoch=unfreeze_epoch(cfg))

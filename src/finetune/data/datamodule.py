@@ -31,7 +31,7 @@ from finetune.data.images import load_rgb, preview, printable
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
 from finetune.data.settings import TRAIN_ONLY_DATA_KEYS, check_data_settings
 from finetune.data.splits import check_split, split_train
-from finetune.data.transforms import CROP_SCALE, Preprocessing, to_normalized_tensor, train_transform
+from finetune.data.transforms import BOOK_IMAGE_SIZE, CROP_SCALE, Preprocessing, to_normalized_tensor, train_transform
 from finetune.data.verify import corrupt_images, find_duplicates, report_duplicates
 from finetune.errors import PathError, describe_path
 from finetune.workers import worker_context
@@ -62,7 +62,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         folds: int | None = None,
         fold: int | None = None,
-        image_size: int = 224,
+        image_size: int | None = None,
         resize_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -87,7 +87,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.augmentation = augmentation
         self.test_only, self.require_test = test_only, require_test
         # The eval preprocessing, once: val/test transforms, the eval cache and checkpoints all derive from it.
-        self.preprocessing = Preprocessing.of(image_size, resize_size, mean, std, interpolation, eval_resize)
+        size = BOOK_IMAGE_SIZE if image_size is None else image_size  # None: no backbone filled it (finetune.shards)
+        self.preprocessing = Preprocessing.of(size, resize_size, mean, std, interpolation, eval_resize)
         self.test_transform: v2.Transform | None = None  # test-time views (finetune.evaluate tta=...): finetune.tta
         self.classes: list[str] = []
         self.train_set = self.val_set = self.test_set = self.train_eval_set = None
@@ -101,8 +102,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def check_settings(cls, settings: dict, test_only: bool = False) -> None:
         """``data.*`` (its defaults filled in), before any image is read: see :mod:`finetune.data.settings`.
         ``test_only`` (evaluation): the train/val settings are not used, so they are not checked either."""
-        signature = inspect.signature(cls.__init__).parameters.items()
-        defaults = {name: p.default for name, p in signature if p.default is not inspect.Parameter.empty}
+        defaults = {}
+        for owner in reversed([c for c in cls.__mro__ if issubclass(c, ImageFolderDataModule)]):  # a subclass wins
+            signature = inspect.signature(owner.__init__).parameters.items()
+            defaults |= {name: p.default for name, p in signature if p.default is not inspect.Parameter.empty}
         ignored = {"_target_", *(TRAIN_ONLY_DATA_KEYS if test_only else ())}
         check_data_settings({**defaults, **{k: v for k, v in settings.items() if k not in ignored}})
 

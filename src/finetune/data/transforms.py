@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode, v2
 from finetune.checks import check_number, numbers
 from finetune.errors import SettingError
 
+BOOK_IMAGE_SIZE = 224  # the book's crop (ImageNet's evaluation size), resized from 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -34,7 +35,7 @@ PREPROCESSING = "preprocessing"
 
 def book_resize_size(image_size: int) -> int:
     """The evaluation resize for a crop of ``image_size``: the book's 256/224 ratio (256 for 224, 439 for 384)."""
-    return round(image_size * 256 / 224)
+    return round(image_size * 256 / BOOK_IMAGE_SIZE)
 
 
 def interpolation_mode(interpolation: str) -> InterpolationMode:
