@@ -1,5 +1,6 @@
-"""Configs mean what they say: every experiment x optimizer x scheduler composes to README's tables, and every
-out-of-range model, optimizer or trainer setting stops the run with a message naming it."""
+"""Configs mean what they say: every experiment x optimizer x scheduler composes to the tables of
+docs/configuration.md ("What each experiment sets"), and every out-of-range model, optimizer or trainer setting stops
+the run with a message naming it."""
 
 import itertools
 import json
@@ -17,21 +18,22 @@ from finetune.train import train
 
 from .conftest import REPO, compose_config, run_cli, tiny_overrides
 
-EXPERIMENTS = ("finetune", "scratch", "frozen")
+EXPERIMENTS = ("finetune", "scratch", "frozen", "lpft")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("null", "cosine", "warmup")
+SCHEDULERS = ("null", "cosine", "warmup", "warmup_cosine", "onecycle")
+DOCUMENTED = REPO / "docs" / "configuration.md"
 ABSENT = object()  # a "–" cell: the config does not set that key
 
 
-def readme_tables(heading: str) -> dict[str, dict[str, dict[str, object]]]:
-    """The Markdown tables under README's ``## heading``: {first header: {row's value: {header: value}}}.
+def documented_tables(heading: str) -> dict[str, dict[str, dict[str, object]]]:
+    """The Markdown tables under docs/configuration.md's ``## heading``: {first header: {row's value: {header: value}}}.
 
     Headers are their text without backticks. A cell's value is its first `backticked` token (the rest is
     commentary): ``null`` is None, numbers are floats, ``[a, b]`` is a list, ``–`` is ABSENT, else a string.
     """
-    text = (REPO / "README.md").read_text()
+    text = DOCUMENTED.read_text()
     match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert match, f"README.md has no '## {heading}' section"
+    assert match, f"{DOCUMENTED.name} has no '## {heading}' section"
     tables, rows = {}, []
     for line in match.group(1).splitlines() + [""]:
         if line.startswith("|"):
@@ -59,17 +61,24 @@ def _value(cell: str) -> object:
         return text
 
 
-TABLES = readme_tables("What each experiment sets")
+TABLES = documented_tables("What each experiment sets")
 
 
-def test_readme_tables_cover_the_whole_grid():
+def shipped(group: str) -> set[str]:
+    """The options of a config group, as conf/ holds them."""
+    return {path.stem for path in (REPO / "conf" / group).glob("*.yaml")}
+
+
+def test_the_documented_tables_cover_every_shipped_option():
+    """A new experiment, optimizer or scheduler config gets its row in docs/configuration.md."""
     assert set(TABLES) == {"experiment=", "optimizer=", "scheduler="}
-    assert tuple(TABLES["experiment="]) == EXPERIMENTS
-    assert tuple(TABLES["optimizer="]) == OPTIMIZERS
-    assert tuple(TABLES["scheduler="]) == (None, "cosine", "warmup")  # the null row parses to None
+    assert tuple(TABLES["experiment="]) == EXPERIMENTS and set(EXPERIMENTS) == shipped("experiment")
+    assert tuple(TABLES["optimizer="]) == OPTIMIZERS and set(OPTIMIZERS) == shipped("optimizer")
+    assert tuple(TABLES["scheduler="]) == (None, *SCHEDULERS[1:])  # the null row parses to None
+    assert set(SCHEDULERS[1:]) == shipped("scheduler")
 
 
-REFERENCES = ("pretrained_weights", "trainer.max_epochs")  # cells that name another key mean that key's value
+REFERENCES = ("pretrained_weights", "trainer.max_epochs", "optimizer.lr")  # cells naming a key mean its value
 
 
 def _expected(cfg, cell):
@@ -78,17 +87,17 @@ def _expected(cfg, cell):
 
 def _check(node, key, cell, cfg):
     if cell is ABSENT:
-        assert key not in node, f"{key} is set ({node.get(key)!r}), README says it is not"
+        assert key not in node, f"{key} is set ({node.get(key)!r}), the docs say it is not"
     else:
         expected = _expected(cfg, cell)
         actual = OmegaConf.to_object(node[key]) if OmegaConf.is_config(node[key]) else node[key]
-        assert actual == expected, f"{key}: composed {actual!r}, README says {expected!r}"
+        assert actual == expected, f"{key}: composed {actual!r}, the docs say {expected!r}"
 
 
 @pytest.mark.parametrize(
     "experiment, optimizer, scheduler", list(itertools.product(EXPERIMENTS, OPTIMIZERS, SCHEDULERS))
 )
-def test_every_combination_composes_to_the_readme_tables(experiment, optimizer, scheduler):
+def test_every_combination_composes_to_the_documented_tables(experiment, optimizer, scheduler):
     choices = [f"experiment={experiment}", f"optimizer={optimizer}"]
     # scheduler=null is the default (Hydra refuses null as a group override).
     cfg = compose_config(choices + ([] if scheduler == "null" else [f"scheduler={scheduler}"]))
@@ -106,11 +115,18 @@ def test_every_combination_composes_to_the_readme_tables(experiment, optimizer, 
     if sched["class"] is ABSENT:
         assert cfg.get("scheduler") is None
     else:
-        assert cfg.scheduler.scheduler._target_ == sched["class"] and cfg.scheduler.interval == "epoch"
-        for key in ("T_max", "start_factor", "total_iters"):
+        assert cfg.scheduler.scheduler._target_ == sched["class"]
+        assert cfg.scheduler.interval == sched["scheduler.interval"] and cfg.scheduler.frequency == 1
+        for key in ("T_max", "start_factor", "total_iters", "warmup_fraction", "max_lr"):
             _check(cfg.scheduler.scheduler, key, sched[key], cfg)
-    # The book's batch and epochs come from the group defaults, whatever the experiment.
-    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (128, 5)
+    _check(cfg.trainer, "max_epochs", exp["trainer.max_epochs"], cfg)
+    if exp["features"] is ABSENT:
+        assert cfg.get("features") is None
+    else:  # features=cached
+        assert exp["features"] == "cached" and cfg.features._target_ == "finetune.features.FeatureCacheDataModule"
+    _check(cfg.callbacks.get("unfreeze") or {}, "epoch", exp["callbacks.unfreeze.epoch"], cfg)
+    # The book's batch comes from the data defaults, whatever the experiment.
+    assert cfg.data.batch_size == 128
 
 
 @pytest.mark.parametrize("experiment, optimizer", list(itertools.product(EXPERIMENTS, OPTIMIZERS)))
@@ -130,6 +146,7 @@ def test_the_built_optimizer_gets_the_tables_rates_head_included(experiment, opt
         "finetune": {"backbone": lr, "head": lr * mult},
         "scratch": {"backbone": lr, "head": lr},
         "frozen": {"head": lr * mult},
+        "lpft": {"backbone": lr, "head": lr * mult},  # both groups from the start; the callback zeroes the backbone's
     }
     # LinearLR's first epoch multiplies every group by start_factor.
     start = TABLES["scheduler="]["warmup"]["start_factor"]
@@ -152,7 +169,7 @@ def test_optimizer_lr_on_the_command_line_wins(experiment, optimizer):
 
 
 def test_an_experiment_rate_for_adamw_applies_to_adamw_only():
-    """How an experiment declares its own AdamW rate (README): experiment_lr.adamw; SGD keeps the experiment's."""
+    """How an experiment declares its own AdamW rate (docs/configuration.md): experiment_lr.adamw; SGD keeps its own."""
     adamw = compose_config(["experiment=scratch", "optimizer=adamw", "+experiment_lr.adamw=3e-4"])
     sgd = compose_config(["experiment=scratch", "optimizer=sgd", "+experiment_lr.adamw=3e-4"])
     assert (adamw.optimizer.lr, sgd.optimizer.lr) == (3e-4, 6.4e-2)

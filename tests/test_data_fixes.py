@@ -25,7 +25,7 @@ from finetune.train import train
 
 from .conftest import compose_config, make_image_folder, tiny_overrides
 from .inference import predict_config, trained_run
-from .test_export import SANDBOX, export_config, needs_onnx, readme_snippet
+from .test_export import SANDBOX, export_config, needs_onnx, onnx_snippet
 
 ORIENTATION = 0x0112
 
@@ -105,7 +105,7 @@ def test_predict_and_the_onnx_snippet_score_a_sideways_photo_as_its_upright_pixe
         in json.loads(model.with_name(model.name + ".json").read_text())["input"]["preprocessing"]
     )
     snippet = tmp_path / "use_onnx.py"
-    snippet.write_text(readme_snippet())
+    snippet.write_text(onnx_snippet())
     command = [
         sys.executable,
         "-I",

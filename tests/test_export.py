@@ -114,10 +114,13 @@ def test_an_unknown_format_and_an_existing_output_are_refused(run, tmp_path):
     assert existing.read_text() == "keep me"
 
 
-def readme_snippet() -> str:
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- onnx-consumer[^>]*-->\s*```python\n(.*?)```", readme, re.DOTALL)
-    assert match, "README.md has no ONNX consumer snippet after the onnx-consumer marker"
+USING_AN_EXPORT = REPO / "docs" / "after-training.md"  # the page that shows how to use an exported model
+
+
+def onnx_snippet() -> str:
+    """The ONNX consumer snippet of docs/after-training.md, as a user copies it."""
+    match = re.search(r"<!-- onnx-consumer[^>]*-->\s*```python\n(.*?)```", USING_AN_EXPORT.read_text(), re.DOTALL)
+    assert match, f"{USING_AN_EXPORT.name} has no ONNX consumer snippet after the onnx-consumer marker"
     return match.group(1)
 
 
@@ -135,7 +138,7 @@ exec(compile(open(snippet).read(), snippet, "exec"))
 
 
 @pytest.mark.slow
-def test_the_readme_snippet_reproduces_the_probabilities_without_this_package(run, onnx_model, tmp_path):
+def test_the_documented_snippet_reproduces_the_probabilities_without_this_package(run, onnx_model, tmp_path):
     snippet_matches_predict(run, onnx_model, tmp_path)
 
 
@@ -151,7 +154,7 @@ def test_the_sidecar_and_the_snippet_keep_the_aspect_ratio_when_the_run_did(tmp_
 
 @pytest.mark.slow
 def test_the_export_command_writes_the_model_and_its_sidecar(run, tmp_path):
-    """``python -m finetune.export`` as README runs it: the module executed as a script, not imported."""
+    """``python -m finetune.export`` as the docs run it: the module executed as a script, not imported."""
     out = tmp_path / "cli"
     args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"paths.output_dir={out}"]
     run_cli(args, module="finetune.export")
@@ -163,9 +166,9 @@ def test_the_export_command_writes_the_model_and_its_sidecar(run, tmp_path):
 
 
 def snippet_matches_predict(run: dict, onnx_model: Path, tmp_path: Path) -> None:
-    """README's consumer snippet, run without this package, gives predict's labels and probabilities."""
+    """The documented consumer snippet, run without this package, gives predict's labels and probabilities."""
     snippet = tmp_path / "use_onnx.py"
-    snippet.write_text(readme_snippet())
+    snippet.write_text(onnx_snippet())
     paths, _ = real_images(run)
     command = [sys.executable, "-I", "-c", SANDBOX, str(snippet), str(onnx_model), *map(str, paths)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)

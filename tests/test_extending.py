@@ -1,5 +1,6 @@
-"""The five first changes a researcher makes, each done as docs/extending.md says (at most two files), and shown to
-take effect: a new loss, a new augmentation setting, a new backbone family, a new experiment, a per-step schedule.
+"""The first changes a researcher makes, each done as the "Where to change what" table of README.md and CONTRIBUTING.md
+says (at most two files), and shown to take effect: a new loss, a new augmentation setting, a new backbone family, a
+new experiment, a per-step schedule, a recipe extra over the fit.
 
 Files a researcher would add to ``conf/`` are written into a folder on Hydra's search path (``hydra.searchpath``),
 so the repository's own configs stay as they are.
@@ -140,3 +141,20 @@ def test_scheduler_warmup_cosine_ships_as_a_config(tmp_path, data):
         a >= b for a, b in zip(backbone[2:], backbone[3:], strict=False)
     )
     assert all(step["head"] == pytest.approx(10 * step["backbone"]) for step in rates.steps)
+
+
+# --- 6. a recipe extra over the fit: src/finetune/callbacks/<name>.py + conf/callbacks/<name>.yaml ----------------
+def test_a_recipe_extra_is_one_callback_and_its_yaml_checked_before_any_data_is_read(tmp_path, data):
+    (tmp_path / "conf" / "callbacks").mkdir(parents=True)
+    (tmp_path / "conf" / "callbacks" / "shrink_head.yaml").write_text(
+        "# The head's weight scaled after every optimizer step: +callbacks=shrink_head\n"
+        "shrink_head:\n  _target_: tests.extended_callbacks.ShrinkHead\n  factor: 0.5\n"
+    )
+    extra = [searchpath(tmp_path / "conf"), "+callbacks=shrink_head", "trainer.max_epochs=1", "calibrate=false"]
+    results = train(compose_config([*extra, "callbacks.shrink_head.factor=0"] + tiny_overrides(data, tmp_path / "run")))
+    assert results["status"] == "completed", results.get("error")
+    head = torch.load(results["last_checkpoint"], weights_only=True)["state_dict"]["net.fc.weight"]
+    assert head.abs().sum() == 0  # scaled to 0 after the last step: the callback ran in the fit
+    nowhere = tiny_overrides(tmp_path / "no such folder", tmp_path / "bad")  # the data would fail, were it read
+    with pytest.raises(SettingError, match=r"callbacks.shrink_head.factor must be in \[0, 1\], got 2"):
+        assemble(compose_config([*extra, "callbacks.shrink_head.factor=2"] + nowhere))

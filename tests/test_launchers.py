@@ -22,7 +22,7 @@ from .conftest import (
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[cluster]' (or '.[dev]')")
 
-# README's multi-node command, minus its sweep.
+# docs/scaling.md's multi-node command, minus its sweep.
 SLURM = [
     "hydra/launcher=slurm",
     "trainer.accelerator=gpu",

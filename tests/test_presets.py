@@ -18,6 +18,7 @@ from .conftest import REPO, compose_config, run_cli, tiny_overrides
 
 # Every experiment config, as the help lists them (a new one must show up there).
 EXPERIMENTS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+CALLBACKS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "callbacks").glob("*.yaml")))
 
 
 def _callbacks(overrides: list[str]) -> list[str]:
@@ -127,9 +128,9 @@ def test_help_lists_groups_experiments_and_overrides():
     assert "Usage: python -m finetune.train" in text
     assert f"experiment: {EXPERIMENTS}" in text
     assert "logger: csv, mlflow, tensorboard, wandb" in text
-    assert "callbacks: default, early_stopping, lr_monitor, rich" in text
+    assert f"callbacks: {CALLBACKS}" in text and "early_stopping" in CALLBACKS and "ema" in CALLBACKS
     assert "debug: default, fdr, limit, overfit, profiler" in text
-    for override in ("model.backbone=timm/NAME", "+logger=", "+callbacks=", "debug=fdr", "resume=RUN_DIR"):
+    for override in ("model.backbone=timm/NAME", "+logger=", "+callbacks=[ema,mixup]", "debug=fdr", "resume=RUN_DIR"):
         assert override in text, override
 
 
