@@ -14,16 +14,14 @@ from finetune.harness.run_folder import RunFolder
 from finetune.report import (
     FigureUnavailable,
     ReportError,
-    Stat,
     curve,
     find_jobs,
-    gap,
     load_sweep,
-    summarize,
     to_csv,
     to_markdown,
     write_report,
 )
+from finetune.stats import Stat, gap, summarize
 
 from .sweeps import make_full_sweep, results_for, write_job, write_multirun_yaml
 

@@ -35,10 +35,6 @@ class ResumeError(UserError, ValueError):
     """A resume that cannot continue the run it names (another setup, no readable checkpoint)."""
 
 
-class WeightsError(UserError, ValueError):
-    """A weights file or a backbone name that does not give a usable model."""
-
-
 class DownloadError(UserError, RuntimeError):
     """A download that failed or arrived corrupt: the message says how to work offline."""
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from finetune import atomic
 from finetune.harness.run_folder import HYDRA, RESULTS, RunFolder
-from finetune.stats import Stat, gap, summarize  # also this module's public names, as before
+from finetune.stats import Stat, gap, summarize
 
 DEFAULT_EXPERIMENTS = ("finetune", "scratch", "frozen")  # conf/train.yaml's default experiment comes first
 DEFAULT_SEEDS = (0, 1, 2)

@@ -15,8 +15,6 @@ from finetune.errors import DataError, PathError, describe_path
 from finetune.harness.checkpoint_io import preprocessing as checkpoint_preprocessing
 from finetune.harness.overrides import override_keys
 from finetune.harness.results import command_line_overrides
-from finetune.harness.resume import run_cwd
-from finetune.harness.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,6 @@ def use_checkpoint_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: 
     recorded ``data.root``, download and split settings) instead of the config's default data set, saying so; other
     ``data.*`` given on the command line still apply.
 
-    A relative recorded root (older checkpoints) is relative to the folder its run started in.
     """
     given = {key.lstrip("+~") for key in override_keys(command_line_overrides())}
     if given & {"data", "data.root"}:
@@ -42,7 +39,7 @@ def use_checkpoint_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: 
         return
     root = Path(str(saved["root"])).expanduser()
     if not root.is_absolute():
-        root = (run_cwd(RunFolder.of_checkpoint(ckpt_path)) or Path.cwd()) / root
+        root = Path.cwd() / root  # runs record an absolute data.root; a hand-edited relative one is read from here
     if not root.is_dir() and not saved.get("download"):
         raise PathError(
             f"No data.root given, and the data {str(ckpt_path)!r} was trained on, data.root={root}, is "

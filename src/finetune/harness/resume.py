@@ -387,8 +387,8 @@ def check_resumable(
     for key in sorted(set(then) | set(now)):
         compare(key, then.get(key), now.get(key), errors)
     saved_data = checkpoint.get("datamodule_hyper_parameters", {})
-    if "root" in saved_data:  # a relative root (older checkpoints) is relative to where that run started
-        then = Path(run_cwd(RunFolder.of_checkpoint(checkpoint_path)) or Path.cwd()) / saved_data["root"]
+    if "root" in saved_data:  # runs record an absolute data.root (finetune.train makes it absolute)
+        then = Path(saved_data["root"])
         compare("data.root", str(then.resolve()), str(Path(datamodule.root).resolve()), errors)
     for key in ("val_fraction", "split_seed", "skip_corrupt", "folds", "fold"):
         if key in saved_data:

@@ -288,7 +288,7 @@ def test_ctrl_c_while_caching_features_says_to_start_again_not_to_resume(tmp_pat
     overrides = without(tiny_overrides(data, tmp_path), "paths.output_dir") + [
         "experiment=frozen",
         "features=cached",
-        "+callbacks.slow._target_=tests.test_ckpt_fixes.SlowCaching",
+        "+callbacks.slow._target_=tests.test_checkpoint_paths.SlowCaching",
         "+callbacks.slow.seconds=0.5",
         f"+callbacks.slow.started_file={started}",
     ]
