@@ -31,16 +31,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import StrategyRegistry
 
+from finetune.errors import SettingError
 from finetune.harness.overrides import override_keys, quote
-from finetune.harness.private import replace_rank_launcher, set_process_group_timeout
+from finetune.harness.private import replace_rank_launcher, set_process_group_timeout, starts_ranks_in_process
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,50 @@ _OWN_KEYS = ("hydra.run.dir", "hydra.job.name", "hydra.output_subdir", "hydra.jo
 _PARENT_PID = os.getppid()
 # How long rank 0 may go on after a rank it launched failed, before RankObserver kills every rank (set_timeout).
 _observer_grace_s = 1800.0
+
+
+# Start methods of Lightning's multiprocessing launcher (ddp_spawn, ddp_fork, ddp_notebook and their variants).
+IN_PROCESS_START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def in_process_ranks_refused(name: str) -> SettingError:
+    """The refusal of a strategy that starts its ranks inside the run, naming ``trainer.strategy=ddp`` (or its
+    ``find_unused_parameters`` sibling) instead."""
+    instead = "ddp"
+    for variant in ("_spawn", "_fork", "_notebook"):
+        sibling = name.replace(variant, "")
+        if sibling != name and sibling in StrategyRegistry:
+            instead = sibling
+    return SettingError(
+        f"trainer.strategy={name} starts its processes inside each fit and test call, and hands back only rank 0's "
+        "metrics: the calibration, the test after fit, the test report, results.json and the stop on a signal "
+        f"need every process to run the whole command, so this template does not support it. Use "
+        f"trainer.strategy={instead} (the same DDP: it starts the other processes by running the command again), "
+        "from a terminal rather than a notebook."
+    )
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse, before anything is built, a ``trainer.strategy`` whose ranks are started by Lightning's
+    multiprocessing launcher: a registered name (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``, ...) or a strategy
+    config with such a ``start_method``. :func:`check_launcher` catches the rest once the Trainer exists."""
+    if isinstance(strategy, str):
+        entry = StrategyRegistry[strategy] if strategy in StrategyRegistry else {}
+        name, method = strategy, entry.get("init_params", {}).get("start_method")
+    elif isinstance(strategy, Mapping) or OmegaConf.is_dict(strategy):
+        method = strategy.get("start_method")
+        name = f"{strategy.get('_target_')}(start_method={method})"
+    else:
+        return
+    if method in IN_PROCESS_START_METHODS:
+        raise in_process_ranks_refused(name)
+
+
+def check_launcher(trainer: pl.Trainer) -> None:
+    """Refuse a built Trainer whose ranks Lightning's multiprocessing launcher would start: a strategy object,
+    or ``strategy=auto`` with several devices in a notebook (Lightning then picks ``ddp_fork``)."""
+    if starts_ranks_in_process(trainer.strategy):
+        raise in_process_ranks_refused(f"{type(trainer.strategy).__name__} (Lightning's multiprocessing launcher)")
 
 
 def rank_command(local_rank: int, entry_module: str = "finetune.train") -> tuple[list[str], str]:
