@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -225,8 +226,18 @@ def lost_ranks(trainer: pl.Trainer | None, wait_s: float = 2.0) -> str | None:
 
     Under Lightning's launcher rank 0 (of each node) started the node's other ranks and sees their exit status;
     another rank only sees that its parent, rank 0, is gone. None when nothing is known: a single process, or every
-    rank still running (a stuck rank looks like a healthy one from here).
+    rank still running (a stuck rank looks like a healthy one from here). It is asked while a failed run is being
+    recorded, so it never raises: a launcher whose processes it cannot read (another kind of launcher, another
+    Lightning) gives None, and the run's own error is recorded as it is.
     """
+    try:
+        return _lost_ranks(trainer, wait_s)
+    except Exception:  # noqa: BLE001 - a guess at the cause must never hide the error it is asked to explain
+        log.debug("Could not tell which rank went missing", exc_info=True)
+        return None
+
+
+def _lost_ranks(trainer: pl.Trainer | None, wait_s: float) -> str | None:
     if trainer is None or trainer.world_size < 2:
         return None
     if trainer.local_rank != 0:
@@ -234,16 +245,35 @@ def lost_ranks(trainer: pl.Trainer | None, wait_s: float = 2.0) -> str | None:
         return (
             f"the process that started this rank (pid {_PARENT_PID}, rank 0 under Lightning) is gone" if gone else None
         )
-    procs: list[subprocess.Popen] = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    launcher = getattr(trainer.strategy, "launcher", None)
+    procs = list(getattr(launcher, "procs", None) or [])
+    # Lightning's subprocess launcher starts ranks 1..N-1 (rank 0 is this process); its multiprocessing launcher
+    # (ddp_spawn, ddp_fork: refused by check_launcher, but never a reason to raise here) starts every rank.
+    first = 0 if starts_ranks_in_process(trainer.strategy) else 1
     deadline = time.monotonic() + wait_s  # a rank that failed first may still be on its way out
     found = []
-    for local_rank, proc in enumerate(procs, start=1):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if proc.returncode:
+    for local_rank, proc in enumerate(procs, start=first):
+        code = _wait_exit_code(proc, max(0.0, deadline - time.monotonic()))
+        if code:
             rank = trainer.node_rank * trainer.num_devices + local_rank
-            found.append(f"rank {rank} (pid {proc.pid}) {_exit_status(proc.returncode)}")
+            found.append(f"rank {rank} (pid {getattr(proc, 'pid', '?')}) {_exit_status(code)}")
     return "; ".join(found) or None
+
+
+def _wait_exit_code(proc: object, timeout_s: float) -> int | None:
+    """The exit code of a launched rank after waiting up to ``timeout_s`` (-N: killed by signal N); None while it
+    runs or when ``proc`` is no process this knows how to ask: ``subprocess.Popen`` (Lightning's subprocess
+    launcher) and ``multiprocessing.Process`` (its multiprocessing launcher: ``SpawnProcess``, ``ForkProcess``)."""
+    if isinstance(proc, subprocess.Popen):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+        return proc.returncode
+    if isinstance(proc, multiprocessing.process.BaseProcess):
+        with contextlib.suppress(AssertionError, ValueError):  # not started by this process, or closed
+            proc.join(timeout=timeout_s)
+            return proc.exitcode
+        return None
+    return None
 
 
 def _exit_status(code: int) -> str:
