@@ -428,3 +428,18 @@ def test_under_ddp_each_rank_streams_its_own_images_and_evaluation_sees_every_im
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed"
     assert np.sum(results["test/confusion_matrix"]["matrix"]) == 7  # the report, synced over ranks: 7 images
+
+
+@pytest.mark.slow
+def test_under_ddp_a_batch_size_that_leaves_no_whole_batch_per_process_is_refused(flat_shards, tmp_path):
+    """18 training images on 2 processes: each gets the same number of whole batches, none of 10. Lightning would
+    skip the whole fit ("No training batches") and test the untrained weights as a completed run."""
+    images, output, _ = flat_shards
+    args = on_shards(flat_overrides(images, tmp_path / "run", 10), images, output)
+    done = run_cli([*args, "trainer.strategy=ddp", "trainer.devices=2", "calibrate=false"], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Error: data.batch_size=10 with 2 processes: the 18 training images of the shards give no whole batch" in (
+        done.stderr
+    )
+    assert "Use data.batch_size=9 or less" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"

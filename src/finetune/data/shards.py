@@ -441,7 +441,16 @@ class ShardsDataModule(ImageFolderDataModule):
         """Shuffled by the run's seed and the epoch. Under DDP LitData gives every rank the same number of whole
         batches (``drop_last``): per epoch fewer than ``ranks x batch_size`` images are left out, others each epoch."""
         collate = pad_collate if self.augments_on_device else None
-        return self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
+        loader = self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
+        if len(loader) == 0:  # Lightning would skip training with an info line, and test the untrained weights
+            count, ranks = self._count("train"), self.trainer.world_size if self.trainer is not None else 1
+            raise SettingError(
+                f"data.batch_size={self.batch_size} with {ranks} processes: the {count} training images of the "
+                f"shards give no whole batch to each process (under DDP every process gets the same number of "
+                f"whole batches), so nothing would be trained. Use data.batch_size={max(1, count // ranks)} or "
+                "less (it is per process), or fewer devices."
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         """The val split read by index (:class:`ShardSplit`), in the folder path's loader: every image exactly once.
