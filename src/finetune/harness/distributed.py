@@ -74,7 +74,7 @@ def in_process_ranks_refused(name: str) -> SettingError:
     return SettingError(
         f"trainer.strategy={name} starts its processes inside each fit and test call, and hands back only rank 0's "
         "metrics: the calibration, the test after fit, the test report, results.json and the stop on a signal "
-        f"need every process to run the whole command, so this template does not support it. Use "
+        "need every process to run the whole command, so this template does not support it. Use "
         f"trainer.strategy={instead} (the same DDP: it starts the other processes by running the command again), "
         "from a terminal rather than a notebook."
     )
