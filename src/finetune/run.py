@@ -28,7 +28,7 @@ from finetune.backbones import check_input_size, is_timm, preprocessing
 from finetune.errors import DataError, PathError, SettingError
 from finetune.features import FeatureCacheDataModule
 from finetune.harness.checkpoints import use_atomic_checkpoints
-from finetune.harness.distributed import set_timeout
+from finetune.harness.distributed import check_launcher, set_timeout
 from finetune.harness.guards import OutOfMemoryAdvice, compile_network
 from finetune.harness.quiet import quiet_known_warnings
 from finetune.harness.settings import check_data_settings, check_pretrained_size, check_run_settings
@@ -196,6 +196,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
             raise
         raise refused from err.__cause__
     use_atomic_checkpoints(trainer)  # last.ckpt and the others appear whole or not at all, also on a full disk
+    check_launcher(trainer)  # ranks must be started by running the command again (trainer.strategy=ddp)
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
 

@@ -29,6 +29,7 @@ from finetune.data.folders import DUPLICATES
 from finetune.data.loading import AUTO
 from finetune.data.transforms import AUGMENT_POLICIES, EVAL_RESIZES, INTERPOLATIONS, book_resize_size
 from finetune.errors import SettingError
+from finetune.harness.distributed import check_strategy
 from finetune.module import FREEZE_MODES
 
 log = logging.getLogger(__name__)
@@ -507,6 +508,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
     check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
     check_gradient_clipping(trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
     check_accelerator(trainer.get("accelerator", "auto"))
+    check_strategy(trainer.get("strategy", "auto"))
     epochs = trainer.get("max_epochs")
     if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
         raise SettingError(
