@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 from PIL import Image
+from pytorch_lightning.strategies import DDPStrategy
 
 from finetune.data import train_transform
-from finetune.harness.distributed import rank_command
+from finetune.errors import SettingError
+from finetune.harness.distributed import check_launcher, rank_command
 from finetune.train import train
 
 from .conftest import REPO, compose_config, compose_with_hydra, run_cli
@@ -172,3 +175,48 @@ def test_rank_command_reruns_the_job_not_the_sweep(tmp_path):
         "hydra.job.chdir=false",
     ]
     assert cwd == cfg.hydra.runtime.cwd
+
+
+@pytest.mark.parametrize(
+    ("strategy", "instead"),
+    [
+        ("ddp_spawn", "ddp"),
+        ("ddp_spawn_find_unused_parameters_true", "ddp_find_unused_parameters_true"),
+        ("ddp_fork", "ddp"),
+        ("ddp_notebook", "ddp"),
+        ("{_target_:pytorch_lightning.strategies.DDPStrategy,start_method:spawn}", "ddp"),
+    ],
+)
+def test_strategies_that_start_their_ranks_inside_the_run_are_refused_naming_ddp(
+    flat_folder, tmp_path, strategy, instead
+):
+    """Lightning's multiprocessing launcher runs each fit and test in new processes and returns only rank 0's
+    metrics: the calibration, the test report and results.json of such a run would be wrong or missing."""
+    cfg = compose_config(
+        [f"trainer.strategy={strategy}", "trainer.devices=2", f"paths.output_dir={tmp_path / 'run'}"]
+        + overrides(flat_folder, tmp_path / "logs", PER_DEVICE)
+    )
+    refused = rf"^trainer.strategy=.* starts its processes .* Use trainer.strategy={instead} "
+    with pytest.raises(SettingError, match=refused):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was trained
+
+
+def test_a_trainer_with_the_multiprocessing_launcher_is_refused_however_it_was_made():
+    """A strategy object (or strategy=auto in a notebook, where Lightning picks ddp_fork) is caught on the Trainer."""
+    refused = r"DDPStrategy \(Lightning's multiprocessing launcher\) .* Use trainer.strategy=ddp "
+    with pytest.raises(SettingError, match=refused):
+        check_launcher(pl.Trainer(strategy=DDPStrategy(start_method="spawn"), accelerator="cpu", devices=2))
+    for accepted in (pl.Trainer(strategy="ddp", accelerator="cpu", devices=2), pl.Trainer(accelerator="cpu")):
+        check_launcher(accepted)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_on_the_command_line_ends_in_one_error_line(flat_folder, tmp_path):
+    done = run_cli(
+        ["trainer.strategy=ddp_spawn", "trainer.devices=2"] + overrides(flat_folder, tmp_path / "logs", PER_DEVICE),
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: trainer.strategy=ddp_spawn starts its processes")
+    assert "Use trainer.strategy=ddp " in done.stderr and "Traceback" not in done.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from finetune.harness.distributed import RankObserver
+from finetune.harness.distributed import RankObserver, lost_ranks
 
 from .conftest import make_image_folder, start_cli, tiny_overrides
 
@@ -309,3 +310,33 @@ def test_ranks_agree_on_the_largest_signal_in_a_side_group_of_cpu_tensors():
     results = mp.Manager().dict()
     mp.spawn(_agree_in_a_side_group, args=(port, [signal.SIGINT, signal.SIGTERM], results), nprocs=2, join=True)
     assert dict(results) == {0: (signal.SIGTERM, 0), 1: (signal.SIGTERM, 0)}
+
+
+@linux
+def test_lost_ranks_reads_the_processes_of_either_launcher_and_never_raises():
+    """Asked while a failed run is recorded: it names a failed rank of Lightning's subprocess launcher (Popen) or its
+    multiprocessing one (SpawnProcess, ForkProcess; ranks from 0), and says nothing, never raising, otherwise."""
+    subprocess_launched = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
+    rank1 = subprocess.Popen(["sh", "-c", "exit 3"])
+    subprocess_launched.strategy.launcher.procs = [rank1]
+    assert lost_ranks(subprocess_launched, wait_s=30) == f"rank 1 (pid {rank1.pid}) exited with code 3"
+
+    spawned = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [spawn.Process(target=sys.exit, args=(code,)) for code in (0, 4)]
+    for rank in ranks:
+        rank.start()
+    spawned.strategy.launcher.procs = ranks
+    assert lost_ranks(spawned, wait_s=60) == f"rank 1 (pid {ranks[1].pid}) exited with code 4"
+
+    forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    forked.start()
+    os.kill(forked.pid, signal.SIGKILL)
+    spawned.strategy.launcher.procs = [forked]
+    assert lost_ranks(spawned, wait_s=30) == f"rank 0 (pid {forked.pid}) was killed by SIGKILL"
+
+    spawned.strategy.launcher.procs = [object(), "not a process", multiprocessing.get_context("fork").Process()]
+    assert lost_ranks(spawned) is None  # nothing it can read, not even a process never started
+    spawned.strategy.launcher.procs = None
+    assert lost_ranks(spawned) is None
+    assert lost_ranks(type("NotATrainer", (), {"world_size": 2})()) is None  # no local_rank: not an error either

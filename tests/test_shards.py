@@ -23,7 +23,14 @@ from finetune.run import build_datamodule  # noqa: E402
 from finetune.shards import shards  # noqa: E402
 from finetune.train import train  # noqa: E402
 
-from .conftest import compose_config, make_image_folder, run_cli, tiny_overrides  # noqa: E402
+from .conftest import (  # noqa: E402
+    assert_counted_accuracy,
+    compose_config,
+    count_correct,
+    make_image_folder,
+    run_cli,
+    tiny_overrides,
+)
 from .inference import eval_config, predict_config  # noqa: E402
 from .test_resume import RECIPE  # noqa: E402
 
@@ -322,33 +329,117 @@ class SeenImages(pl.Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
 
 
-@pytest.mark.slow
-def test_under_ddp_each_rank_streams_its_own_images_and_evaluation_sees_every_image_once(tmp_path):
-    """2 gloo processes. 23 training images: 18 train, 5 val; 7 test. Batch 4 per rank."""
-    images = flat_folder(tmp_path / "images")
-    output = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def flat_shards(tmp_path_factory) -> tuple[Path, Path, dict[str, list[int]]]:
+    """Flat-colour images (an image's colour gives its index), their shards, and each split's image indices as
+    the folder splits them, read image by image: train 18, val 5, test 7."""
+    images = flat_folder(tmp_path_factory.mktemp("flat") / "images")
+    output = images.parent / "shards"
     write(images, output)
+    plain = datamodule(flat_overrides(images, images.parent / "unused", 1))
+    split_ids = {split: ids_of(getattr(plain, f"{split}_set")) for split in ("train", "val", "test")}
+    assert [len(split_ids[split]) for split in ("train", "val", "test")] == [18, 5, 7]
+    return images, output, split_ids
+
+
+def ids_of(dataset) -> list[int]:
+    """The sorted indices of a split's flat-colour images (see :func:`flat_folder`)."""
+    return sorted(SeenImages._ids([torch.stack([dataset[i][0] for i in range(len(dataset))])]))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_each_loader_yields_the_batches_its_length_counts_and_reads_each_image_once(flat_shards, tmp_path, workers):
+    """Lightning runs a loader for ``len(loader)`` batches and stops there: a loader that yields more batches than
+    it counts loses its last images without a word (a stream whose workers each end with a partial batch did).
+    Shards and folder, batch sizes that divide a split (val 5, test 7, train 18) and that do not, 0 to 3 loader
+    workers. In one process training reads every image too (under DDP see the test below)."""
+    images, output, split_ids = flat_shards
+    for batch_size in (3, 5, 7):
+        overrides = [*flat_overrides(images, tmp_path / "unused", batch_size), f"data.num_workers={workers}"]
+        for source, config in (("shards", on_shards(overrides, images, output)), ("folder", overrides)):
+            loaders = datamodule(config)
+            for split in ("val", "test", "train"):
+                loader = getattr(loaders, f"{split}_dataloader")()
+                batches = [SeenImages._ids(batch) for batch in loader]
+                where = f"{source} {split}, batch {batch_size}, {workers} workers"
+                assert len(batches) == len(loader), where
+                assert sorted(sum(batches, [])) == split_ids[split], where  # every image, each once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [5, 3])  # 5 divides val (5), 3 divides train (18); neither divides test (7)
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_a_run_on_shards_trains_validates_and_tests_on_every_image_once(flat_shards, tmp_path, workers, batch_size):
+    """What a run scores, counted: every val image in every epoch (checkpoint selection reads val/acc), every test
+    image in the test after fit, each once, and the reported accuracies are those of these images."""
+    images, output, split_ids = flat_shards
     seen = tmp_path / "seen"
-    args = on_shards(flat_overrides(images, tmp_path / "run", 4), images, output) + [
+    overrides = [
+        *on_shards(flat_overrides(images, tmp_path / "run", batch_size), images, output),
+        f"data.num_workers={workers}",
+        "calibrate=false",
+        "+callbacks.seen._target_=tests.test_shards.SeenImages",
+        f"+callbacks.seen.folder={seen}",
+        *count_correct(tmp_path / "counts.json"),
+    ]
+    results = train(compose_config(overrides))
+    assert results["status"] == "completed" and results["epochs"] == 3
+    scored = json.loads((seen / "rank0.json").read_text())
+    assert [sorted(epoch) for epoch in scored["val"]] == [split_ids["val"]] * 3
+    assert [sorted(epoch) for epoch in scored["test"]] == [split_ids["test"]]
+    assert [sorted(epoch) for epoch in scored["train"]] == [split_ids["train"]] * 3
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    for epoch, counted in zip(results["history"], counts["val"], strict=True):
+        assert_counted_accuracy(epoch["val/acc"], counted, 5)
+    assert_counted_accuracy(results["test/acc"], counts["test"], 7)
+    assert np.sum(results["test/confusion_matrix"]["matrix"]) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "batch_size"), [(0, 4), (2, 3)])
+def test_under_ddp_each_rank_streams_its_own_images_and_evaluation_sees_every_image_once(
+    flat_shards, tmp_path, workers, batch_size
+):
+    """2 gloo processes. 23 training images: 18 train, 5 val; 7 test. Batch 4 or 3 per rank, 0 or 2 loader workers
+    per rank (each worker of a stream ends with its own partial batch)."""
+    images, output, split_ids = flat_shards
+    seen = tmp_path / "seen"
+    args = on_shards(flat_overrides(images, tmp_path / "run", batch_size), images, output) + [
         "trainer.strategy=ddp",
         "trainer.devices=2",
+        f"data.num_workers={workers}",
         "calibrate=false",
         "+callbacks.seen._target_=tests.test_shards.SeenImages",
         f"+callbacks.seen.folder={seen}",
     ]
     run_cli(args)
     ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
-    manifest = json.loads((output / MANIFEST).read_text())
-    train_ids = {i for i in range(30)} - {i for i in range(23, 30)}  # indices 0..22 are the train folder's images
     for epoch in range(3):
         a, b = (rank["train"][epoch] for rank in ranks)
         assert len(a) == len(b)  # the same number of steps on both ranks, or DDP would hang
         assert not set(a) & set(b) and len(set(a)) == len(a) and len(set(b)) == len(b)  # no image twice
-        assert set(a) | set(b) <= train_ids
-        assert len(a) + len(b) > manifest["splits"]["train"]["count"] - 2 * 4  # fewer than ranks x batch left out
+        assert set(a) | set(b) <= set(split_ids["train"])
+        assert len(a) + len(b) > len(split_ids["train"]) - 2 * batch_size  # fewer than ranks x batch left out
+        for stage in ("val", "test"):
+            if stage == "val" or epoch == 0:  # validation every epoch, one test after fit
+                every = sorted(ranks[0][stage][epoch] + ranks[1][stage][epoch])
+                assert every == split_ids[stage], (stage, epoch)  # each image exactly once across the ranks
     assert ranks[0]["train"][0] != ranks[0]["train"][1]  # a new order every epoch
-    for stage, split in (("val", "val"), ("test", "test")):
-        every = sorted(ranks[0][stage][-1] + ranks[1][stage][-1])
-        assert len(every) == len(set(every)) == manifest["splits"][split]["count"]  # each image exactly once
-    assert sorted(ranks[0]["test"][-1] + ranks[1]["test"][-1]) == list(range(23, 30))
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert np.sum(results["test/confusion_matrix"]["matrix"]) == 7  # the report, synced over ranks: 7 images
+
+
+@pytest.mark.slow
+def test_under_ddp_a_batch_size_that_leaves_no_whole_batch_per_process_is_refused(flat_shards, tmp_path):
+    """18 training images on 2 processes: each gets the same number of whole batches, none of 10. Lightning would
+    skip the whole fit ("No training batches") and test the untrained weights as a completed run."""
+    images, output, _ = flat_shards
+    args = on_shards(flat_overrides(images, tmp_path / "run", 10), images, output)
+    done = run_cli([*args, "trainer.strategy=ddp", "trainer.devices=2", "calibrate=false"], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Error: data.batch_size=10 with 2 processes: the 18 training images of the shards give no whole batch" in (
+        done.stderr
+    )
+    assert "Use data.batch_size=9 or less" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"

@@ -36,7 +36,7 @@ from finetune.errors import DataError, PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
 from finetune.harness.checkpointing import CheckpointRecord, use_atomic_checkpoints
 from finetune.harness.config_keys import check_node_keys
-from finetune.harness.distributed import set_timeout
+from finetune.harness.distributed import check_launcher, set_timeout
 from finetune.harness.out_of_memory import OutOfMemoryAdvice
 from finetune.harness.quiet import quiet_known_warnings
 from finetune.harness.run_settings import check_run_settings
@@ -244,6 +244,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) 
             raise
         raise refused from err.__cause__
     use_atomic_checkpoints(trainer)  # last.ckpt and the others appear whole or not at all, also on a full disk
+    check_launcher(trainer)  # ranks must be started by running the command again (trainer.strategy=ddp)
     set_timeout(trainer, cfg.get("ddp_timeout_s"))  # a dead or stuck DDP rank fails the run instead of hanging it
     return trainer
 

@@ -8,27 +8,30 @@ bytes, its class and its name with ``litdata.optimize`` into ``OUTPUT/{train,val
 :class:`ShardsDataModule` reads them with ``litdata.StreamingDataset`` and ``StreamingDataLoader`` (a local folder
 or any URI LitData streams from: ``s3://``, ``gs://``, ``azure://``, ...) and decodes each image with the folder
 path's own loader and transforms, so a run on shards trains, validates and tests as a run on the folder does.
-Under DDP each rank streams its own part: val and test see every image exactly once across ranks; train gives
-every rank the same number of whole batches, each image at most once per epoch (see :meth:`train_dataloader`).
-The train loader's position is part of every checkpoint, so a run resumed mid-epoch continues the stream.
+Training streams: under DDP each rank streams its own part, every rank the same number of whole batches, each
+image at most once per epoch (see :meth:`train_dataloader`); the train loader's position is part of every
+checkpoint, so a run resumed mid-epoch continues the stream. Validation and test read their split by index, as the
+folder path does, so every image is scored exactly once whatever the loader workers and batch size (see
+:meth:`ShardsDataModule.val_dataloader`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import logging
-import math
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.atomic import disk_full_error
 from finetune.data.datamodule import ImageFolderDataModule
@@ -143,15 +146,16 @@ def write_shards(
         for split in SPLITS:
             items = [(path, label, os.path.relpath(path, root)) for path, label in samples[split]]
             log.info("Writing %d %s images into %s", len(items), split, output / split)
-            litdata.optimize(
-                fn=functools.partial(_read_sample, items),
-                inputs=list(range(len(items))),
-                output_dir=str(staging / split),
-                chunk_bytes=chunk_bytes,
-                num_workers=max(1, min(num_workers, len(items))),
-                reorder_files=False,
-                verbose=True,
-            )
+            with _start_method_kept():
+                litdata.optimize(
+                    fn=functools.partial(_read_sample, items),
+                    inputs=list(range(len(items))),
+                    output_dir=str(staging / split),
+                    chunk_bytes=chunk_bytes,
+                    num_workers=max(1, min(num_workers, len(items))),
+                    reorder_files=False,
+                    verbose=True,
+                )
             written = _indexed_count(staging / split)
             if written != len(items):
                 raise RuntimeError(
@@ -190,6 +194,17 @@ def write_shards(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _start_method_kept() -> Iterator[None]:
+    """``litdata.optimize`` makes ``spawn`` the process's start method for good; put back the one it had, so that
+    a run later in the same process (a notebook, a test) starts its loader workers as it would have."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(method, force=True)
 
 
 def _indexed_count(folder: Path) -> int:
@@ -325,6 +340,22 @@ class ShardSplit(Dataset):
         return self.stream[index]
 
 
+class BlockSampler(DistributedSampler):
+    """Rank ``rank`` of ``num_replicas`` gets the images ``[rank * N // num_replicas, (rank + 1) * N // num_replicas)``
+    of a split of N, in order: every image on exactly one rank, none padded in twice. Contiguous rather than strided
+    (``UnrepeatedDistributedSampler``'s every R-th image), because a split's images lie in its chunks in order: a rank
+    reads only the chunks that hold its block. A ``DistributedSampler``, so that Lightning keeps it as it is."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        count = len(dataset)
+        self.start, self.stop = rank * count // num_replicas, (rank + 1) * count // num_replicas
+        self.num_samples, self.total_size = self.stop - self.start, count
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+
 class ShardsDataModule(ImageFolderDataModule):
     """:class:`ImageFolderDataModule` over shards written by ``python -m finetune.shards``: ``root`` is their folder
     or URI. The same transforms, eval preprocessing and checkpoint record; the split is the one stored, checked
@@ -332,8 +363,9 @@ class ShardsDataModule(ImageFolderDataModule):
     ``storage_options``: LitData's, for object storage (credentials, endpoint). ``cache`` is not available (the
     stream decodes each image as it arrives); the remaining folder settings (download, image checks) do not apply.
 
-    The loaders stream :attr:`streams` (LitData ``StreamingDataset``, one per split); ``train_set``, ``val_set``,
-    ``test_set`` and ``train_eval_set`` are whole splits (:class:`ShardSplit`) for the code that reads a split itself.
+    The train loader streams :attr:`streams` ``["train"]`` (a LitData ``StreamingDataset``); ``train_set``,
+    ``val_set``, ``test_set`` and ``train_eval_set`` are whole splits (:class:`ShardSplit`), read by index by the
+    val and test loaders and by the code that reads a split itself.
     """
 
     def __init__(
@@ -409,33 +441,50 @@ class ShardsDataModule(ImageFolderDataModule):
         """Shuffled by the run's seed and the epoch. Under DDP LitData gives every rank the same number of whole
         batches (``drop_last``): per epoch fewer than ``ranks x batch_size`` images are left out, others each epoch."""
         collate = pad_collate if self.augments_on_device else None
-        return self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
+        loader = self._loader(self.streams.get("train"), collate_fn=collate, epoch_of=self._epoch)
+        if len(loader) == 0:  # Lightning would skip training with an info line, and test the untrained weights
+            count, ranks = self._count("train"), self.trainer.world_size if self.trainer is not None else 1
+            raise SettingError(
+                f"data.batch_size={self.batch_size} with {ranks} processes: the {count} training images of the "
+                f"shards give no whole batch to each process (under DDP every process gets the same number of "
+                f"whole batches), so nothing would be trained. Use data.batch_size={max(1, count // ranks)} or "
+                "less (it is per process), or fewer devices."
+            )
+        return loader
 
-    def val_dataloader(self) -> Any:
-        return self._eval_loader(self.streams.get("val"))
+    def val_dataloader(self) -> DataLoader:
+        """The val split read by index (:class:`ShardSplit`), in the folder path's loader: every image exactly once.
 
-    def test_dataloader(self) -> Any:
-        return self._eval_loader(self.streams.get("test"))
+        Not a stream: a ``StreamingDataLoader`` gives each loader worker its own share, and each worker ends with
+        its own partial batch, while its length counts ``ceil(images / batch_size)`` batches; Lightning stops
+        after that count, so with 2+ workers the last batches were never scored. A map-style loader yields
+        exactly ``len()`` batches. Under DDP each rank reads a contiguous block (:class:`BlockSampler`), so it
+        fetches only the chunks holding its images.
+        """
+        return super()._loader(self.val_set, shuffle=False)
 
-    def _eval_loader(self, stream: Any) -> Any:
-        """Every image once across ranks. LitData deals whole batches to ranks and the rest to the last one, so a
-        split smaller than ranks x batch_size would leave a rank without any; here images are dealt one by one
-        (the loader still batches them), as evaluation never needs equal shares."""
-        return self._loader(stream, one_by_one=True)
+    def test_dataloader(self) -> DataLoader:
+        """The test split, read as :meth:`val_dataloader` reads val."""
+        return super()._loader(self.test_set, shuffle=False)
+
+    def _unrepeated_sampler(self, dataset: Dataset) -> DistributedSampler | None:
+        """Under DDP, rank r's contiguous block of the split (every image once, no padding); ``None`` (Lightning's
+        padded sampler) only where a rank would get no image at all, as for the folder."""
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not shards or shards["num_replicas"] < 2 or len(dataset) < shards["num_replicas"]:
+            return None
+        return BlockSampler(dataset, shards["num_replicas"], shards["rank"])
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _loader(
-        self, dataset, shuffle: bool = False, drop_last: bool = False, collate_fn=None, epoch_of=None, one_by_one=False
-    ):
+    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False, collate_fn=None, epoch_of=None):
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a data loader.")
         workers = self.num_workers
         return EpochStreamingDataLoader(
             dataset,
             epoch_of=epoch_of,
-            one_by_one=one_by_one,
             batch_size=self.batch_size,
             num_workers=workers,
             collate_fn=collate_fn,
@@ -451,22 +500,13 @@ def _streaming_loader_class() -> type:
     class EpochStreamingDataLoader(StreamingDataLoader):
         """LitData's loader, its shuffle epoch taken from the trainer: the same order after a resume."""
 
-        def __init__(
-            self, *args: Any, epoch_of: Callable[[], int] | None = None, one_by_one: bool = False, **kwargs: Any
-        ) -> None:
+        def __init__(self, *args: Any, epoch_of: Callable[[], int] | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.epoch_of, self.one_by_one = epoch_of, one_by_one
-
-        def __len__(self) -> int:
-            if not self.one_by_one:
-                return super().__len__()
-            return math.ceil(self.dataset.get_len(self.num_workers, 1) / self.batch_size)
+            self.epoch_of = epoch_of
 
         def __iter__(self):
             if self.epoch_of is not None and not self.restore:
                 self.current_epoch = self.epoch_of()  # StreamingDataLoader counts on from here: epoch + 1
-            if self.one_by_one:  # the stream's share per rank and worker, computed for batches of one image
-                self.dataset.set_batch_size(1)
             yield from super().__iter__()
 
     return EpochStreamingDataLoader

@@ -25,22 +25,26 @@ import contextlib
 import datetime
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import StrategyRegistry
 
+from finetune.errors import SettingError
 from finetune.harness.overrides import override_keys, quote
-from finetune.harness.private import replace_rank_launcher, set_process_group_timeout
+from finetune.harness.private import replace_rank_launcher, set_process_group_timeout, starts_ranks_in_process
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,50 @@ _OWN_KEYS = ("hydra.run.dir", "hydra.job.name", "hydra.output_subdir", "hydra.jo
 _PARENT_PID = os.getppid()
 # How long rank 0 may go on after a rank it launched failed, before RankObserver kills every rank (set_timeout).
 _observer_grace_s = 1800.0
+
+
+# Start methods of Lightning's multiprocessing launcher (ddp_spawn, ddp_fork, ddp_notebook and their variants).
+IN_PROCESS_START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def in_process_ranks_refused(name: str) -> SettingError:
+    """The refusal of a strategy that starts its ranks inside the run, naming ``trainer.strategy=ddp`` (or its
+    ``find_unused_parameters`` sibling) instead."""
+    instead = "ddp"
+    for variant in ("_spawn", "_fork", "_notebook"):
+        sibling = name.replace(variant, "")
+        if sibling != name and sibling in StrategyRegistry:
+            instead = sibling
+    return SettingError(
+        f"trainer.strategy={name} starts its processes inside each fit and test call, and hands back only rank 0's "
+        "metrics: the calibration, the test after fit, the test report, results.json and the stop on a signal "
+        "need every process to run the whole command, so this template does not support it. Use "
+        f"trainer.strategy={instead} (the same DDP: it starts the other processes by running the command again), "
+        "from a terminal rather than a notebook."
+    )
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse, before anything is built, a ``trainer.strategy`` whose ranks are started by Lightning's
+    multiprocessing launcher: a registered name (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``, ...) or a strategy
+    config with such a ``start_method``. :func:`check_launcher` catches the rest once the Trainer exists."""
+    if isinstance(strategy, str):
+        entry = StrategyRegistry[strategy] if strategy in StrategyRegistry else {}
+        name, method = strategy, entry.get("init_params", {}).get("start_method")
+    elif isinstance(strategy, Mapping) or OmegaConf.is_dict(strategy):
+        method = strategy.get("start_method")
+        name = f"{strategy.get('_target_')}(start_method={method})"
+    else:
+        return
+    if method in IN_PROCESS_START_METHODS:
+        raise in_process_ranks_refused(name)
+
+
+def check_launcher(trainer: pl.Trainer) -> None:
+    """Refuse a built Trainer whose ranks Lightning's multiprocessing launcher would start: a strategy object,
+    or ``strategy=auto`` with several devices in a notebook (Lightning then picks ``ddp_fork``)."""
+    if starts_ranks_in_process(trainer.strategy):
+        raise in_process_ranks_refused(f"{type(trainer.strategy).__name__} (Lightning's multiprocessing launcher)")
 
 
 def rank_command(local_rank: int, entry_module: str = "finetune.train") -> tuple[list[str], str]:
@@ -178,8 +226,18 @@ def lost_ranks(trainer: pl.Trainer | None, wait_s: float = 2.0) -> str | None:
 
     Under Lightning's launcher rank 0 (of each node) started the node's other ranks and sees their exit status;
     another rank only sees that its parent, rank 0, is gone. None when nothing is known: a single process, or every
-    rank still running (a stuck rank looks like a healthy one from here).
+    rank still running (a stuck rank looks like a healthy one from here). It is asked while a failed run is being
+    recorded, so it never raises: a launcher whose processes it cannot read (another kind of launcher, another
+    Lightning) gives None, and the run's own error is recorded as it is.
     """
+    try:
+        return _lost_ranks(trainer, wait_s)
+    except Exception:  # noqa: BLE001 - a guess at the cause must never hide the error it is asked to explain
+        log.debug("Could not tell which rank went missing", exc_info=True)
+        return None
+
+
+def _lost_ranks(trainer: pl.Trainer | None, wait_s: float) -> str | None:
     if trainer is None or trainer.world_size < 2:
         return None
     if trainer.local_rank != 0:
@@ -187,16 +245,35 @@ def lost_ranks(trainer: pl.Trainer | None, wait_s: float = 2.0) -> str | None:
         return (
             f"the process that started this rank (pid {_PARENT_PID}, rank 0 under Lightning) is gone" if gone else None
         )
-    procs: list[subprocess.Popen] = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    launcher = getattr(trainer.strategy, "launcher", None)
+    procs = list(getattr(launcher, "procs", None) or [])
+    # Lightning's subprocess launcher starts ranks 1..N-1 (rank 0 is this process); its multiprocessing launcher
+    # (ddp_spawn, ddp_fork: refused by check_launcher, but never a reason to raise here) starts every rank.
+    first = 0 if starts_ranks_in_process(trainer.strategy) else 1
     deadline = time.monotonic() + wait_s  # a rank that failed first may still be on its way out
     found = []
-    for local_rank, proc in enumerate(procs, start=1):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if proc.returncode:
+    for local_rank, proc in enumerate(procs, start=first):
+        code = _wait_exit_code(proc, max(0.0, deadline - time.monotonic()))
+        if code:
             rank = trainer.node_rank * trainer.num_devices + local_rank
-            found.append(f"rank {rank} (pid {proc.pid}) {_exit_status(proc.returncode)}")
+            found.append(f"rank {rank} (pid {getattr(proc, 'pid', '?')}) {_exit_status(code)}")
     return "; ".join(found) or None
+
+
+def _wait_exit_code(proc: object, timeout_s: float) -> int | None:
+    """The exit code of a launched rank after waiting up to ``timeout_s`` (-N: killed by signal N); None while it
+    runs or when ``proc`` is no process this knows how to ask: ``subprocess.Popen`` (Lightning's subprocess
+    launcher) and ``multiprocessing.Process`` (its multiprocessing launcher: ``SpawnProcess``, ``ForkProcess``)."""
+    if isinstance(proc, subprocess.Popen):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+        return proc.returncode
+    if isinstance(proc, multiprocessing.process.BaseProcess):
+        with contextlib.suppress(AssertionError, ValueError):  # not started by this process, or closed
+            proc.join(timeout=timeout_s)
+            return proc.exitcode
+        return None
+    return None
 
 
 def _exit_status(code: int) -> str:

@@ -21,7 +21,6 @@ import sys
 import time
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
 
 from finetune.errors import SettingError
 
@@ -57,8 +56,10 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._whole_epoch = time.perf_counter(), True
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On every rank, logged on rank 0: reading ``callback_metrics`` first computes the epoch's metrics, which
+        under DDP is a collective. Read on rank 0 alone it met another collective on the other ranks (a callback's
+        all-reduce after it) and both waited until the process-group timeout."""
         seconds = time.perf_counter() - self._epoch_start
         whole, self._whole_epoch = self._whole_epoch, False
         if whole:
@@ -67,7 +68,7 @@ class EpochSummary(pl.Callback):
         score = metrics.get(self.monitor)
         if score is not None and not math.isnan(score) and (self.best is None or score > self.best):
             self.best = score
-        if self.active(trainer):
+        if trainer.is_global_zero and self.active(trainer):
             log.info(self.line(trainer.current_epoch + 1, trainer.max_epochs, metrics, seconds, resumed=not whole))
 
     def line(

@@ -4,7 +4,8 @@ Each function here reaches into something upstream does not promise to keep (an 
 They are needed where Lightning has a known trap and no public hook:
 
 - the subprocess launcher that starts DDP ranks re-runs ``sys.argv`` (a whole new sweep inside a Hydra multirun,
-  Lightning-AI/pytorch-lightning#11300): :func:`replace_rank_launcher`;
+  Lightning-AI/pytorch-lightning#11300): :func:`replace_rank_launcher`; which launcher a strategy has:
+  :func:`starts_ranks_in_process`;
 - the SIGTERM handler broadcasts from inside the handler (a signal to one DDP rank hangs every rank):
   :func:`install_signal_handlers`, :func:`signal_handlers_installed`;
 - the process-group timeout is not a Trainer flag: :func:`set_process_group_timeout`, :func:`process_group_timeout`;
@@ -62,6 +63,14 @@ def replace_rank_launcher(command: Callable[..., Any], observer: Callable[..., A
         if hasattr(module, "_launch_process_observer"):
             module._launch_process_observer = observer
     return getattr(pl_launcher, "_hydra_subprocess_cmd", None) is command
+
+
+def starts_ranks_in_process(strategy: Any) -> bool:
+    """Whether the strategy's launcher is Lightning's multiprocessing one (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``, XLA): ranks started inside each ``trainer.fit``/``test`` call, not by running the command."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 # --- process-group timeout --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.checks import check_number
 from finetune.errors import SettingError
+from finetune.harness.distributed import check_strategy
 
 
 def check_run_settings(cfg: DictConfig) -> None:
@@ -39,6 +40,7 @@ def check_trainer_settings(trainer: DictConfig) -> None:
     check_devices(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
     check_gradient_clipping(trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
     check_accelerator(trainer.get("accelerator", "auto"))
+    check_strategy(trainer.get("strategy", "auto"))
     epochs = trainer.get("max_epochs")
     if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
         raise SettingError(
