@@ -181,7 +181,6 @@ def test_disk_full_error_is_recognised_through_chained_errors_and_is_a_user_erro
     [
         [],
         ["trainer.strategy=ddp", "trainer.devices=1"],
-        ["trainer.strategy=ddp_spawn", "trainer.devices=1"],
         ["trainer.precision=bf16-mixed"],
         ["trainer.precision=16-true"],
     ],

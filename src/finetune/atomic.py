@@ -8,7 +8,7 @@ removed and the final name keeps what it held before: nothing, or the previous c
 A write that fails because the disk is full (``ENOSPC``), the quota is used up (``EDQUOT``) or the file is larger than
 allowed there (``EFBIG``) becomes one :class:`~finetune.errors.DiskFullError` naming the folder and what to do.
 
-The temporary name is ``.<name>.<host>.<pid>.tmp``, the one :func:`finetune.data.stale.remove_stale` recognises: a
+The temporary name is ``.<name>.<host>.<pid>.tmp``, the one :func:`remove_stale` recognises: a
 process killed with SIGKILL mid-write leaves only such a file, never a partial file under the final name.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,11 +30,51 @@ from finetune.errors import DiskFullError, OverwriteError
 
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
+log = logging.getLogger(__name__)
+
 
 def temp_path(path: str | Path) -> Path:
     """The temporary file ``path`` is written to first: in the same folder, named after its writer (host, pid)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def temp_name(prefix: str, suffix: str) -> str:
+    """``<prefix><host>.<pid><suffix>``: a temporary file name that says which process writes it."""
+    return f"{prefix}{socket.gethostname()}.{os.getpid()}{suffix}"
+
+
+def pid_is_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to another user
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """Delete ``folder``'s :func:`temp_name` files (``prefix`` may hold ``*``) left by dead processes on this host."""
+    host = socket.gethostname()
+    removed = []
+    for path in sorted(Path(folder).glob(f"{prefix}{glob.escape(host)}.*{glob.escape(suffix)}")):
+        writer, _, pid = path.name[: -len(suffix)].rpartition(".")
+        if not writer.endswith(host) or not pid.isdigit() or pid_is_alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            continue  # another run removed it first
+        removed.append(path)
+    if removed:
+        log.warning("Removed %d file(s) left by ended processes: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
 
 
 @contextmanager
@@ -79,8 +120,6 @@ def staged_files(folder: str | Path, last: str, replace: bool = True, main: str 
     ``replace=False`` the second finds the first one's files and raises :class:`OverwriteError` instead. ``main``:
     the file a full disk's error names (default ``last``).
     """
-    from finetune.data.stale import remove_stale  # here: finetune.data imports this module
-
     folder = Path(folder)
     staging = temp_path(folder / last)
     try:

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from finetune import atomic
+from finetune.atomic import remove_stale
 from finetune.data.images import load_rgb
-from finetune.data.stale import remove_stale
 from finetune.errors import SettingError
 from finetune.progress import track
 from finetune.workers import worker_context

@@ -13,8 +13,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from finetune.atomic import disk_full_error
-from finetune.data.stale import remove_stale, temp_name
+from finetune.atomic import disk_full_error, remove_stale, temp_name
 from finetune.errors import DownloadError, SettingError
 from finetune.progress import copy_with_progress
 

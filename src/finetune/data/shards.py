@@ -33,12 +33,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from finetune.atomic import disk_full_error
+from finetune.atomic import disk_full_error, remove_stale, temp_name
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.device_augment import pad_collate
 from finetune.data.images import decode_rgb, printable
 from finetune.data.loading import pin_memory
-from finetune.data.stale import remove_stale, temp_name
 from finetune.errors import PathError, SettingError
 from finetune.workers import worker_context
 
