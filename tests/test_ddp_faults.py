@@ -232,7 +232,8 @@ def test_a_loss_that_turns_nan_on_one_rank_stops_both_with_the_divergence_error(
     rank0 = run.process.wait(timeout=LIMIT_S)
     rank1 = wait_for_exit(rank1_pid, time.monotonic() + LIMIT_S)
     output = run.output()
-    assert (rank0, rank1) == (2, 2), output
+    # None: rank 0 was still alive when rank 1 exited and reaped it itself; rank 1's own log below shows its error.
+    assert rank0 == 2 and rank1 in (2, None), (rank0, rank1, output)
     results = run.results()
     assert results["status"] == "failed" and results["test/acc"] is None, results
     assert results["error"].startswith("DivergedError: Training diverged: the training loss of another DDP rank is")
