@@ -33,6 +33,7 @@ from finetune.harness.checkpointing import FORMAT, FORMAT_KEY, RECIPE, recipe
 from finetune.harness.exits import fail
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 from finetune.harness.writable import check_name_lengths, check_writable
+from finetune.param_groups import Grouping
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,8 @@ def check_resumable(
     saved_model = checkpoint.get("hyper_parameters", {})
     for key in ("backbone", "num_classes", "freeze", "head_lr_mult"):
         compare(f"model.{key}", saved_model.get(key), model.hparams.get(key), errors)
+    groups = [Grouping.of(g).to_dict() for g in (saved_model.get("groups"), model.hparams.get("groups"))]
+    compare("model.groups", *groups, errors)  # a checkpoint from before model.groups: null, the book's two groups
     then, now = checkpoint.get(RECIPE) or {}, recipe(cfg)
     for key in sorted(set(then) | set(now)):
         compare(key, then.get(key), now.get(key), errors)
