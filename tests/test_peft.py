@@ -90,6 +90,11 @@ def test_lora_adapts_a_vits_attention_and_mlp_and_the_checkpoint_holds_the_merge
         assert torch.allclose(module(images), wrapped, atol=1e-5)
 
 
+def test_lora_targets_that_match_nothing_are_refused_by_name():
+    with pytest.raises(SettingError, match=r"callbacks.lora.targets=\['nothere'\]: Target modules \{'nothere'\} not"):
+        LoRA(targets=["nothere"]).setup(None, _module("timm/test_resnet"), "fit")
+
+
 def test_lora_adapts_a_cnns_pointwise_convolutions_only():
     module = _module("timm/test_resnet")
     convs = {n: m for n, m in module.net.named_modules() if isinstance(m, nn.Conv2d)}
