@@ -67,3 +67,20 @@ def check_optimizer(settings: Mapping[str, Any]) -> None:
             raise SettingError(
                 f"optimizer.betas must be two numbers in [0, 1), got {betas!r}. AdamW's own are [0.9, 0.999]."
             )
+
+
+def configured_callbacks(cfg: Mapping[str, Any], kind: type | tuple[type, ...]) -> list[str]:
+    """The names of the configured callbacks (``callbacks.<name>``) whose ``_target_`` class is a subclass of
+    ``kind``; targets that cannot be imported are left to the assembly, which names them."""
+    import importlib
+
+    found = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        module, _, attribute = str((node or {}).get("_target_", "")).rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(target, type) and issubclass(target, kind):
+            found.append(str(name))
+    return found

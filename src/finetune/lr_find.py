@@ -8,10 +8,11 @@ every group, so a head that trains at 10x would be tested at 1x.) The rate it su
 backbone's: it prints the override to paste, and writes ``lr_find.json`` and ``lr_find.png`` (matplotlib, the
 optional ``figures`` extra) into its folder, ``logs/lr_find/<date>_<time>_<experiment>/``.
 
-What it tests is the phase that trains every group: the callbacks (``unfreeze``, ``ema``, ...) and the scheduler are
-left out, and nothing is validated or checkpointed; ``features=cached`` is kept only where the backbone is frozen
-for good (``model.freeze=backbone``). Under DDP the loss is averaged over the
-processes, so every process stops at the same step.
+What it tests is the phase that trains every group: the callbacks (``unfreeze``, ``ema``, ``swa``, ...) and the
+scheduler are left out, except those that decide which parameters train (``lora``, ``bitfit``), and nothing is
+validated or checkpointed; ``features=cached`` is kept only where the backbone is frozen for good
+(``model.freeze=backbone``). Under DDP the loss is averaged over the processes, so every process stops at the same
+step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly
 from finetune.harness.results import write_json_atomic
 from finetune.harness.run_settings import check_seed
 from finetune.progress import DELAY, Reporter
-from finetune.run import CONFIG_DIR, assemble
+from finetune.run import CONFIG_DIR, assemble, component
 
 log = logging.getLogger(__name__)
 FIGURE_NEEDS = "lr_find.png needs matplotlib: pip install 'finetune[figures]'"
@@ -140,13 +141,17 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
     """The train config with what a range test must not have: schedules, scheduler, validation, checkpoints."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        left_out = [name for name in (cfg.get("callbacks") or {}) if name not in ("model_checkpoint", "epoch_summary")]
+        callbacks = cfg.get("callbacks") or {}
+        kept = {name: node for name, node in callbacks.items() if node and _defines_trainable(node)}
+        left_out = [
+            name for name in callbacks if name not in kept and name not in ("model_checkpoint", "epoch_summary")
+        ]
         if left_out:
             log.info("lr_find: callbacks %s left out: the test trains every group, unaveraged", ", ".join(left_out))
         if cfg.get("features") and cfg.model.get("freeze") != "backbone":
             cfg.features = None  # the cache served frozen epochs, which the test leaves out
         cfg.scheduler = None
-        cfg.callbacks = None
+        cfg.callbacks = kept or None
         cfg.logger = None
         cfg.trainer.max_epochs = -1
         cfg.trainer.max_steps = cfg.lr_find.num_training
@@ -155,6 +160,12 @@ def range_test_config(cfg: DictConfig) -> DictConfig:
         cfg.trainer.enable_model_summary = False  # the layer table says nothing about the rate
         cfg.trainer.enable_progress_bar = False  # RangeTest counts steps; Lightning's bar counts epochs (none here)
     return cfg
+
+
+def _defines_trainable(node: DictConfig) -> bool:
+    """A callback that decides which parameters train (``lora``, ``bitfit``: ``defines_trainable = True``): the
+    range test keeps it, so that it tests the rate of what the run trains."""
+    return bool(getattr(component("callbacks", node), "defines_trainable", False))
 
 
 def lr_find(cfg: DictConfig) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from finetune.backbones import IMAGENET, build_backbone
 from finetune.checks import check_choice, check_int, check_number, check_optimizer
 from finetune.errors import SettingError
 from finetune.features import head_forward
+from finetune.param_groups import Grouping, parameter_groups
 
 FREEZE_MODES = ("none", "backbone")
 INTERVALS = ("step", "epoch")  # Lightning's: the scheduler steps after every optimizer step, or every epoch
@@ -37,11 +38,13 @@ OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 class FineTuneModule(pl.LightningModule):
     """Classifier = backbone (``finetune.backbones``) + a new Xavier-initialised ``Linear`` head.
 
-    The optimizer gets two named parameter groups, each with an ``lr_scale`` (as timm's groups have): ``backbone``
-    1 and ``head`` ``head_lr_mult`` (only ``head`` when the backbone is frozen). Every group's rate is its
-    ``lr_scale`` times the schedule's rate at every step (:meth:`lr_scheduler_step`), so the ratio also holds under
-    schedules that set absolute rates (``OneCycleLR``, ``CyclicLR``). ``freeze="backbone"`` trains the head only and
-    keeps the backbone's BatchNorm layers in eval mode, so their running statistics never move.
+    The optimizer gets named parameter groups, each with an ``lr_scale`` (as timm's groups have): ``backbone``
+    1 and ``head`` ``head_lr_mult`` (only ``head`` when the backbone is frozen); ``groups`` (``model.groups``:
+    layer-wise rate decay, norms and biases without weight decay) splits them further (:mod:`finetune.param_groups`).
+    Every group's rate is its ``lr_scale`` times the schedule's rate at every step (:meth:`lr_scheduler_step`), so the
+    ratios also hold under schedules that set absolute rates (``OneCycleLR``, ``CyclicLR``). ``freeze="backbone"``
+    trains the head only and keeps the backbone's BatchNorm layers in eval mode, so their running statistics never
+    move.
 
     ``scheduler``: Lightning's ``lr_scheduler`` dictionary with a factory under ``scheduler`` (called with the
     optimizer, and with ``total_steps`` when it takes one that the config leaves unset: the run's number of scheduler
@@ -55,12 +58,14 @@ class FineTuneModule(pl.LightningModule):
         weights: str | None = IMAGENET,
         freeze: str = "none",
         head_lr_mult: float = 10.0,
+        groups: dict[str, Any] | None = None,
         criterion: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])  # the model's recipe, for checkpoints
+        self.grouping = Grouping.of(groups)
         built = build_backbone(backbone, num_classes, weights)
         self.net, self.head_name = built.model, built.head_name
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
@@ -85,6 +90,8 @@ class FineTuneModule(pl.LightningModule):
             )
         advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
         check_number("model.head_lr_mult", model.get("head_lr_mult"), "> 0", lambda x: x > 0, advice)
+        groups = model.get("groups")
+        Grouping.of(OmegaConf.to_container(groups, resolve=True) if OmegaConf.is_config(groups) else groups)
         criterion = model.get("criterion") or {}
         if "label_smoothing" in criterion:  # torch's losses check it only when they first run
             advice = "It is the share of each training target spread evenly over the classes (0: none; 0.1 is usual)."
@@ -106,12 +113,7 @@ class FineTuneModule(pl.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The trainable parameters in named groups, each with the ``lr_scale`` applied to the schedule's rate."""
-        backbone = [p for p in self.backbone_parameters() if p.requires_grad]
-        groups = [{"name": "backbone", "params": backbone, "lr_scale": 1.0}] if backbone else []
-        return [
-            *groups,
-            {"name": "head", "params": list(self.head_parameters()), "lr_scale": self.hparams.head_lr_mult},
-        ]
+        return parameter_groups(self.net, self.head_name, self.hparams.head_lr_mult, self.grouping)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

@@ -30,7 +30,14 @@ from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.divergence import DivergenceStop
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell, user_error_in, user_errors
 from finetune.harness.overrides import sweep_params_from_argv
-from finetune.harness.results import fit_record, run_results, summary, write_json_atomic, write_test_report
+from finetune.harness.results import (
+    ParameterCount,
+    fit_record,
+    run_results,
+    summary,
+    write_json_atomic,
+    write_test_report,
+)
 from finetune.harness.resume import (
     check_left_to_train,
     check_resumable,
@@ -64,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_left_to_train(cfg, ckpt_path)  # before the folder is claimed: a refused resume leaves none
     claim_run_folder(output_dir)
     absolute_input_paths(cfg)
-    history = EpochHistory()
+    history, parameters = EpochHistory(), ParameterCount()
     trainer: pl.Trainer | None = None
     fitted: dict[str, Any] | None = None
     start = time.perf_counter()
@@ -73,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     calibration: dict[str, Any] = {}
     try:
         # DivergenceStop before EpochHistory: an epoch that ends on a nan loss is never recorded.
-        callbacks = [DivergenceStop(), history, RngState(), InterruptCheckpoint(output_dir), SignalStop()]
+        callbacks = [DivergenceStop(), history, RngState(), InterruptCheckpoint(output_dir), SignalStop(), parameters]
         run = assemble(cfg, callbacks)
         trainer = run.trainer
         log_config(trainer.loggers, cfg)  # the whole composed config, for trackers that compare runs
@@ -104,12 +111,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             test_report = write_test_report(scorer, run.images, output_dir, trainer.is_global_zero)
     except BaseException as err:
         fitted = fitted or fit_record(trainer, history.history)
-        exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, time.perf_counter() - start, ckpt_path)
+        seconds = time.perf_counter() - start
+        exit_code = _record_stop(err, trainer, cfg, output_dir, fitted, seconds, ckpt_path, parameters.record)
         if exit_code:
             raise SystemExit(exit_code) from err
         raise
 
-    results = run_results(cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path, test_report)
+    results = run_results(
+        cfg, output_dir, "completed", fitted, test_metrics, fit_seconds, ckpt_path, test_report, parameters.record
+    )
     results.update(calibration)
     if trainer.is_global_zero:
         write_json_atomic(RunFolder(output_dir).results, results)
@@ -149,10 +159,12 @@ def _record_stop(
     fitted: dict[str, Any],
     seconds: float,
     ckpt_path: Path | None,
+    parameters: dict[str, int | None] | None = None,
 ) -> int:
     """Write ``results.json`` for a run that did not complete; the exit code for an interruption, else 0."""
     signum = _interrupting_signal(err, trainer)
-    results = run_results(cfg, output_dir, "interrupted" if signum else "failed", fitted, {}, seconds, ckpt_path)
+    status = "interrupted" if signum else "failed"
+    results = run_results(cfg, output_dir, status, fitted, {}, seconds, ckpt_path, parameters=parameters)
     interrupted = RunFolder(output_dir).interrupted_checkpoint
     results["interrupted_checkpoint"] = str(interrupted) if signum and interrupted.is_file() else None
     lost = None if signum else lost_ranks(trainer)  # under DDP, a rank that died is the likely cause: name it

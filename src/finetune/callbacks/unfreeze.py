@@ -1,7 +1,7 @@
 """The backbone frozen for the first ``epoch`` epochs of a fit, then trained: ``+callbacks=unfreeze`` (LP-FT).
 
-The optimizer holds the backbone's groups and the ``head`` group from the first step. Until the epoch, the backbone
-is frozen in every way that matters:
+The optimizer holds the backbone's groups (``backbone``, or one per block with ``model.groups.layer_decay``) and the
+head's from the first step. Until the epoch, the backbone is frozen in every way that matters:
 
 - its gradients are dropped before each optimizer step, so the optimizer never touches it (no update, no weight
   decay, no momentum or Adam state: that state starts at the unfreeze epoch, as for a group added then) while the
@@ -31,12 +31,13 @@ from omegaconf import DictConfig
 
 from finetune.checks import check_int
 from finetune.errors import SettingError
+from finetune.param_groups import is_head_group
 
 log = logging.getLogger(__name__)
 
 
 class BackboneUnfreeze(pl.Callback):
-    """Keeps the ``backbone`` optimizer group frozen for the first ``epoch`` epochs (see the module docstring)."""
+    """Keeps the backbone's optimizer groups frozen for the first ``epoch`` epochs (see the module docstring)."""
 
     def __init__(self, epoch: int) -> None:
         check_int("callbacks.unfreeze.epoch", epoch, 1, "the epochs the backbone stays frozen before it trains")
@@ -96,9 +97,11 @@ class BackboneUnfreeze(pl.Callback):
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
-    """The ``head`` group and the backbone's groups (every other one)."""
-    head = [g for g in optimizer.param_groups if g.get("name") == "head"]
-    if len(head) != 1 or len(optimizer.param_groups) < 2:
+    """A ``head`` group (``head``, or ``head.no_decay``: :func:`~finetune.param_groups.is_head_group`) and the
+    backbone's groups (every other one: ``backbone``, or ``layer.<i>`` with ``model.groups.layer_decay``)."""
+    head = [g for g in optimizer.param_groups if is_head_group(g)]
+    backbone = [g for g in optimizer.param_groups if not is_head_group(g)]
+    if not head or not backbone:
         names = [g.get("name") for g in optimizer.param_groups]
         raise RuntimeError(f"callbacks.unfreeze needs a 'head' group and the backbone's groups, got {names}.")
-    return head[0], [g for g in optimizer.param_groups if g.get("name") != "head"]
+    return head[0], backbone

@@ -140,6 +140,8 @@ class InterruptCheckpoint(pl.Callback):
 FORMAT_KEY = "finetune_format"
 FORMAT = 2
 RECIPE = "recipe"
+# Epochs a callback adds to trainer.max_epochs (SWA's BatchNorm epoch): a resume before them has work left.
+EPOCHS_ADDED = "epochs_added"
 
 
 def recipe(cfg: DictConfig) -> dict[str, Any]:
@@ -168,10 +170,12 @@ def _changes_the_result(node: DictConfig) -> bool:
 
 class CheckpointRecord(pl.Callback):
     """Writes into every checkpoint the data it was fitted on (class names in output order, eval preprocessing),
-    the optimizer's class, the run's :func:`recipe` and :data:`FORMAT`."""
+    the optimizer's class, the run's :func:`recipe`, the epochs a callback added to the fit (:data:`EPOCHS_ADDED`)
+    and :data:`FORMAT`."""
 
     def __init__(self, cfg: DictConfig | None = None) -> None:
         self.recipe = recipe(cfg) if cfg is not None else None
+        self.max_epochs = cfg.trainer.get("max_epochs") if cfg is not None and cfg.get("trainer") else None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         images = getattr(trainer.datamodule, "images", trainer.datamodule)  # the image data behind a feature cache
@@ -183,4 +187,6 @@ class CheckpointRecord(pl.Callback):
             checkpoint["optimizer_class"] = f"{optimizer.__module__}.{optimizer.__qualname__}"
         if self.recipe is not None:
             checkpoint[RECIPE] = self.recipe
+        if isinstance(self.max_epochs, int) and 0 < self.max_epochs < (trainer.max_epochs or 0):
+            checkpoint[EPOCHS_ADDED] = trainer.max_epochs - self.max_epochs
         checkpoint[FORMAT_KEY] = FORMAT

@@ -39,6 +39,22 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     atomic.write_json(path, payload)
 
 
+class ParameterCount(pl.Callback):
+    """The parameters the optimizer trains (``trainable_parameters``, the backbone's included when it unfreezes
+    later) and all of the network's (``total_parameters``, adapters included), counted when fitting starts: after
+    the callbacks that choose what trains (``lora``, ``bitfit``) and before any of them undoes it."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, int | None] = {"trainable_parameters": None, "total_parameters": None}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trained = {id(p): p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        self.record = {
+            "trainable_parameters": sum(p.numel() for p in trained.values()),
+            "total_parameters": sum(p.numel() for p in pl_module.parameters()),
+        }
+
+
 def fit_record(trainer: pl.Trainer | None, history: list[dict[str, float]]) -> dict[str, Any]:
     """What the fit left: the best validation score and checkpoint, ``last.ckpt``, the per-epoch history.
 
@@ -67,8 +83,11 @@ def run_results(
     fit_seconds: float,
     resumed_from: Path | None,
     test_report: dict[str, Any] | None = None,
+    parameters: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """The ``results.json`` record of a training run (its keys are part of the public interface).
+
+    ``parameters``: :class:`ParameterCount`'s ``trainable_parameters`` and ``total_parameters``.
 
     ``test_report``: the final test's report keys (:func:`finetune.metrics.report_record`): ``test/per_class``
     ``{class: {precision, recall, f1, support}}``, ``test/confusion_matrix`` (rows = true class), ``test/auroc``
@@ -89,6 +108,8 @@ def run_results(
         "test/acc": to_number(test_metrics.get("test/acc")),
         "test/loss": to_number(test_metrics.get("test/loss")),
         **{key: report.get(key) for key in TEST_REPORT_KEYS},
+        "trainable_parameters": (parameters or {}).get("trainable_parameters"),
+        "total_parameters": (parameters or {}).get("total_parameters"),
         "epochs": len(fitted["history"]),
         "fit_seconds": round(fit_seconds, 2),
         "best_checkpoint": fitted["best_checkpoint"],
@@ -112,6 +133,9 @@ def summary(results: dict[str, Any]) -> str:
         f"  best val/acc {fmt(results['val/acc'])}   test/acc {fmt(results['test/acc'])}   "
         f"test/loss {fmt(results['test/loss'])}   epochs {results['epochs']}   fit {results['fit_seconds']:.1f}s",
     ]
+    trainable, total = results.get("trainable_parameters"), results.get("total_parameters")
+    if trainable is not None and total:
+        lines.append(f"  trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     if "val/temperature" in results:  # calibrate=true: the temperature applied, or why none was
         lines.append(f"  {temperature_line(results)}")
     lines += [f"  best checkpoint: {results['best_checkpoint']}", f"  output folder:   {results['output_dir']}"]

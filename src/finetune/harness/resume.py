@@ -29,10 +29,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune.data.transforms import PREPROCESSING, Preprocessing
 from finetune.errors import OverwriteError, PathError, ResumeError, SettingError, UserError
 from finetune.harness.checkpoint_io import CheckpointFolderError, check_checkpoint_file, load_checkpoint
-from finetune.harness.checkpointing import FORMAT, FORMAT_KEY, RECIPE, recipe
+from finetune.harness.checkpointing import EPOCHS_ADDED, FORMAT, FORMAT_KEY, RECIPE, recipe
 from finetune.harness.exits import fail
 from finetune.harness.run_folder import CHECKPOINTS, CLAIM, HYDRA, INTERRUPTED, LAST, RunFolder
 from finetune.harness.writable import check_name_lengths, check_writable
+from finetune.param_groups import Grouping
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def check_left_to_train(cfg: DictConfig, checkpoint_path: Path) -> None:
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     epochs, steps = progress.get("processed"), checkpoint.get("global_step")
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
-    if isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs != -1 and epochs >= max_epochs:
+    added = checkpoint.get(EPOCHS_ADDED, 0)  # e.g. SWA's BatchNorm epoch after the last one
+    if isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs != -1 and epochs >= max_epochs + added:
         reached = f"trainer.max_epochs={max_epochs} ({epochs} epoch(s) done)"
         longer = f"trainer.max_epochs={epochs + max(1, max_epochs // 2)}"
     elif isinstance(steps, int) and isinstance(max_steps, int) and max_steps != -1 and steps >= max_steps:
@@ -383,6 +385,8 @@ def check_resumable(
     saved_model = checkpoint.get("hyper_parameters", {})
     for key in ("backbone", "num_classes", "freeze", "head_lr_mult"):
         compare(f"model.{key}", saved_model.get(key), model.hparams.get(key), errors)
+    groups = [Grouping.of(g).to_dict() for g in (saved_model.get("groups"), model.hparams.get("groups"))]
+    compare("model.groups", *groups, errors)  # a checkpoint from before model.groups: null, the book's two groups
     then, now = checkpoint.get(RECIPE) or {}, recipe(cfg)
     for key in sorted(set(then) | set(now)):
         compare(key, then.get(key), now.get(key), errors)
