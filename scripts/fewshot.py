@@ -6,8 +6,10 @@
 
 Launches ``python -m finetune.train -m experiment=E data.shots=K1,K2,... data.shot_seed=0,...,N-1 <overrides>``
 once per experiment (each into ``<sweep-dir>/<experiment>``), then writes fewshot.md, fewshot.csv and fewshot.png
-(``finetune.fewshot``). Every K trains for the same ``trainer.max_epochs``: with K images per class under the batch
-size an epoch is one optimizer step, so pass the steps you want as epochs. ``--help`` lists every flag.
+(``finetune.fewshot``) of every experiment's sweep in ``<sweep-dir>``: launch experiments that need other overrides
+(``features=cached`` for frozen only) by separate calls with the same ``--sweep-dir``. Every K trains for the same
+``trainer.max_epochs``: with K images per class under the batch size an epoch is one optimizer step, so pass the
+steps you want as epochs. ``--help`` lists every flag.
 """
 
 from __future__ import annotations
@@ -69,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
             sweeps, returncode = args.from_dirs, 0
         else:
             root = args.sweep_dir or Path("logs") / "multiruns" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}_fewshot"
-            if root.exists() and any(root.iterdir()):
-                raise ReportError(f"{root} already holds files: pass a new --sweep-dir, or --from it to aggregate.")
-            sweeps, returncode = [], 0
-            for experiment in [e for e in args.experiments.split(",") if e]:
+            experiments = [e for e in args.experiments.split(",") if e]
+            taken = [str(root / e) for e in experiments if (root / e).exists() and any((root / e).iterdir())]
+            if taken:
+                raise ReportError(f"{', '.join(taken)} already holds files: pass a new --sweep-dir, or --from it.")
+            returncode = 0
+            for experiment in experiments:
                 launch = command(experiment, args.shots, args.draws, root / experiment, args.overrides)
                 print("+ " + shlex.join(launch), flush=True)
                 returncode = subprocess.run(launch).returncode or returncode
-                sweeps.append(root / experiment)
+            # Every experiment's sweep in the folder, those of earlier calls included (experiments that need
+            # different overrides, e.g. features=cached for frozen only, are launched by separate calls).
+            sweeps = sorted(d for d in root.iterdir() if (d / "multirun.yaml").is_file())
         written = write(sweeps, args.out or (sweeps[0] if args.from_dirs else root))
     except ReportError as error:
         print(f"fewshot: {error}", file=sys.stderr)
