@@ -64,15 +64,22 @@ def assert_exact_report(results: dict, probs: torch.Tensor) -> None:
     assert matrix["classes"] == CLASSES and matrix["matrix"] == EXPECTED_MATRIX
     per_class = results["test/per_class"]
     assert list(per_class) == CLASSES
+    recalls, f1s = [], []
     for c, name in enumerate(CLASSES):
         tp = EXPECTED_MATRIX[c][c]
         precision = tp / sum(row[c] for row in EXPECTED_MATRIX)
         recall = tp / sum(EXPECTED_MATRIX[c])
+        recalls.append(recall)
+        f1s.append(2 * precision * recall / (precision + recall))
         assert per_class[name]["support"] == TEST_COUNTS[name]
         assert per_class[name]["precision"] == pytest.approx(precision, abs=1e-6)
         assert per_class[name]["recall"] == pytest.approx(recall, abs=1e-6)
-        assert per_class[name]["f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-6)
+        assert per_class[name]["f1"] == pytest.approx(f1s[-1], abs=1e-6)
     assert results["test/acc"] == pytest.approx(7 / 11, abs=1e-6)
+    # Each class counts once: (3/4 + 2/3 + 2/4) / 3 = 0.639 against the accuracy's 7/11 = 0.636.
+    assert results["test/balanced_acc"] == pytest.approx(sum(recalls) / 3, abs=1e-6)
+    assert results["test/balanced_acc"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 4) / 3, abs=1e-6)
+    assert results["test/macro_f1"] == pytest.approx(sum(f1s) / 3, abs=1e-6)
     assert results["test/auroc"] == pytest.approx(expected_auroc(probs), abs=1e-5)
     assert results["test/ece"] == pytest.approx(expected_ece(probs), abs=1e-5)
     worst = results["test/top_losses"]

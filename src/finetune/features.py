@@ -37,9 +37,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from finetune.errors import SettingError
+from finetune.feature_store import FeatureStore, backbone_digest, samples_of, stamp
 from finetune.progress import track
 from finetune.workers import ordered_loader
 
@@ -57,8 +58,15 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     trains the backbone from; the cache serves the epochs before it.
     """
 
-    def __init__(self, images: pl.LightningDataModule, model: pl.LightningModule, unfreeze_epoch: int | None = None):
+    def __init__(
+        self,
+        images: pl.LightningDataModule,
+        model: pl.LightningModule,
+        unfreeze_epoch: int | None = None,
+        store: str | None = None,
+    ):
         super().__init__()
+        self.store = store  # a folder keeping features across runs (finetune.feature_store), or None
         self.staged = unfreeze_epoch is not None  # features for the frozen epochs only
         self.unfreeze_epoch = unfreeze_epoch
         if getattr(images, "augmentation", None) is not None and not self.staged:
@@ -105,6 +113,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def classes(self) -> list[str]:
         return self.images.classes
 
+    def class_counts(self) -> list[int]:
+        return self.images.class_counts()
+
     @property
     def reload_every(self) -> int | None:
         """The ``reload_dataloaders_every_n_epochs`` that switches to the image loaders at the unfreeze epoch (and
@@ -123,7 +134,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.model.backbone_frozen:
             return self.images.train_dataloader()
-        return DataLoader(self.features("train"), batch_size=self.batch_size, shuffle=True)
+        sampler = self.images.train_sampler()  # data.sampler: the same draw over the features as over the images
+        return DataLoader(self.features("train"), batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         if not self.model.backbone_frozen:
@@ -145,11 +157,31 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             dataset = getattr(self.images, "train_eval_set" if eval_view else f"{split}_set")
             if dataset is None:
                 raise RuntimeError(f"Call setup() before asking for the {split} features.")
-            self._features[split] = extract_features(
-                self.model, dataset, self.batch_size, self.images.num_workers, f"Extracting {split} features"
-            )
+            self._features[split] = self._extract(dataset, f"Extracting {split} features")
             log.info("Cached %s backbone features: %s", split, tuple(self._features[split].tensors[0].shape))
         return self._features[split]
+
+    def _extract(self, dataset: Dataset, description: str) -> TensorDataset:
+        """:func:`extract_features` of ``dataset``; with ``store``, only of the images it does not hold yet."""
+        samples = samples_of(dataset) if self.store else None
+        if samples is None:
+            return extract_features(self.model, dataset, self.batch_size, self.images.num_workers, description)
+        digest = backbone_digest(self.model.net, self.model.head_name, self.images.eval_transform())
+        store = FeatureStore(self.store, digest)
+        stamps = [stamp(path) for path, _ in samples]
+        found = store.lookup(stamps)
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            computed = extract_features(
+                self.model, Subset(dataset, missing), self.batch_size, self.images.num_workers, description
+            ).tensors[0]
+            store.add([stamps[i] for i in missing], computed)
+            for i, row in zip(missing, computed, strict=True):
+                found[i] = row
+        log.info("%s: %d of %d from %s", description, len(samples) - len(missing), len(samples), store.path)
+        if not found:
+            return TensorDataset(torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+        return TensorDataset(torch.stack(found), torch.tensor([target for _, target in samples]))
 
 
 def unfreeze_epoch(cfg: DictConfig) -> int | None:

@@ -1,4 +1,5 @@
-"""The test report: per-class precision/recall/F1/support, confusion matrix, AUROC, calibration, the worst images.
+"""The test report: per-class precision/recall/F1/support, balanced accuracy and macro-F1, confusion matrix, AUROC,
+calibration, the worst images.
 
 :class:`TestMetrics` holds torchmetrics objects that the module updates in ``test_step``; their states are synced
 across DDP ranks when computed, so the report counts every test image exactly once whatever the number of processes
@@ -30,6 +31,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 # The test report's keys in results.json (besides test/acc and test/loss).
 TEST_REPORT_KEYS = (
+    "test/balanced_acc",
+    "test/macro_f1",
     "test/per_class",
     "test/confusion_matrix",
     "test/auroc",
@@ -108,12 +111,17 @@ class TestMetrics(nn.Module):
         present = support > 0
         # One-vs-rest AUROC averaged over the classes that occur in test (for 2 classes: the binary AUROC).
         auroc = per_class_auroc[present].mean().item() if present.any() and len(support) > 1 else math.nan
+        recall, f1 = self.recall.compute().cpu(), self.f1.compute().cpu()
         return {
             "confusion": confusion,
             "precision": self.precision.compute().cpu(),
-            "recall": self.recall.compute().cpu(),
-            "f1": self.f1.compute().cpu(),
+            "recall": recall,
+            "f1": f1,
             "support": support,
+            # Means over the classes present in test, each class counting once whatever its size: on a 1:9 test
+            # split a model that always says the majority has accuracy 0.9 but balanced accuracy 0.5.
+            "balanced_acc": recall[present].mean().item() if present.any() else math.nan,
+            "macro_f1": f1[present].mean().item() if present.any() else math.nan,
             "auroc": auroc,
             "ece": self.ece.compute().item(),
             "ece_uncalibrated": self.ece_uncalibrated.compute().item()
@@ -149,6 +157,8 @@ def report_record(report: dict[str, Any] | None, classes: list[str], dataset: Da
         for i, name in enumerate(classes)
     }
     return {
+        "test/balanced_acc": _number(report["balanced_acc"]),
+        "test/macro_f1": _number(report["macro_f1"]),
         "test/per_class": per_class,
         "test/confusion_matrix": {
             "classes": list(classes),

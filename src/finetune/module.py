@@ -140,6 +140,14 @@ class FineTuneModule(pl.LightningModule):
         scheduler.step() if metric is None else scheduler.step(metric)
         scale_rates(scheduler.optimizer, up=True)
 
+    def setup(self, stage: str) -> None:
+        """A criterion that weighs classes by the training split (``set_class_counts``, e.g. ``weight=balanced`` of
+        :class:`~finetune.losses.WeightedCrossEntropy`) gets its per-class image counts from the data module before
+        fitting (the data module is set up first, and on resume before the checkpoint's weights are restored)."""
+        set_counts = getattr(self.criterion, "set_class_counts", None)
+        if stage == "fit" and set_counts is not None:
+            set_counts(self.trainer.datamodule.class_counts())
+
     # --- frozen BatchNorm ---------------------------------------------------------------------------------
     @property
     def backbone_frozen(self) -> bool:

@@ -4,7 +4,9 @@ Its steps, each in a module of its own: fetch the folder (:mod:`~finetune.data.d
 and their images (:mod:`~finetune.data.folders`), check that every image decodes and name duplicates
 (:mod:`~finetune.data.verify`), carve the validation split from train (:mod:`~finetune.data.splits`), transform
 (:mod:`~finetune.data.transforms`). Faster paths plug in where marked: decoded images cached
-(:mod:`~finetune.data.cache`), augmentation on the device (:mod:`~finetune.data.device_augment`).
+(:mod:`~finetune.data.cache`), augmentation on the device (:mod:`~finetune.data.device_augment`). The training
+images can be drawn by class weights instead of shuffled (:mod:`~finetune.data.sampling`, ``data.sampler``), and
+cut to K per class (``data.shots``, :mod:`~finetune.data.splits`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from finetune.data.download import download_and_extract
 from finetune.data.folders import evaluation_folder, scan_image_folder, scan_test_folder
 from finetune.data.images import load_rgb, preview, printable
 from finetune.data.loading import AUTO, pin_memory, resolve_num_workers
+from finetune.data.sampling import train_sampler
 from finetune.data.settings import TRAIN_ONLY_DATA_KEYS, check_data_settings
-from finetune.data.splits import check_split, split_train
+from finetune.data.splits import check_split, draw_shots, split_train
 from finetune.data.transforms import BOOK_IMAGE_SIZE, CROP_SCALE, Preprocessing, to_normalized_tensor, train_transform
 from finetune.data.verify import corrupt_images, find_duplicates, report_duplicates
 from finetune.errors import PathError, describe_path
@@ -62,6 +65,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         folds: int | None = None,
         fold: int | None = None,
+        shots: int | None = None,
+        shot_seed: int = 0,
+        sampler: str | Sequence[float] | dict[str, float] | None = None,
         image_size: int | None = None,
         resize_size: int | None = None,
         mean: Sequence[float] | None = None,
@@ -92,6 +98,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.test_transform: v2.Transform | None = None  # test-time views (finetune.evaluate tta=...): finetune.tta
         self.classes: list[str] = []
         self.train_set = self.val_set = self.test_set = self.train_eval_set = None
+        self.train_folder: ImageFolder | None = None  # all of train/ through the eval transform, once set up
+        self.split_indices: dict[str, list[int]] = {}  # "train", "val": indices into train_folder (after data.shots)
         self.device_augment: DeviceAugment | None = None  # set by setup() when the device augments
         self._layout: dict[str, dict[str, list[str]]] | None = None
         self._test_dir: Path | None = None  # test_only: root/test or root, once scanned
@@ -138,6 +146,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.classes = sorted(self._scan()["test" if self.test_only else "train"])
         return len(self.classes)
 
+    @property
+    def train_targets(self) -> list[int] | None:
+        """The training split's class indices in ``train_set``'s order; ``None`` before ``setup("fit")``."""
+        if self.train_folder is None:
+            return None
+        return [self.train_folder.targets[i] for i in self.split_indices["train"]]
+
+    def class_counts(self) -> list[int]:
+        """Training images per class (class-folder order), after the validation split and ``data.shots``: what a
+        class-weighted loss and ``data.sampler=balanced`` weigh by. Known once ``setup("fit")`` has run."""
+        targets = self.train_targets
+        if targets is None:
+            raise RuntimeError("Call setup('fit') before asking for the training split's class counts.")
+        return [targets.count(index) for index in range(len(self.classes))]
+
     def data_folders(self) -> list[Path]:
         """The folders whose class folders this module reads: a run that wrote inside one would have its figures
         read as images by the next run."""
@@ -183,7 +206,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         collate = pad_collate if self.augments_on_device else None
-        return self._loader(self.train_set, shuffle=True, collate_fn=collate)
+        return self._loader(self.train_set, shuffle=True, collate_fn=collate, sampler=self.train_sampler())
+
+    def train_sampler(self):
+        """``data.sampler``'s draw of the training split (:mod:`~finetune.data.sampling`); ``None``: shuffled."""
+        return train_sampler(self.hparams.sampler, self.train_targets, self.classes, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -206,6 +233,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         train_idx, val_idx = split_train(augmented.targets, augmented.classes, hp.val_fraction, hp.split_seed,
                                          hp.folds, hp.fold)  # fmt: skip
         check_split(augmented, train_idx, val_idx, hp.val_fraction)
+        train_idx = draw_shots(augmented.targets, augmented.classes, train_idx, hp.shots, hp.shot_seed)
+        self.train_folder, self.split_indices = plain, {"train": train_idx, "val": val_idx}
         train_set, val_set = Subset(augmented, train_idx), Subset(plain, val_idx)
         train_eval_set = Subset(plain, train_idx)  # the training images through the eval transform
         if hp.cache != "none":
@@ -269,15 +298,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return usable.__contains__
 
     # --- loading -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset | None, shuffle: bool, collate_fn=None) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, collate_fn=None, sampler=None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a data loader.")
         workers = self.num_workers
+        if sampler is None and not shuffle:
+            sampler = self._unrepeated_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=None if shuffle else self._unrepeated_sampler(dataset),
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate_fn,
             persistent_workers=workers > 0,

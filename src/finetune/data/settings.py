@@ -15,6 +15,7 @@ from finetune.checks import check_choice, check_int, numbers
 from finetune.data.cache import CACHE_MODES
 from finetune.data.device_augment import AUGMENT_ON, RESAMPLING
 from finetune.data.loading import AUTO
+from finetune.data.sampling import check_sampler
 from finetune.data.transforms import EVAL_RESIZES, INTERPOLATIONS, book_resize_size, train_transform
 from finetune.data.verify import DUPLICATES
 from finetune.errors import SettingError
@@ -55,6 +56,9 @@ TRAIN_ONLY_DATA_KEYS = (
     "split_seed",
     "folds",
     "fold",
+    "shots",
+    "shot_seed",
+    "sampler",
     "augmentation",
     "augment_on",
     "device_resampling",
@@ -145,6 +149,10 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
                 "original size."
             )
     _check_folds(hp.folds, hp.fold)
+    if hp.get("shots") is not None:
+        check_int("data.shots", hp.shots, 1, "training images kept per class (few-shot); null keeps them all")
+    check_int("data.shot_seed", hp.get("shot_seed", 0), None, "the seed of the few-shot draw")
+    check_sampler(hp.get("sampler"))
     if hp.cache == "disk" and hp.cache_dir is None:
         raise SettingError("data.cache=disk needs data.cache_dir: a writable folder for the decoded images.")
 

@@ -391,6 +391,12 @@ class ShardsDataModule(ImageFolderDataModule):
                 f"data.cache={self.hparams.cache} does not apply to data=shards: the shards stream encoded images "
                 "and decode each as it arrives. Use data.cache=none (the default) with shards, or data=folder."
             )
+        for key, value in (("shots", self.hparams.shots), ("sampler", self.hparams.sampler)):
+            if value is not None:
+                raise SettingError(
+                    f"data.{key}={value} does not apply to data=shards: the shards stream their split in a shuffled "
+                    f"order and cannot be cut or drawn from by index. Use data=folder for data.{key}, or leave it null."
+                )
         if self.manifest is None:
             manifest = read_manifest(self.shards_root, self.hparams.storage_options)
             check_classes(manifest, dict(self.hparams), self.shards_root)
@@ -424,6 +430,12 @@ class ShardsDataModule(ImageFolderDataModule):
             ShardSplit(plain_train, self._count("train")),
             ShardSplit(self.streams["val"], self._count("val")),
         )
+
+    def class_counts(self) -> list[int]:
+        """The training split's images per class, as the manifest records them."""
+        self.prepare_data()
+        per_class = self.manifest["splits"]["train"]["per_class"]
+        return [int(per_class[name]) for name in self.classes]
 
     def _check_duplicates(self) -> None:
         """Nothing to look for: the shards hold the split that ``finetune.shards`` wrote (it checked the folder)."""

@@ -1,5 +1,6 @@
 """How ``train/`` is split: a validation split carved from it, stratified by class and seeded (a held-out
-``data.val_fraction``, or fold ``data.fold`` of ``data.folds`` stratified folds); the test split is never touched."""
+``data.val_fraction``, or fold ``data.fold`` of ``data.folds`` stratified folds); the test split is never touched.
+Few-shot runs (``data.shots=K``) then keep K training images per class, drawn by ``data.shot_seed``."""
 
 from __future__ import annotations
 
@@ -100,3 +101,34 @@ def fold_split(targets: Sequence[int], folds: int, fold: int, seed: int) -> tupl
         raise ValueError(f"fold must be in [0, {folds}), got {fold}.")
     dealt = stratified_folds(targets, folds, seed)
     return sorted(i for k, part in enumerate(dealt) if k != fold for i in part), dealt[fold]
+
+
+def draw_shots(
+    targets: Sequence[int], classes: Sequence[str], train_idx: list[int], shots: int | None, seed: int
+) -> list[int]:
+    """K = ``shots`` of each class's training indices, drawn by ``seed`` (``None``: all of them).
+
+    Drawn from what the validation split left, so validation is the same images for every K and every draw: a
+    few-shot curve then compares models on one yardstick. Each class's images are shuffled by ``seed`` whatever K,
+    and the first K kept: with one seed the K = 1 images are among the K = 2 ones, and so on (nested draws, so a
+    curve over K with one seed adds images rather than swapping them).
+    """
+    if shots is None:
+        return train_idx
+    by_class: dict[int, list[int]] = {}
+    for index in train_idx:
+        by_class.setdefault(targets[index], []).append(index)
+    short = {classes[c]: len(found) for c, found in sorted(by_class.items()) if len(found) < shots}
+    if short:
+        listing = ", ".join(f"{name!r}: {n}" for name, n in short.items())
+        raise DataError(
+            f"data.shots={shots} is more than the training images of {len(short)} class(es) ({listing}, after the "
+            f"validation split). Use data.shots <= {min(short.values())}, or add images to those classes."
+        )
+    rng = random.Random(seed)
+    kept = []
+    for c in sorted(by_class):
+        order = sorted(by_class[c])
+        rng.shuffle(order)
+        kept += order[:shots]
+    return sorted(kept)

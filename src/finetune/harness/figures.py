@@ -83,8 +83,16 @@ def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str], path: P
     return path
 
 
-def top_losses_figure(worst: list[dict[str, Any]], dataset: Dataset, preprocessing: dict[str, Any], path: Path):
-    """The test images with the highest loss, as the model saw them, captioned true / predicted (probability)."""
+def top_losses_figure(
+    worst: list[dict[str, Any]],
+    dataset: Dataset,
+    preprocessing: dict[str, Any],
+    path: Path,
+    title: str | None = None,
+    names: tuple[str, str] = ("true", "predicted"),
+):
+    """The test images with the highest loss, as the model saw them, captioned true / predicted (probability).
+    ``title`` and the caption's two ``names`` for other galleries of the same kind (``finetune.label_issues``)."""
     from matplotlib.figure import Figure
 
     columns = min(COLUMNS, len(worst))
@@ -98,10 +106,13 @@ def top_losses_figure(worst: list[dict[str, Any]], dataset: Dataset, preprocessi
         if isinstance(image, torch.Tensor) and image.ndim == 3:
             axes.imshow((image.float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
         name = Path(entry["path"]).name if entry.get("path") else f"#{entry['index']}"
-        caption = f"true: {entry['true']}\npredicted: {entry['predicted']} ({_fmt(entry['probability'])})\n{name}"
+        caption = (
+            f"{names[0]}: {entry['true']}\n{names[1]}: {entry['predicted']} ({_fmt(entry['probability'])})\n{name}"
+        )
         axes.set_title(caption, fontsize=9)
         axes.set_axis_off()
-    figure.suptitle(f"Highest-loss test images (loss {_fmt(worst[0]['loss'])} down to {_fmt(worst[-1]['loss'])})")
+    losses = f"loss {_fmt(worst[0]['loss'])} down to {_fmt(worst[-1]['loss'])}"
+    figure.suptitle(f"{title} ({losses})" if title else f"Highest-loss test images ({losses})")
     atomic.save_figure(figure, path)
     return path
 
