@@ -6,6 +6,10 @@
 The split is the one ``finetune.train`` and ``finetune.soup`` use for the same data settings (the DataModule makes
 it), so a setting that only evaluation has, such as ``tta=``, can be chosen on the photos a run selected on, never on
 the test split. The photos are copied into ``VAL/test/<class>/``; an existing, non-empty ``VAL`` is refused.
+``VAL/validation_split.json`` records where they came from (the data root and the split settings): the shift
+benchmark on ``data.root=VAL`` keeps that record, and ``scripts/select_recipe.py`` ranks recipes only on such copies.
+
+    python -m finetune.robustness ckpt_path=CKPT data=folder data.root=VAL split=test   # shifted validation photos
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, even where ano
 def write_val_folder(output: Path, overrides: list[str]) -> int:
     """Copy the validation photos of the data the ``overrides`` describe into ``output/test/<class>/``; their count."""
     from finetune import atomic
+    from finetune.data.splits import SPLIT_SETTINGS, VALIDATION_RECORD
     from finetune.errors import OverwriteError, SettingError
     from finetune.harness.writable import check_apart, check_writable
     from finetune.run import build_datamodule, compose_config
@@ -41,6 +46,13 @@ def write_val_folder(output: Path, overrides: list[str]) -> int:
         within = Path(path).relative_to(Path(val.dataset.root) / name)  # a class's subfolders kept: no name clashes
         destination = output / "test" / name / within
         atomic.copy_file(path, destination)  # each photo whole or not at all
+    record = {
+        "data_root": str(Path(images.root).resolve()),
+        **{key: images.hparams.get(key) for key in SPLIT_SETTINGS},
+        "classes": list(val.dataset.classes),
+        "images": len(val.indices),
+    }
+    atomic.write_json(output / VALIDATION_RECORD, record)  # last: a copy cut short has no record
     return len(val.indices)
 
 

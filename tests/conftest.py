@@ -25,6 +25,7 @@ CONF_DIR = REPO / "conf"
 SHARED = REPO.parent / "shared"
 KAGGLE_HOTDOG = SHARED / "data" / "hotdog-kaggle"
 MOBILENET_V2_WEIGHTS = SHARED / "weights" / "mobilenet_v2-imagenet-features.pth"
+EFFICIENTNET_LITE2_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite2-imagenet.pth"  # with its ImageNet head
 
 # One thread per test process, in this one and (through OMP_NUM_THREADS, which they inherit) in every process a test
 # starts, unless OMP_NUM_THREADS says otherwise. The runs are tiny; extra OpenMP threads only wait for a core on a

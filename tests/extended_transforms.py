@@ -20,12 +20,16 @@ def train_transform(
     crop_scale: Sequence[float] = transforms.CROP_SCALE,
     policy: str | None = None,
     random_erasing: float = 0.0,
+    zoom_out: float | None = None,
     color_jitter: float = 0.0,
 ) -> v2.Compose:
     """The package's training transform, with ``color_jitter``: brightness, contrast and saturation jitter."""
     check_number("data.augmentation.color_jitter", color_jitter, "in [0, 1]", lambda x: 0 <= x <= 1, "e.g. 0.4.")
-    steps = transforms.train_transform(image_size, mean, std, interpolation, crop_scale, policy, random_erasing)
+    steps = transforms.train_transform(
+        image_size, mean, std, interpolation, crop_scale, policy, random_erasing, zoom_out
+    ).transforms
     if not color_jitter:
-        return steps
+        return v2.Compose(steps)
     jitter = v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
-    return v2.Compose([*steps.transforms[:2], jitter, *steps.transforms[2:]])  # after the crop and flip
+    after = next(i for i, step in enumerate(steps) if isinstance(step, v2.RandomHorizontalFlip)) + 1
+    return v2.Compose([*steps[:after], jitter, *steps[after:]])  # after the crop and flip

@@ -57,6 +57,23 @@ def test_random_erasing_zeroes_a_rectangle_of_the_normalised_image():
     assert (untouched == 0).all(dim=0).sum() == 0
 
 
+def test_zoom_out_puts_half_the_photos_on_a_mean_colour_canvas_before_the_crop():
+    transform = train_transform(32, crop_scale=(1.0, 1.0), zoom_out=3.0)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names[:3] == ["RandomZoomOut", "RandomResizedCrop", "RandomHorizontalFlip"]
+    white = Image.new("RGB", (48, 48), (255, 255, 255))
+    torch.manual_seed(0)
+    outputs = [transform(white) for _ in range(40)]
+    # The canvas is the normalisation's mean colour: exactly 0 in every channel after normalising.
+    canvas = [(o.abs() < 1e-2).all(dim=0).float().mean().item() for o in outputs]
+    zoomed = [share for share in canvas if share > 0]
+    assert 10 <= len(zoomed) <= 30  # about half (p=0.5)
+    assert max(canvas) > 0.5  # up to 3x the side: the photo then fills as little as a ninth of the crop
+    assert min(train_transform(32, crop_scale=(1.0, 1.0))(white).abs().min(dim=0).values.flatten()) > 1
+    timm_like = train_transform(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), zoom_out=2.0)
+    assert timm_like.transforms[0].fill == (128, 128, 128)  # timm's mean 0.5
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -113,6 +130,7 @@ def test_a_run_with_every_lever_trains_and_records_them(tmp_path):
     levers = [
         "data.augmentation.policy=trivial",
         "data.augmentation.random_erasing=0.25",
+        "data.augmentation.zoom_out=2",
         "model.criterion.label_smoothing=0.1",
         "+callbacks=mixup",
         "callbacks.mixup.mixup_alpha=0.2",
@@ -126,4 +144,5 @@ def test_a_run_with_every_lever_trains_and_records_them(tmp_path):
     assert recipe["model.criterion"]["label_smoothing"] == 0.1
     assert (recipe["callbacks.mixup"]["mixup_alpha"], recipe["callbacks.mixup"]["cutmix_alpha"]) == (0.2, 1.0)
     assert (data["augmentation"]["policy"], data["augmentation"]["random_erasing"]) == ("trivial", 0.25)
+    assert data["augmentation"]["zoom_out"] == 2
     assert all(0 <= e["train/acc"] <= 1 and e["train/loss"] > 0 for e in results["history"])

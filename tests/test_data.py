@@ -141,6 +141,12 @@ AUG = {"_target_": "finetune.data.transforms.train_transform", "_partial_": True
             {"augmentation": AUG | {"policy": "trivial"}, "augment_on": "device"},
             r"data.augmentation.policy=trivial run in the loader: data.augment_on=device",
         ),
+        ({"augmentation": AUG | {"zoom_out": 1.0}}, r"zoom_out must be a number > 1 or null, got 1\.0"),
+        ({"augmentation": AUG | {"zoom_out": "big"}}, r"data.augmentation.zoom_out must be a number > 1 .*'big'"),
+        (
+            {"augmentation": AUG | {"zoom_out": 2}, "augment_on": "device"},
+            r"data.augmentation.zoom_out=2 run in the loader: data.augment_on=device",
+        ),
         ({"skip_corrupt": 1}, r"data.skip_corrupt must be true or false, got 1\."),
         ({"download": {"url": "http://x/a.zip"}}, r"data.download must be null or a mapping with a url and .*sha1"),
         ({"cache_short_side": 0}, r"data.cache_short_side must be an integer >= 1 .*got 0\."),

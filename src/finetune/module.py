@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import IMAGENET, build_backbone
+from finetune.backbones.head_init import check_head_init
 from finetune.checks import check_choice, check_int, check_number, check_optimizer
 from finetune.errors import SettingError
 from finetune.features import head_forward
@@ -49,6 +50,10 @@ class FineTuneModule(pl.LightningModule):
     ``scheduler``: Lightning's ``lr_scheduler`` dictionary with a factory under ``scheduler`` (called with the
     optimizer, and with ``total_steps`` when it takes one that the config leaves unset: the run's number of scheduler
     steps) and ``interval`` / ``frequency``.
+
+    ``head_init``: ``None`` or ``{"from": "xavier"}`` for the book's fresh head; ``{"from": "source", "classes":
+    {class: [source indices] | "rest"}}``, its classes in output order, starts the head from the pretrained
+    classifier's rows (:mod:`finetune.backbones.head_init`; ``finetune.run`` orders the mapping by the class folders).
     """
 
     def __init__(
@@ -62,11 +67,12 @@ class FineTuneModule(pl.LightningModule):
         criterion: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: dict[str, Any] | None = None,
+        head_init: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])  # the model's recipe, for checkpoints
         self.grouping = Grouping.of(groups)
-        built = build_backbone(backbone, num_classes, weights)
+        built = build_backbone(backbone, num_classes, weights, head_init)
         self.net, self.head_name = built.model, built.head_name
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.optimizer_factory, self.scheduler_config = optimizer, scheduler
@@ -92,6 +98,9 @@ class FineTuneModule(pl.LightningModule):
         check_number("model.head_lr_mult", model.get("head_lr_mult"), "> 0", lambda x: x > 0, advice)
         groups = model.get("groups")
         Grouping.of(OmegaConf.to_container(groups, resolve=True) if OmegaConf.is_config(groups) else groups)
+        head_init = model.get("head_init")
+        head_init = OmegaConf.to_container(head_init, resolve=True) if OmegaConf.is_config(head_init) else head_init
+        check_head_init(head_init, model.get("weights"))
         criterion = model.get("criterion") or {}
         if "label_smoothing" in criterion:  # torch's losses check it only when they first run
             advice = "It is the share of each training target spread evenly over the classes (0: none; 0.1 is usual)."

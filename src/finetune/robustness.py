@@ -36,6 +36,7 @@ from torchvision.datasets import ImageFolder
 from finetune import atomic
 from finetune.data import download_and_extract, load_rgb
 from finetune.data.loading import resolve_num_workers
+from finetune.data.splits import validation_record
 from finetune.data.transforms import Preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
@@ -271,6 +272,8 @@ def robustness(cfg: DictConfig, logits_fn: LogitsFn | None = None) -> dict[str, 
         "tta": tta,
         "temperature": scorer.temperature,
         "source": str(split_dir),
+        # A copy of a validation split (scripts/val_split_folder.py) says so: a recipe may be chosen on this record.
+        "validation_split": validation_record(root),
         "shift_seed": seed,
         "shift_cache": str(cache),
         "shift_cache_bytes": cache_bytes,  # the shifted images of the sets scored
@@ -319,10 +322,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         cells = [str(row["set"]), str(row["n"])] + [_cell(row[c]) for c in columns[2:]]
         lines.append("| " + " | ".join(cells) + " |")
     gap = results["gap"]
+    record = results.get("validation_split")
+    copy = f" (a copy of the validation split of {record.get('data_root')})" if record else ""
     lines += [
         "",
         f"Gap (clean acc - mean acc over the {len(results['sets']) - 1} shifted sets): {_cell(gap)}.",
-        f"Checkpoint {results['checkpoint']}; test folder {results['source']}; shift seed {results['shift_seed']}. "
+        f"Checkpoint {results['checkpoint']}; test folder {results['source']}{copy}; shift seed "
+        f"{results['shift_seed']}. "
         "AUROC one-vs-rest (binary for two classes), ECE over 15 bins of the top probability, NLL in nats.",
     ]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from finetune.backbones import preprocessing
+from finetune.backbones.head_init import in_class_order, uses_source
 from finetune.backbones.input_size import check_input_size, check_pretrained_size
 from finetune.errors import DataError, PathError, SettingError, UserError
 from finetune.features import FeatureCacheDataModule, unfreeze_epoch
@@ -198,13 +199,24 @@ def backbone_preprocessing(cfg: DictConfig, backbone: str | None = None) -> dict
     return {key: value for key, value in expected.items() if data.get(key) is None}
 
 
-def build_model(cfg: DictConfig, num_classes: int, image_size: int | None = None) -> pl.LightningModule:
+def build_model(
+    cfg: DictConfig, num_classes: int, image_size: int | None = None, classes: Sequence[str] | None = None
+) -> pl.LightningModule:
     """The configured model (its criterion built from ``model.criterion``), its optimizer and scheduler factories
     attached. With the ``image_size`` it will see, that size is checked against the network (:func:`check_image_size`).
+    ``classes``: the class folders in output order, which a head started from the source classifier
+    (``model.head_init.from=source``) must map, each to its source classes.
     """
     scheduler = cfg.get("scheduler")
+    node: Any = cfg.model
+    if uses_source(OmegaConf.select(cfg, "model.head_init")):
+        if classes is None:
+            raise ValueError("model.head_init.from=source needs the class names to order its mapping")
+        # The mapping in output order; replaced in the node, as instantiate's keyword merge would keep the config's.
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+        node["head_init"] = in_class_order(node["head_init"], classes)
     model = build(
-        cfg.model,
+        node,
         num_classes=num_classes,
         optimizer=build(cfg.optimizer),
         scheduler=build(scheduler, _convert_="all") if scheduler else None,
@@ -294,7 +306,7 @@ def assemble(
     images = build_datamodule(cfg, backbone, test_only=test_only)
     if model is None:
         check_class_count(cfg, images)
-        model = build_model(cfg, images.num_classes, images.preprocessing.image_size)
+        model = build_model(cfg, images.num_classes, images.preprocessing.image_size, images.classes)
     else:
         check_image_size(images.preprocessing.image_size, model, configured=False)
     datamodule = images

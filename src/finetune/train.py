@@ -35,6 +35,7 @@ from finetune.harness.results import (
     fit_record,
     run_results,
     summary,
+    to_number,
     write_json_atomic,
     write_test_report,
 )
@@ -46,11 +47,11 @@ from finetune.harness.resume import (
     with_run_overrides,
 )
 from finetune.harness.run_folder import RunFolder, keep_claimed
-from finetune.harness.run_settings import check_seed
+from finetune.harness.run_settings import check_seed, is_zero_shot
 from finetune.harness.run_state import EpochHistory, RngState
 from finetune.harness.signals import SignalStop
 from finetune.loggers import log_config, log_results
-from finetune.run import CONFIG_DIR, assemble, compose_config
+from finetune.run import CONFIG_DIR, Run, assemble, compose_config
 from finetune.scoring import TEMPERATURE, Scorer
 from finetune.temperature import calibrate_checkpoint
 
@@ -88,10 +89,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             check_resumable(ckpt_path, run.model, run.images, cfg)  # reads it safely first: never unpickles code
             log.info("Resuming from %s", ckpt_path)
         keep_claimed()  # training starts: a failure from here on keeps the folder and its record
-        trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if is_zero_shot(cfg):
+            fitted = zero_shot(run, output_dir)
+        else:
+            trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+            # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
+            fitted = fit_record(trainer, history.history)
         fit_seconds = time.perf_counter() - start
-        # Read everything from the fit now: testing a checkpoint restores the callbacks' state as of that epoch.
-        fitted = fit_record(trainer, history.history)
         best = fitted["best_checkpoint"]  # None after fast_dev_run or without checkpointing: the weights in hand
         checkpoint = load_checkpoint(best) if best else {"state_dict": run.model.state_dict()}
         run.model.load_state_dict(checkpoint["state_dict"])
@@ -126,6 +130,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_results(trainer.loggers, results)
         tell(summary(results))
     return results
+
+
+def zero_shot(run: Run, output_dir: Path) -> dict[str, Any]:
+    """A zero-shot run (``trainer.max_epochs=0``, the head the pretrained classifier's rows): nothing is fitted; the
+    model is validated as it is and saved as ``checkpoints/zero_shot.ckpt``, which then goes where a fit's best
+    checkpoint would: calibrated on validation, tested once, and usable as a soup's ingredient (``method=wise``
+    between it and a fine-tune that started from it)."""
+    metrics = run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)[0]
+    path = RunFolder(output_dir).zero_shot_checkpoint
+    run.trainer.save_checkpoint(path, weights_only=False)  # with the class names, preprocessing and recipe record
+    return {
+        "val/acc": to_number(metrics.get("val/acc")),
+        "best_checkpoint": str(path),
+        "last_checkpoint": None,
+        "history": [],
+    }
 
 
 def absolute_input_paths(cfg: DictConfig) -> None:

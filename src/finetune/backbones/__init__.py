@@ -7,7 +7,9 @@ image_size)`` (what its pretrained weights expect as input). A new family is one
 
 Weights come from the family's own pretrained download (``"imagenet"``), from a local ``state_dict`` file (any other
 string: a path), or not at all (``None``: random init). The head is always new, its weight Xavier-uniform
-initialised, as in the d2l "Fine-Tuning" chapter.
+initialised, as in the d2l "Fine-Tuning" chapter, unless ``head_init`` asks for the pretrained classifier's rows
+(:mod:`finetune.backbones.head_init`): read from the weights file, or, for the library's download, from the
+family's optional ``source_head(name)`` (the pretrained classifier's ``{"weight", "bias"}``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from torch import nn
 
@@ -47,18 +50,33 @@ def family(name: str) -> ModuleType:
     return importlib.import_module(FAMILIES[prefix])
 
 
-def build_backbone(name: str, num_classes: int, weights: str | Path | None = IMAGENET) -> Backbone:
-    """Build ``name`` with ``weights`` and a new ``num_classes``-way Xavier-initialised head."""
+def build_backbone(
+    name: str, num_classes: int, weights: str | Path | None = IMAGENET, head_init: dict[str, Any] | None = None
+) -> Backbone:
+    """Build ``name`` with ``weights`` and a new ``num_classes``-way head: Xavier-initialised, or with ``head_init``
+    ``{"from": "source", "classes": {name: [indices] | "rest"}}`` (in output order) the pretrained classifier's rows
+    (:mod:`finetune.backbones.head_init`)."""
+    from finetune.backbones.head_init import check_head_init, init_from_source, uses_source
+
     if num_classes < 2:
         raise SettingError(f"A classifier needs at least 2 classes, got num_classes={num_classes}.")
     if isinstance(weights, str) and weights.lower() in ("none", "null", "random"):
         weights = None
+    check_head_init(head_init, weights)
     pretrained = isinstance(weights, str) and weights.lower() == IMAGENET
-    model, head_name = family(name).build(name, num_classes, pretrained)
+    builder = family(name)
+    model, head_name = builder.build(name, num_classes, pretrained)
+    source = None
     if weights is not None and not pretrained:
         from finetune.backbones.weights import load_backbone_weights  # a local file: read, checked, loaded
 
-        load_backbone_weights(model, head_name, Path(weights), backbone=name)
+        source = load_backbone_weights(model, head_name, Path(weights), backbone=name)
+    if uses_source(head_init):
+        where, advice = f"model.weights={weights}", "Pass a weights file saved with its classifier."
+        if pretrained:
+            where, advice = f"the pretrained weights of {name!r}", "Pass a weights file that keeps its classifier."
+            source = builder.source_head(name) if hasattr(builder, "source_head") else None
+        init_from_source(model.get_submodule(head_name), source, head_init, where, advice)
     return Backbone(model=model, head_name=head_name)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 
+import torch
 from torch import nn
 
 from finetune.errors import DownloadError, MissingPackageError, SettingError
@@ -49,6 +50,21 @@ def build(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str
     head.reset_parameters()
     nn.init.xavier_uniform_(head.weight)  # the book's head: Xavier weight, PyTorch's default bias
     return model, next(n for n, module in model.named_modules() if module is head)
+
+
+def source_head(name: str) -> dict[str, torch.Tensor] | None:
+    """The pretrained classifier of timm's weights for ``name`` (``model.head_init.from=source``); ``None`` where it
+    is not one ``Linear`` layer."""
+    timm = _import_timm()
+    try:
+        head = timm.create_model(_checked_name(name), pretrained=True).get_classifier()
+    except Exception as err:  # the same download as build()'s, which succeeded or said why it failed
+        raise DownloadError(
+            f"Could not load timm's pretrained weights for {name!r} ({type(err).__name__}: {err})."
+        ) from err
+    if not isinstance(head, nn.Linear):
+        return None
+    return {key: value.detach().clone() for key, value in head.state_dict().items()}
 
 
 def preprocessing(name: str, image_size: int | None = None) -> dict:

@@ -48,6 +48,14 @@ def build(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str
     return model, head_name
 
 
+def source_head(name: str) -> dict[str, torch.Tensor]:
+    """The pretrained classifier of ``name``'s ImageNet weights (``model.head_init.from=source``), read from the
+    model those weights build before its head is replaced."""
+    model = _download(name)
+    head = model.get_submodule(find_head(model))
+    return {key: value.detach().clone() for key, value in head.state_dict().items()}
+
+
 def preprocessing(name: str, image_size: int | None = None) -> dict:
     """The book's ImageNet input: a 224 crop of a 256 resize (the same ratio for other crops), bilinear."""
     size = IMAGE_SIZE if image_size is None else image_size

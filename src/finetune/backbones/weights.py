@@ -19,10 +19,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
-def load_backbone_weights(model: nn.Module, head_name: str, path: Path, backbone: str | None = None) -> None:
-    """Load a local ``state_dict`` (full or backbone-only) into every layer but the head.
+def load_backbone_weights(
+    model: nn.Module, head_name: str, path: Path, backbone: str | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Load a local ``state_dict`` (full or backbone-only) into every layer but the head; return the file's head
+    (``{"weight", "bias"}``, the pretrained classifier that ``model.head_init.from=source`` starts from) or ``None``.
 
-    Head entries in the file are ignored (the head is always new). Anything else that does not fit
+    Head entries in the file are not loaded (the head is always new). Anything else that does not fit
     (missing layers, unexpected keys, wrong shapes) is an error that lists the offending keys and names the
     torchvision architectures the file does fit, if any (``backbone``: the ``model.backbone`` name, for the message).
     """
@@ -65,6 +68,8 @@ def load_backbone_weights(model: nn.Module, head_name: str, path: Path, backbone
             + advice
         )
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head_name + ".")}, strict=False)
+    head = {key[len(head_name) + 1 :]: value for key, value in state.items() if key.startswith(head_name + ".")}
+    return head or None
 
 
 def _not_a_weights_file(path: Path) -> str:

@@ -172,7 +172,8 @@ def _check_folds(folds: object, fold: object) -> None:
 
 def check_augmentation(augmentation: Any, augment_on: str) -> None:
     """``data.augmentation`` (null: the eval transform): a transform is built from it, which checks its own settings
-    (:func:`~finetune.data.transforms.train_transform`); policies and erasing only run on the loader path."""
+    (:func:`~finetune.data.transforms.train_transform`); policies, erasing and zooming out only run on the loader
+    path."""
     if augmentation is None:
         return
     settings = dict(augmentation.keywords if isinstance(augmentation, partial) else augmentation)
@@ -183,7 +184,8 @@ def check_augmentation(augmentation: Any, augment_on: str) -> None:
         module, _, name = str(target).rpartition(".")
         build = getattr(importlib.import_module(module), name)  # a researcher's own transform checks itself too
     build(64, **settings)  # raises SettingError naming data.augmentation.<key>
-    extra = [f"data.augmentation.{key}={settings[key]}" for key in ("policy", "random_erasing") if settings.get(key)]
+    loader_only = ("policy", "random_erasing", "zoom_out")
+    extra = [f"data.augmentation.{key}={settings[key]}" for key in loader_only if settings.get(key)]
     if augment_on == "device" and extra:
         raise SettingError(
             f"{' and '.join(extra)} run in the loader: data.augment_on=device only does the book's crop and flip. "

@@ -4,11 +4,29 @@ Few-shot runs (``data.shots=K``) then keep K training images per class, drawn by
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from finetune.data.images import preview
 from finetune.errors import DataError
+
+# A copy of a validation split (scripts/val_split_folder.py: VAL/test/<class>/...) says what it is in this file beside
+# its test/ folder, so that the shift benchmark on it, and a recipe chosen on that, can tell it from a test split.
+VALIDATION_RECORD = "validation_split.json"
+SPLIT_SETTINGS = ("val_fraction", "split_seed", "folds", "fold")  # the data.* settings that decide the split
+
+
+def validation_record(root: str | Path) -> dict[str, Any] | None:
+    """The record of a validation-split copy at ``root`` (data root, split settings, classes, images); ``None`` for
+    any other folder (a test split among them)."""
+    try:
+        record = json.loads((Path(root) / VALIDATION_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def split_train(

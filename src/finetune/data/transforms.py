@@ -52,12 +52,16 @@ def train_transform(
     crop_scale: Sequence[float] = CROP_SCALE,
     policy: str | None = None,
     random_erasing: float = 0.0,
+    zoom_out: float | None = None,
 ) -> v2.Compose:
     """The book's training augmentation: a random resized crop of ``crop_scale`` of the area (the book's and
     torchvision's ``(0.08, 1.0)``; a larger minimum keeps more of each photo), a horizontal flip, normalisation.
     ``policy`` adds a torchvision policy on the cropped uint8 image, ``random_erasing`` erases a random rectangle of
-    the normalised tensor with that probability (timm's recipe order). The size, normalisation and resampling are
-    the eval preprocessing's (the DataModule passes them); the rest are ``data.augmentation.*``."""
+    the normalised tensor with that probability (timm's recipe order). ``zoom_out`` (> 1), before the crop: half
+    of the photos are placed at a random spot of a canvas up to ``zoom_out`` times their width and height, filled
+    with the mean colour (torchvision's ``RandomZoomOut``), so that objects are also seen small and off-centre.
+    The size, normalisation and resampling are the eval preprocessing's (the DataModule passes them); the rest are
+    ``data.augmentation.*``."""
     if not (numbers(crop_scale, 2) and 0 < crop_scale[0] <= crop_scale[1] <= 1):
         raise SettingError(
             f"data.augmentation.crop_scale must be [min, max] with 0 < min <= max <= 1 (the random crop's area as a "
@@ -71,8 +75,15 @@ def train_transform(
         )
     advice = "It is the probability of erasing a random rectangle of each training image (0: never; timm uses 0.25)."
     check_number("data.augmentation.random_erasing", random_erasing, "in [0, 1]", lambda x: 0 <= x <= 1, advice)
+    if zoom_out is not None:
+        advice = "It is the largest canvas side as a multiple of the photo's (null: none; 2 to 4 shrinks objects)."
+        check_number("data.augmentation.zoom_out", zoom_out, "a number > 1 or null", lambda x: x > 1, advice)
     mode = interpolation_mode(interpolation)
-    steps: list[v2.Transform] = [
+    steps: list[v2.Transform] = []
+    if zoom_out is not None:
+        fill = tuple(round(255 * m) for m in mean)  # the mean colour: zero after normalisation
+        steps.append(v2.RandomZoomOut(fill=fill, side_range=(1.0, float(zoom_out)), p=0.5))
+    steps += [
         v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
         v2.RandomHorizontalFlip(),
     ]

@@ -15,6 +15,7 @@ their own::
       checkpoints/last.ckpt     the end of the latest finished epoch
       checkpoints/interrupted.ckpt   the state at Ctrl+C / SIGTERM / a crash while fitting
       checkpoints/epochNN-val_acc*.ckpt   the best epoch on validation
+      checkpoints/zero_shot.ckpt   a zero-shot run's model (trainer.max_epochs=0 with model.head_init.from=source)
       .claim                    which process owns the folder (created atomically before anything is written)
 
 Multirun job folders are named ``<job number>_<experiment>_seed<seed>`` (``conf/hydra/default.yaml``).
@@ -43,6 +44,7 @@ EVAL_RESULTS = "eval_results.json"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 INTERRUPTED = "interrupted.ckpt"
+ZERO_SHOT = "zero_shot.ckpt"
 HYDRA = ".hydra"
 OVERRIDES = "overrides.yaml"
 CLAIM = ".claim"
@@ -91,6 +93,10 @@ class RunFolder:
     @property
     def interrupted_checkpoint(self) -> Path:
         return self.checkpoints / INTERRUPTED
+
+    @property
+    def zero_shot_checkpoint(self) -> Path:
+        return self.checkpoints / ZERO_SHOT
 
     @property
     def confusion_matrix(self) -> Path:

@@ -2,6 +2,8 @@
 its own settings (``check_settings`` beside its code); these are the ones no component owns.
 
 Lightning accepts values that train nothing (``max_epochs=0``) or fail without naming the setting (``devices=0``).
+``max_epochs=0`` is a run of its own only with a head started from the pretrained classifier
+(``model.head_init.from=source``): the zero-shot model, validated, calibrated and tested untrained.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.backbones.head_init import uses_source
 from finetune.checks import check_number
 from finetune.errors import SettingError
 from finetune.harness.distributed import check_strategy
@@ -19,17 +22,29 @@ from finetune.harness.distributed import check_strategy
 
 def check_run_settings(cfg: DictConfig) -> None:
     """``trainer.*`` of a composed run config (and ``seed`` where the entry point seeds: :func:`check_seed`)."""
-    check_trainer_settings(cfg.trainer)
+    check_trainer_settings(cfg.trainer, zero_shot=zero_shot_allowed(cfg))
+
+
+def zero_shot_allowed(cfg: DictConfig) -> bool:
+    """Whether ``trainer.max_epochs=0`` means something: the model's head is the source classifier's
+    (``model.head_init.from=source``), so the untrained model is the zero-shot classifier."""
+    return uses_source(OmegaConf.select(cfg, "model.head_init", default=None))
+
+
+def is_zero_shot(cfg: DictConfig) -> bool:
+    """A zero-shot run: ``trainer.max_epochs=0`` with the source head (nothing is fitted, see ``finetune.train``)."""
+    return OmegaConf.select(cfg, "trainer.max_epochs", default=None) == 0 and zero_shot_allowed(cfg)
 
 
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_trainer_settings(trainer: DictConfig) -> None:
+def check_trainer_settings(trainer: DictConfig, zero_shot: bool = False) -> None:
     """Stopping rules Lightning accepts but that train nothing: a run would report "completed" on untrained weights.
 
-    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``.
+    ``max_epochs=-1`` (Lightning's "no epoch limit") is allowed with a step limit, ``+trainer.max_steps=N``;
+    ``max_epochs=0`` where ``zero_shot`` (the head is the pretrained classifier's: :func:`zero_shot_allowed`).
     """
     steps = trainer.get("max_steps", -1)
     if not (_count(steps) and (steps == -1 or steps >= 1)):
@@ -42,11 +57,12 @@ def check_trainer_settings(trainer: DictConfig) -> None:
     check_accelerator(trainer.get("accelerator", "auto"))
     check_strategy(trainer.get("strategy", "auto"))
     epochs = trainer.get("max_epochs")
-    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1))):
+    if not (_count(epochs) and (epochs >= 1 or (epochs == -1 and steps >= 1) or (epochs == 0 and zero_shot))):
         raise SettingError(
             f"trainer.max_epochs must be an integer >= 1 (the epochs to train), got {epochs!r}. Set e.g. "
-            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights. -1 (no epoch "
-            "limit) needs a step limit, +trainer.max_steps=N."
+            "trainer.max_epochs=5 (the book's): with 0 a run reports 'completed' on untrained weights (0 is a "
+            "zero-shot run only with the head started from the pretrained classifier, model.head_init.from=source). "
+            "-1 (no epoch limit) needs a step limit, +trainer.max_steps=N."
         )
 
 
