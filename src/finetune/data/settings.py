@@ -85,9 +85,9 @@ def check_data_settings(settings: Mapping[str, Any]) -> None:
                 "photos are scaled up by the crop), or null for the backbone's pretrained size (224 for torchvision "
                 "backbones)."
             )
-    if hp.resize_size is not None and hp.image_size is not None:
+    if hp.resize_size is not None:
         check_int("data.resize_size", hp.resize_size, 1, "the resize before the centre crop, or null")
-        if hp.resize_size < hp.image_size:
+        if hp.image_size is not None and hp.resize_size < hp.image_size:
             raise SettingError(
                 f"data.resize_size={hp.resize_size} is smaller than data.image_size={hp.image_size}: the centre "
                 "crop would pad the resized image with black borders. Use data.resize_size >= data.image_size, "
