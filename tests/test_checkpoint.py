@@ -44,7 +44,7 @@ def test_every_checkpoint_stores_class_names_and_eval_preprocessing(run):
 def test_a_cached_features_checkpoint_stores_them_too(tmp_path_factory):
     run = trained_run(tmp_path_factory, cache_features=True)
     checkpoint = load_checkpoint(run["last_checkpoint"])
-    assert checkpoint["recipe"]["features"] == {"_target_": "finetune.features.FeatureCacheDataModule"}
+    assert checkpoint["recipe"]["features"] == {"_target_": "finetune.features.FeatureCacheDataModule", "store": None}
     assert checkpoint[CLASSES] == ["cat", "dog"] and checkpoint[PREPROCESSING]["image_size"] == 32
 
 
