@@ -85,10 +85,10 @@ def test_the_readme_is_short_and_starts_with_the_two_commands_ci_runs():
     first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
     assert [line.split("#")[0].strip() for line in first_block.splitlines()] == [
         'pip install -e ".[dev]" && python -m finetune.train',
-        'pip install -e ".[dev]" && python -m pytest -q',
+        'pip install -e ".[dev]" && python -m pytest -q -n auto',
     ]
     ci = (REPO / ".ci" / "run").read_text()
-    assert 'pip install -q -e ".[dev]"' in ci and "\npython -m pytest -q\n" in ci
+    assert 'pip install -q -e ".[dev]"' in ci and "\npython -m pytest -q -n auto\n" in ci
 
 
 def where_to_change(doc: Path) -> list[list[str]]:

@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -154,6 +155,7 @@ def write_shards(
                     num_workers=max(1, min(num_workers, len(items))),
                     reorder_files=False,
                     verbose=True,
+                    start_method=_START_METHOD,
                 )
             written = _indexed_count(staging / split)
             if written != len(items):
@@ -193,6 +195,11 @@ def write_shards(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+# LitData's writers start by spawn unless told: each would import torch again (~7 s per split on a small CPU). They
+# only read and encode images, so where fork exists (Linux) they fork, as the DataLoader's workers do there.
+_START_METHOD = "fork" if sys.platform == "linux" else None
 
 
 @contextlib.contextmanager
