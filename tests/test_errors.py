@@ -425,6 +425,19 @@ def test_other_values_hydra_cannot_read_show_their_quoting(override, shown):
 
 def test_overrides_hydra_reads_and_hydras_flags_pass_the_check():
     check_override_syntax(["-m", "--config-name", "train", "data.root=/x/a b", "~logger", "+x='a(b)'", "seed=0,1"])
+    check_override_syntax(["+callbacks=[ema,mixup]", "+callbacks.ema.decay=0.9", "+logger=csv"])
+
+
+def test_a_config_group_added_twice_is_one_line_with_the_list_that_works(tmp_path, tiny_folder):
+    """Hydra's own message ("Multiple values for callbacks") ends in exit 1 and a stack-trace hint."""
+    with pytest.raises(SettingError) as info:
+        check_override_syntax(["+callbacks=lora", "seed=1", "+callbacks=[ema,mixup]"])
+    assert str(info.value) == (
+        "+callbacks=lora and +callbacks=[ema,mixup]: Hydra adds a config group once per command line. Give both in "
+        "one list: '+callbacks=[lora,ema,mixup]'."
+    )
+    listed = compose_config([*tiny_overrides(tiny_folder, tmp_path), "+callbacks=[ema,mixup]"])
+    assert {"ema", "mixup"} <= set(listed.callbacks)  # the suggested form composes
 
 
 @pytest.mark.slow

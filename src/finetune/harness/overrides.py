@@ -105,6 +105,25 @@ def check_override_syntax(args: Sequence[str]) -> None:
                 "#, =, brackets or parentheses goes in double quotes for Hydra's grammar, and the whole override "
                 f"in quotes for the shell{_quoted_example(override)}."
             ) from None
+    _check_groups_added_once(overrides)
+
+
+def _check_groups_added_once(overrides: Sequence[str]) -> None:
+    """``+callbacks=lora +callbacks=ema``: Hydra takes one ``+GROUP=`` per command line and stops with "Multiple
+    values for callbacks" (exit 1, a stack hint); say the list form instead."""
+    added: dict[str, str] = {}
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals or not key.startswith("+") or key.startswith("++") or "." in key:
+            continue  # only a config group (no dot) has this trap
+        if key in added:
+            values = [v.strip("[] ") for v in (added[key], value)]
+            listed = ",".join(item for v in values for item in v.split(",") if item)
+            raise SettingError(
+                f"{key}={added[key]} and {override}: Hydra adds a config group once per command line. "
+                f"Give both in one list: '{key}=[{listed}]'."
+            )
+        added[key] = value
 
 
 def _overrides_in(args: Sequence[str]) -> list[str]:
