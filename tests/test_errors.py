@@ -428,6 +428,18 @@ def test_overrides_hydra_reads_and_hydras_flags_pass_the_check():
     check_override_syntax(["+callbacks=[ema,mixup]", "+callbacks.ema.decay=0.9", "+logger=csv"])
 
 
+def test_a_value_hydra_reads_as_a_sweep_outside_a_multirun_is_one_line_with_its_quoting():
+    """A path with a comma: Hydra's own "Ambiguous value for argument" ends in exit 1 and a stack-trace hint."""
+    with pytest.raises(SettingError) as info:
+        check_override_syntax(["data.root=/x/photos,2024", "seed=0"])
+    message = str(info.value)
+    assert message.startswith("data.root=/x/photos,2024: Hydra reads this value as a sweep")
+    assert "quote it: 'data.root=\"/x/photos,2024\"'; for a list, data.root=[...]; to sweep over" in message
+    [quoted] = shlex.split("'data.root=\"/x/photos,2024\"'")
+    assert OverridesParser.create().parse_override(quoted).value() == "/x/photos,2024"
+    check_override_syntax(["-m", "data.root=/x/photos,2024", "seed=range(2)"])  # a multirun sweeps them
+
+
 def test_a_config_group_added_twice_is_one_line_with_the_list_that_works(tmp_path, tiny_folder):
     """Hydra's own message ("Multiple values for callbacks") ends in exit 1 and a stack-trace hint."""
     with pytest.raises(SettingError) as info:

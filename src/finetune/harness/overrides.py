@@ -90,10 +90,11 @@ def check_override_syntax(args: Sequence[str]) -> None:
     goes in double quotes for Hydra, and the whole override in quotes for the shell.
     """
     overrides = _overrides_in(args)
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
     parser = OverridesParser.create()
     for override in overrides:
         try:
-            parser.parse_overrides([override])
+            [parsed] = parser.parse_overrides([override])
         except OverrideParseException as err:
             if "=" not in override:
                 raise SettingError(
@@ -105,6 +106,14 @@ def check_override_syntax(args: Sequence[str]) -> None:
                 "#, =, brackets or parentheses goes in double quotes for Hydra's grammar, and the whole override "
                 f"in quotes for the shell{_quoted_example(override)}."
             ) from None
+        else:
+            if parsed.is_sweep_override() and not multirun and not parsed.key_or_group.startswith("hydra.sweeper."):
+                raise SettingError(  # Hydra's own: "Ambiguous value for argument", exit 1 and a stack-trace hint
+                    f"{override}: Hydra reads this value as a sweep (a comma, range(), choice() or glob()), and this "
+                    "is not a multirun. For one value holding a comma (a path, say), quote it"
+                    f"{_quoted_example(override) or ''}; for a list, "
+                    f"{parsed.key_or_group}=[...]; to sweep over the values, add -m."
+                )
     _check_groups_added_once(overrides)
 
 
