@@ -155,12 +155,35 @@ def as_unprivileged(command: list[str]) -> list[str]:
     return [*NOBODY, *command]
 
 
+_cli_server = None
+
+
 def run_cli(
-    args: list[str], timeout: float = 600, check: bool = True, module: str = "finetune.train"
+    args: list[str],
+    timeout: float = 600,
+    check: bool = True,
+    module: str = "finetune.train",
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository root; with ``check``, a failure shows its output."""
+    """``python -m MODULE ARGS`` in ``cwd`` (the repository root), as ``subprocess.run`` with captured text output
+    would run it; with ``check``, a failure shows its output.
+
+    The command runs in a child forked from a server that has already imported torch and Lightning
+    (``tests/cli_server.py``: a real process with its own pid, environment and exit status; ~7 s less per command).
+    ``FINETUNE_TEST_CLI=subprocess`` starts a fresh interpreter instead.
+    """
+    global _cli_server
     command = cli_command(args, module)
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    env = cli_env() if env is None else env
+    if os.environ.get("FINETUNE_TEST_CLI") == "subprocess":
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        from tests.cli_server import CliServer
+
+        if _cli_server is None:
+            _cli_server = CliServer(REPO, cli_env())
+        done = _cli_server.run(command, module, args, Path(cwd), env, timeout)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done

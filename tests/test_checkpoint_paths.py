@@ -35,6 +35,7 @@ from .conftest import (
     cli_env,
     compose_config,
     make_image_folder,
+    run_cli,
     tiny_overrides,
     without,
 )
@@ -323,11 +324,7 @@ def test_the_advice_after_an_interruption_names_what_can_be_resumed(tmp_path):
 
 
 def _train_in(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        cli_command(args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+    return run_cli(args, cwd=cwd)
 
 
 def test_resume_from_another_folder_reads_the_data_the_run_started_with(tmp_path):

@@ -21,7 +21,6 @@ from finetune.predict import predict
 from finetune.train import train
 
 from .conftest import (
-    REPO,
     as_unprivileged,
     cli_command,
     cli_env,
@@ -169,7 +168,7 @@ def test_once_training_starts_a_failure_keeps_the_folder_whatever_it_holds(tmp_p
 def test_hydra_full_error_shows_the_stack_of_a_user_error(tmp_path):
     env = {**cli_env(), "HYDRA_FULL_ERROR": "1"}
     args = [*tiny_overrides(tmp_path / "missing", tmp_path / "run"), "trainer.max_epochs=1"]
-    done = subprocess.run(cli_command(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli(args, timeout=300, check=False, env=env)
     assert done.returncode == 1 and "Traceback" in done.stderr and "PathError" in done.stderr
 
 
@@ -200,6 +199,27 @@ def test_every_entry_point_ends_a_user_error_with_exit_code_2(run, tmp_path, mod
     done = run_cli([*filled, f"hydra.run.dir={tmp_path / 'out'}"], check=False, module=module)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stderr.count("Error: ") == 1
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "missing"),
+    [
+        ("finetune.train", ["data=folder"], "data.root"),
+        ("finetune.evaluate", [], "ckpt_path"),
+        ("finetune.predict", ["ckpt_path=x.ckpt"], "inputs"),
+        ("finetune.export", [], "ckpt_path"),
+        ("finetune.calibrate", [], "ckpt_path"),
+        ("finetune.robustness", [], "ckpt_path"),
+        ("finetune.soup", [], "ckpts"),
+        ("finetune.shards", ["data=folder", "data.root=."], "output"),
+    ],
+)
+def test_a_required_setting_left_out_is_one_line_naming_it_and_leaves_no_folder(tmp_path, module, args, missing):
+    done = run_cli([*args, f"hydra.run.dir={tmp_path / 'out'}"], check=False, module=module)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("Error: ") == 1 and "Traceback" not in done.stderr
+    assert f"Error: {missing}: required and not given; add {missing}=... to the command line." in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # --- progress in logs -----------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException, InstantiationException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.atomic import disk_full_error, is_disk_full
-from finetune.errors import UserError
+from finetune.errors import SettingError, UserError
 from finetune.harness.overrides import check_override_syntax
 from finetune.harness.run_folder import release_unstarted
 
@@ -104,9 +104,20 @@ def ends_user_errors_cleanly(main: F) -> F:
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with user_errors():
+            if args and isinstance(args[0], DictConfig):
+                check_required(args[0])
             return main(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Refuse, before any work, a command whose config still holds a required value that was not given (``???``:
+    ``data.root``, ``ckpt_path``, ...); read later, it would end in OmegaConf's traceback."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        given = " ".join(f"{key}=..." for key in missing)
+        raise SettingError(f"{', '.join(missing)}: required and not given; add {given} to the command line.")
 
 
 def checks_command_line(hydra_main: F) -> F:
