@@ -35,6 +35,20 @@ THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
 
+def _checkout_outputs() -> set[str]:
+    return {str(p) for name in ("logs", "outputs", "multirun") for p in (REPO / name).glob("*/*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_test_writes_into_the_checkout():
+    """A command a test starts without ``hydra.run.dir`` (or ``paths.log_dir``) under ``tmp_path`` writes its run
+    folder into the checkout's ``logs/``: fail the session that did it."""
+    before = _checkout_outputs()
+    yield
+    new = sorted(_checkout_outputs() - before)
+    assert not new, f"tests wrote run folders into the checkout: {new} (give the command hydra.run.dir= in tmp_path)"
+
+
 def make_image_folder(root: Path, classes=("cat", "dog"), n_train: int = 10, n_test: int = 4, seed: int = 0) -> Path:
     """``root/{train,test}/<class>/*.png``: noise images whose mean colour depends on the class (learnable)."""
     rng = np.random.default_rng(seed)

@@ -156,7 +156,7 @@ def test_the_sidecar_and_the_snippet_keep_the_aspect_ratio_when_the_run_did(tmp_
 def test_the_export_command_writes_the_model_and_its_sidecar(run, tmp_path):
     """``python -m finetune.export`` as the docs run it: the module executed as a script, not imported."""
     out = tmp_path / "cli"
-    args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"paths.output_dir={out}"]
+    args = [f"ckpt_path={run['best_checkpoint']}", "format=torchscript", f"hydra.run.dir={out}"]
     run_cli(args, module="finetune.export")
     sidecar = json.loads((out / "model.torchscript.pt.json").read_text())
     assert sidecar["input"]["preprocessing"].startswith(
