@@ -34,10 +34,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import atomic
 from finetune.checks import check_int
 from finetune.errors import SettingError
+from finetune.harness.claim import claim_run_folder
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.figures import top_losses_figure
 from finetune.harness.results import write_json_atomic
-from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
 from finetune.run import CONFIG_DIR, assemble
 from finetune.scoring import Scorer

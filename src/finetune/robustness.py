@@ -41,10 +41,10 @@ from finetune.data.transforms import Preprocessing
 from finetune.errors import PathError, SettingError
 from finetune.harness.checkpoint_data import check_classes, use_checkpoint_data, use_checkpoint_geometry
 from finetune.harness.checkpoint_io import class_names, load_for_inference
+from finetune.harness.claim import claim_run_folder
 from finetune.harness.config_keys import check_checkpoint_command
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell
 from finetune.harness.results import write_json_atomic
-from finetune.harness.resume import claim_run_folder
 from finetune.harness.run_settings import check_seed
 from finetune.harness.writable import check_apart
 from finetune.metrics import TestMetrics

@@ -26,6 +26,7 @@ from finetune import atomic
 from finetune.errors import UserError
 from finetune.harness.checkpoint_io import load_checkpoint
 from finetune.harness.checkpointing import InterruptCheckpoint
+from finetune.harness.claim import claim_run_folder
 from finetune.harness.distributed import StopRequested, job_scope, lost_ranks
 from finetune.harness.divergence import DivergenceStop
 from finetune.harness.exits import checks_command_line, ends_user_errors_cleanly, tell, user_error_in, user_errors
@@ -42,7 +43,6 @@ from finetune.harness.results import (
 from finetune.harness.resume import (
     check_left_to_train,
     check_resumable,
-    claim_run_folder,
     resume_checkpoint,
     with_run_overrides,
 )

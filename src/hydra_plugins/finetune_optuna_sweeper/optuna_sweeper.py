@@ -49,7 +49,7 @@ from finetune.harness.exits import user_errors
 
 log = logging.getLogger(__name__)
 
-STUDY_DB = "optuna.db"  # finetune.harness.resume lets a search continue in a sweep folder that holds one
+STUDY_DB = "optuna.db"  # finetune.harness.claim lets a search continue in a sweep folder that holds one
 JOBS_ATTR = "jobs_launched"  # study user attribute: how many job folders the study's invocations have numbered
 SPACE_ATTR = "search_space"  # study user attribute: {key: the Optuna distribution, as JSON} the study searches
 DATA_ATTR = "data"  # study user attribute: what decides the trials' train and validation images (see search_data)
