@@ -28,6 +28,7 @@ def test_a_forked_command_prints_and_exits_as_a_fresh_interpreter(tmp_path, monk
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_child_gets_the_working_folder_and_environment_it_is_given(tmp_path, monkeypatch):
     """``python -m`` puts the working folder first on ``sys.path``: a module there runs, and sees the env given."""
     (tmp_path / "probe_module.py").write_text(
