@@ -334,6 +334,9 @@ def test_the_benchmark_scores_the_clean_split_and_every_shift(trained, tmp_path,
     assert written["shift_cache_bytes"] == on_disk > 0
     said = [r.getMessage() for r in caplog.records if "shifted set(s) take" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"The 21 shifted set(s) take {on_disk / 1e6:.1f} MB in {cache} (")
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored ")]
+    assert [line.split(" (")[0] for line in progress] == [f"scored {name}" for name in sets]  # one per set, in order
+    assert progress[0].startswith(f"scored {CLEAN} (1/22): accuracy {sets[CLEAN]['acc']:.3f} (")
     before = mtimes(cache)
     robustness(robustness_config(Path(trained["best_checkpoint"]), root, tmp_path / "again", "shifts=[jpeg]"))
     assert mtimes(cache) == before  # a second benchmark of the same folder reuses the shifted copies
