@@ -128,7 +128,7 @@ class InterruptCheckpoint(pl.Callback):
             # The whole training state (optimizer, loops, callbacks), to resume from. Lightning's ``weights_only`` here
             # means "save the weights alone"; left unset it logs "`weights_only` was not set, defaulting to
             # `False`", which reads as if checkpoints were *read* unsafely (they are read with torch.load's
-            # weights_only=True: finetune.harness.checkpoint).
+            # weights_only=True: finetune.harness.checkpoint_io).
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             log.warning("Fitting stopped (%s): saved %s", type(exception).__name__, self.ckpt_path)
         except Exception as err:  # noqa: BLE001 - keep the original exception visible
