@@ -139,11 +139,14 @@ def test_invalid_settings_are_refused_by_name(tmp_path, tiny_folder):
         check_settings(compose_config([*base, "model.head_lr_mult=0"]))
     with pytest.raises(SettingError, match="optimizer.lr must be > 0"):
         check_settings(compose_config([*base, "optimizer.lr=0"]))
+    with pytest.raises(SettingError, match="model.batchnorm must be one of train, frozen.*got 'eval'"):
+        check_settings(compose_config([*base, "model.batchnorm=eval"]))
+    with pytest.raises(SettingError, match="model.batchnorm=frozen .* model.weights is null.*model.batchnorm=train"):
+        check_settings(compose_config([*base, "experiment=scratch", "model.batchnorm=frozen"]))
 
 
-def test_frozen_training_changes_only_the_head_and_no_batchnorm_statistic(tiny_folder):
-    module = _module(freeze="backbone", head_lr_mult=10)
-    before = {k: v.clone() for k, v in module.state_dict().items()}
+def _fit_two_epochs(module: FineTuneModule, tiny_folder) -> None:
+    """train -> validate -> train: every mode switch Lightning makes."""
     datamodule = ImageFolderDataModule(tiny_folder, batch_size=4, num_workers=0, val_fraction=0.2, image_size=32)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -154,7 +157,13 @@ def test_frozen_training_changes_only_the_head_and_no_batchnorm_statistic(tiny_f
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule)  # train -> validate -> train: every mode switch Lightning makes
+    trainer.fit(module, datamodule=datamodule)
+
+
+def test_frozen_training_changes_only_the_head_and_no_batchnorm_statistic(tiny_folder):
+    module = _module(freeze="backbone", head_lr_mult=10)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _fit_two_epochs(module, tiny_folder)
 
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -162,6 +171,23 @@ def test_frozen_training_changes_only_the_head_and_no_batchnorm_statistic(tiny_f
     batchnorms = module.frozen_batchnorms()
     assert len(batchnorms) == 20 and all(not bn.training for bn in batchnorms)
     assert module.net.layer1.training  # the rest of the network is in train mode as usual
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_frozen_batchnorm_keeps_its_statistics_while_every_layer_trains(tiny_folder, batchnorm):
+    module = _module(batchnorm=batchnorm)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _fit_two_epochs(module, tiny_folder)
+
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    statistics = {k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert len(statistics) == 60
+    assert {"net.conv1.weight", "net.bn1.weight", "net.bn1.bias", "net.fc.weight"} <= changed  # every layer learns
+    if batchnorm == "frozen":
+        assert not changed & statistics and all(not bn.training for bn in module.frozen_batchnorms())
+    else:
+        assert statistics <= changed and all(bn.training for bn in module.frozen_batchnorms())
 
 
 def test_groups_carry_an_lr_scale_that_the_optimizer_applies():

@@ -30,6 +30,8 @@ from finetune.features import head_forward
 from finetune.param_groups import Grouping, parameter_groups
 
 FREEZE_MODES = ("none", "backbone")
+# train: PyTorch's default, batch statistics while training; frozen: the backbone's pretrained statistics throughout.
+BATCHNORM_MODES = ("train", "frozen")
 INTERVALS = ("step", "epoch")  # Lightning's: the scheduler steps after every optimizer step, or every epoch
 # The layers with running statistics (torchvision's and timm's BatchNorm layers subclass these).
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -45,7 +47,8 @@ class FineTuneModule(pl.LightningModule):
     Every group's rate is its ``lr_scale`` times the schedule's rate at every step (:meth:`lr_scheduler_step`), so the
     ratios also hold under schedules that set absolute rates (``OneCycleLR``, ``CyclicLR``). ``freeze="backbone"``
     trains the head only and keeps the backbone's BatchNorm layers in eval mode, so their running statistics never
-    move.
+    move. ``batchnorm="frozen"`` keeps them in eval mode while every layer trains (their scale and shift still learn):
+    a network whose pretrained statistics are far from any one batch's starts fine-tuning where it was, not broken.
 
     ``scheduler``: Lightning's ``lr_scheduler`` dictionary with a factory under ``scheduler`` (called with the
     optimizer, and with ``total_steps`` when it takes one that the config leaves unset: the run's number of scheduler
@@ -68,6 +71,7 @@ class FineTuneModule(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: dict[str, Any] | None = None,
         head_init: dict[str, Any] | None = None,
+        batchnorm: str = "train",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])  # the model's recipe, for checkpoints
@@ -93,6 +97,13 @@ class FineTuneModule(pl.LightningModule):
             raise SettingError(
                 f"Unknown model.freeze={model.get('freeze')!r}: choose one of {FREEZE_MODES} (none trains every "
                 "layer; backbone trains the head only, as experiment=frozen)."
+            )
+        meaning = "train: normalise with each batch's statistics; frozen: keep the pretrained ones while training"
+        check_choice("model.batchnorm", model.get("batchnorm", "train"), BATCHNORM_MODES, meaning)
+        if model.get("batchnorm") == "frozen" and model.get("weights") is None:
+            raise SettingError(
+                "model.batchnorm=frozen keeps the backbone's pretrained BatchNorm statistics, but model.weights is "
+                "null (random weights have none): use model.batchnorm=train."
             )
         advice = "It multiplies optimizer.lr for the new head: 10 (the book's fine-tuning), 1 for one rate."
         check_number("model.head_lr_mult", model.get("head_lr_mult"), "> 0", lambda x: x > 0, advice)
@@ -164,10 +175,15 @@ class FineTuneModule(pl.LightningModule):
         ``frozen_epochs`` of a fit (``finetune.callbacks.unfreeze``)."""
         return self.hparams.freeze == "backbone" or self.current_epoch < self.frozen_epochs
 
+    @property
+    def batchnorm_frozen(self) -> bool:
+        """Whether the backbone's BatchNorm layers keep their running statistics now (eval mode while training)."""
+        return self.backbone_frozen or self.hparams.get("batchnorm", "train") == "frozen"
+
     def train(self, mode: bool = True) -> FineTuneModule:
-        """Lightning switches modes before every epoch; a frozen backbone's BatchNorm layers must stay in eval()."""
+        """Lightning switches modes before every epoch; frozen BatchNorm layers must stay in eval()."""
         super().train(mode)
-        if self.backbone_frozen:
+        if self.batchnorm_frozen:
             for module in self.frozen_batchnorms():
                 module.eval()
         return self

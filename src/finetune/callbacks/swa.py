@@ -125,8 +125,9 @@ class SWA(StochasticWeightAveraging):
 
 
 def frozen_batchnorms(pl_module: pl.LightningModule) -> set[nn.Module]:
-    """The BatchNorm layers frozen now (``FineTuneModule.frozen_batchnorms`` while its backbone is frozen)."""
-    if not getattr(pl_module, "backbone_frozen", False):
+    """The BatchNorm layers frozen now (``FineTuneModule.frozen_batchnorms`` while its backbone is frozen, or
+    always with ``model.batchnorm=frozen``)."""
+    if not getattr(pl_module, "batchnorm_frozen", False):
         return set()
     return set(pl_module.frozen_batchnorms())
 
