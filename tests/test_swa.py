@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import SettingError
@@ -61,7 +62,7 @@ class Recorder(pl.Callback):
 
 def _fit(data: Path, out: Path, *extra: str) -> tuple[Recorder, pl.LightningModule, dict]:
     recorder = Recorder()
-    cfg = compose_config([*RECIPE, *extra] + tiny_overrides(data, out))
+    cfg = compose_config([*RECIPE, *tiny_overrides(data, out), *extra])  # extra wins
     run = assemble(cfg, [recorder])
     with torch.no_grad():  # statistics as pretrained weights bring them, unlike a reset's (mean 0, variance 1)
         for module in run.model.modules():
@@ -105,6 +106,7 @@ def _average(points: list[dict[str, torch.Tensor]], names) -> dict[str, torch.Te
     "extra",
     [
         pytest.param(["model.freeze=backbone"], id="frozen"),
+        pytest.param(["model.batchnorm=frozen"], id="batchnorm-frozen"),  # every layer trains, no statistic moves
         pytest.param(["experiment=frozen", "features=cached", "data.augmentation=null"], id="cached-features"),
         pytest.param(  # no BatchNorm at all: Lightning would skip its last epoch and never checkpoint the average
             ["experiment=frozen", "features=cached", "model.backbone=timm/test_vit", *TEST_VIT],
@@ -114,6 +116,9 @@ def _average(points: list[dict[str, torch.Tensor]], names) -> dict[str, torch.Te
     ],
 )
 def test_frozen_batchnorm_stays_exactly_as_it_was_and_the_last_checkpoint_holds_the_average(tmp_path, data, extra):
+    if "model.batchnorm=frozen" in extra:  # refused with random weights: give it a file of weights
+        torch.save(torchvision.models.mobilenet_v3_small().state_dict(), tmp_path / "weights.pth")
+        extra = [*extra, f"model.weights={tmp_path / 'weights.pth'}"]
     recorder, model, last = _fit(data, tmp_path, *extra)
     buffers = {k for k in recorder.start if "running_" in k or "num_batches" in k}
     assert all(torch.equal(last["state_dict"][k], recorder.start[k]) for k in buffers)
